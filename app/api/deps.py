@@ -1,0 +1,65 @@
+"""Dependencies shared by the routers: settings, a database session, the store, the caller."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db.session import session_factory
+from app.db.tables import ApiKey
+from app.errors import Unauthorized
+from app.keys import authenticate
+from app.storage import ObjectStore
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    session = session_factory(settings.database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_store(request: Request) -> ObjectStore:
+    store: ObjectStore = request.app.state.store
+    return store
+
+
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
+
+
+def _raw_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def get_caller(request: Request, session: SessionDep) -> ApiKey:
+    """The API key making the request; 401 without a valid one."""
+    raw = _raw_key(request)
+    if raw is None:
+        raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
+    key = authenticate(session=session, raw_key=raw)
+    if key is None:
+        raise Unauthorized("the API key is not valid (unknown or revoked)")
+    return key
+
+
+CallerDep = Annotated[ApiKey, Depends(get_caller)]

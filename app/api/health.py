@@ -1,0 +1,108 @@
+"""/healthz (the process answers), /readyz (database, broker, store) and /metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from sqlalchemy import text
+
+from app import datasets, jobs
+from app.api.deps import CallerDep, SettingsDep, StoreDep
+from app.broker import GPU_QUEUE, check_broker, queue_depth
+from app.config import Settings
+from app.db.session import session_factory
+from app.schemas import CheckResult, Readiness
+
+router = APIRouter(tags=["health"])
+
+DURATION_BUCKETS = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0]
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """Liveness: the API process answers."""
+    return {"status": "ok"}
+
+
+def _timed(check: object) -> CheckResult:
+    started = time.perf_counter()
+    try:
+        check()  # type: ignore[operator]
+    except Exception as exc:
+        return CheckResult(ok=False, detail=f"{type(exc).__name__}: {exc}"[:500])
+    return CheckResult(ok=True, detail=f"ok in {1000 * (time.perf_counter() - started):.0f} ms")
+
+
+@router.get("/readyz", response_model=Readiness)
+def readyz(settings: SettingsDep, store: StoreDep) -> JSONResponse:
+    """Readiness: each dependency reported; 503 unless all answer."""
+
+    def database() -> None:
+        with session_factory(settings.database_url)() as session:
+            session.execute(text("SELECT 1"))
+            session.execute(text("SELECT version_num FROM alembic_version"))
+
+    checks = {
+        "database": _timed(database),
+        "broker": _timed(lambda: check_broker(settings)),
+        "store": _timed(store.check),
+    }
+    ok = all(c.ok for c in checks.values())
+    body = Readiness(ok=ok, checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+class ServiceCollector(Collector):
+    """Metrics read from the database (the source of truth shared by every process)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        with session_factory(self.settings.database_url)() as session:
+            by_status = jobs.jobs_by_status(session=session)
+            images = datasets.count_images(session=session, source="synthetic")
+            counts, total, n = jobs.chunk_durations(session=session, buckets=DURATION_BUCKETS)
+        family = GaugeMetricFamily(
+            "synthderm_jobs", "Generation jobs by status.", labels=["status"]
+        )
+        for status, count in sorted(by_status.items()):
+            family.add_metric([status], count)
+        yield family
+        yield CounterMetricFamily(
+            "synthderm_images_generated", "Synthetic images written.", value=images
+        )
+        buckets = [(str(b), c) for b, c in zip(DURATION_BUCKETS, counts, strict=True)]
+        buckets.append(("+Inf", n))
+        yield HistogramMetricFamily(
+            "synthderm_task_duration_seconds",
+            "Duration of succeeded generation chunk tasks.",
+            buckets=buckets,
+            sum_value=total,
+        )
+        try:
+            depth = queue_depth(self.settings, GPU_QUEUE)
+        except Exception:
+            return
+        gauge = GaugeMetricFamily("synthderm_queue_depth", "Messages waiting.", labels=["queue"])
+        gauge.add_metric([GPU_QUEUE], depth)
+        yield gauge
+
+
+@router.get("/metrics")
+def metrics(settings: SettingsDep, _caller: CallerDep) -> Response:
+    """Prometheus text format (scrape with the API key as a bearer token)."""
+    registry = CollectorRegistry()
+    registry.register(ServiceCollector(settings))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,115 @@
+"""/jobs: submit, list, inspect and cancel generation jobs."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from functools import partial
+
+from fastapi import APIRouter, BackgroundTasks, Query, Response, status
+
+from app import jobs as service
+from app.api.deps import CallerDep, SessionDep, SettingsDep
+from app.broker import send_generate_chunk
+from app.config import Settings
+from app.db.session import session_factory
+from app.db.tables import Job
+from app.schemas import JobCreate, JobList, JobOut, JobStatus, Progress, Timings
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def job_out(job: Job) -> JobOut:
+    """The public view of a job row."""
+    now = datetime.now(UTC)
+    queued_s = running_s = None
+    if job.started_at is not None:
+        queued_s = (job.started_at - job.created_at).total_seconds()
+        running_s = ((job.finished_at or now) - job.started_at).total_seconds()
+    return JobOut(
+        id=job.id,
+        status=JobStatus(job.status),
+        dataset_id=job.dataset_id,
+        condition=job.condition,
+        skin_tone=job.skin_tone,
+        strategy=job.strategy,  # type: ignore[arg-type]
+        model=job.model_id,
+        count=job.count,
+        seed=job.seed,
+        chunk_size=job.chunk_size,
+        chunks=service.chunk_count(job),
+        params=job.params or {},
+        progress=Progress(done=job.done, total=job.count),
+        timings=Timings(
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            canceled_at=job.canceled_at,
+            queued_s=queued_s,
+            running_s=running_s,
+        ),
+        error=job.error,
+        idempotency_key=job.idempotency_key,
+    )
+
+
+def dispatch_after_commit(settings: Settings, job_id: str) -> None:
+    """Send a committed job's chunks; on a broker failure the recovery step sends them."""
+    try:
+        service.dispatch_job(
+            session_factory=session_factory(settings.database_url),
+            job_id=job_id,
+            send=lambda j, i: send_generate_chunk(settings, job_id=j, chunk_index=i),
+        )
+    except Exception:
+        log.exception("dispatch of job %s failed; the worker's recovery step will send it", job_id)
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def create_job(
+    body: JobCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    background: BackgroundTasks,
+    response: Response,
+) -> JobOut:
+    """Queue a generation job; its images land in a synthetic dataset."""
+    job, created = service.create_job(session=session, settings=settings, params=body, owner=caller)
+    session.commit()
+    response.headers["Location"] = f"/jobs/{job.id}"
+    if created:
+        # Commit first, enqueue after: a fast worker must find the rows it reads.
+        background.add_task(partial(dispatch_after_commit, settings, job.id))
+    else:
+        response.status_code = status.HTTP_200_OK
+    return job_out(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    caller: CallerDep,
+    status_filter: JobStatus | None = Query(None, alias="status"),
+    limit: int = Query(50, ge=1, le=1000),
+    cursor: str | None = None,
+) -> JobList:
+    """The caller's jobs, newest first."""
+    rows, next_cursor = service.list_jobs(
+        session=session, owner=caller, status=status_filter, limit=limit, cursor=cursor
+    )
+    return JobList(items=[job_out(j) for j in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobOut:
+    return job_out(service.get_job(session=session, job_id=job_id, owner=caller))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobOut:
+    """Cancel a queued or running job; images already written stay in its dataset."""
+    job = service.cancel_job(session=session, job_id=job_id, owner=caller)
+    session.commit()
+    return job_out(job)

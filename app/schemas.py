@@ -1,0 +1,168 @@
+"""Pydantic request and response models: the public contract of the REST API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strategy(StrEnum):
+    TEXT_TO_IMAGE = "text-to-image"
+    INPAINT = "inpaint"
+    INPAINT_OUTPAINT = "inpaint-outpaint"
+    IMAGE_TO_IMAGE = "image-to-image"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+ACTIVE_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class JobCreate(BaseModel):
+    """A generation job: `count` images of `condition` on `skin_tone` skin."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    condition: str = Field(min_length=1, max_length=120, examples=["psoriasis"])
+    skin_tone: int | None = Field(None, ge=1, le=6, description="Fitzpatrick type 1..6 or null.")
+    strategy: Strategy = Strategy.TEXT_TO_IMAGE
+    count: int = Field(ge=1, le=1_000_000)
+    model: str | None = Field(None, max_length=120, description="Generator id (GET /models).")
+    source_dataset: str | None = Field(None, description="Real dataset of parent images.")
+    dataset_id: str | None = Field(None, description="Append to this synthetic dataset.")
+    dataset_name: str | None = Field(None, max_length=200)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    guidance_scale: float | None = Field(None, ge=0, le=50)
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    strength: float | None = Field(None, gt=0, le=1)
+    width: int | None = Field(None, ge=8, le=2048, multiple_of=8)
+    height: int | None = Field(None, ge=8, le=2048, multiple_of=8)
+    negative_prompt: str | None = Field(None, max_length=2000)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+
+
+class Timings(BaseModel):
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    canceled_at: datetime | None
+    queued_s: float | None = Field(description="From creation to the first chunk's start.")
+    running_s: float | None = Field(description="From the first chunk's start to the end.")
+
+
+class JobOut(BaseModel):
+    id: str
+    status: JobStatus
+    dataset_id: str
+    condition: str
+    skin_tone: int | None
+    strategy: Strategy
+    model: str
+    count: int
+    seed: int
+    chunk_size: int
+    chunks: int
+    params: dict[str, Any]
+    progress: Progress
+    timings: Timings
+    error: str | None
+    idempotency_key: str | None
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class CountRow(BaseModel):
+    condition: str
+    skin_tone: int | None
+    strategy: str | None
+    count: int
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    kind: str
+    description: str
+    created_at: datetime
+    image_count: int
+    counts: list[CountRow] | None = Field(
+        None, description="Images by condition x skin tone x strategy (detail only)."
+    )
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut]
+
+
+class ManifestRow(BaseModel):
+    image_id: str
+    dataset_id: str
+    url: str
+    sha256: str
+    size_bytes: int
+    condition: str
+    skin_tone: int | None
+    source: str
+    strategy: str | None
+    model: str | None
+    seed: int | None
+    steps: int | None
+    guidance_scale: float | None
+    prompt: str | None
+    negative_prompt: str | None
+    parent_image_id: str | None
+    width: int
+    height: int
+    job_id: str | None
+    storage_key: str
+    created_at: datetime
+
+
+MANIFEST_COLUMNS = list(ManifestRow.model_fields)
+
+
+class ModelOut(BaseModel):
+    id: str
+    pipeline_class: str
+    description: str
+    created_at: datetime
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]
+
+
+class ConditionOut(BaseModel):
+    slug: str
+    name: str
+
+
+class ConditionList(BaseModel):
+    items: list[ConditionOut]
+
+
+class CheckResult(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    ok: bool
+    checks: dict[str, CheckResult]

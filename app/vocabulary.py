@@ -1,0 +1,83 @@
+"""The condition vocabulary and the generator model registry (both are data, not code).
+
+A generator model is a diffusers pipeline directory under `models_dir`; registering reads only
+its model_index.json, so the API never needs torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.tables import Condition, GeneratorModel, utcnow
+
+log = logging.getLogger(__name__)
+
+_SLUG_RE = re.compile(r"[^a-z0-9]+")
+
+
+def slugify(label: str) -> str:
+    """'Basal cell carcinoma' -> 'basal-cell-carcinoma'."""
+    return _SLUG_RE.sub("-", label.strip().lower()).strip("-")
+
+
+def get_condition(*, session: Session, slug: str) -> Condition | None:
+    return session.get(Condition, slug)
+
+
+def list_conditions(*, session: Session) -> list[Condition]:
+    return list(session.scalars(select(Condition).order_by(Condition.slug)))
+
+
+def get_model(*, session: Session, model_id: str) -> GeneratorModel | None:
+    return session.get(GeneratorModel, model_id)
+
+
+def list_models(*, session: Session) -> list[GeneratorModel]:
+    return list(session.scalars(select(GeneratorModel).order_by(GeneratorModel.id)))
+
+
+def read_pipeline_class(path: Path) -> str:
+    """The diffusers pipeline class named by a model directory; ValueError if it is not one."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    data = json.loads(index.read_text())
+    name = data.get("_class_name")
+    if not isinstance(name, str):
+        raise ValueError(f"{index} has no _class_name")
+    return name
+
+
+def register_model(
+    *, session: Session, model_id: str, path: Path, description: str = ""
+) -> GeneratorModel:
+    """Register (or update) a generator from a local pipeline directory."""
+    pipeline_class = read_pipeline_class(path)
+    row = session.get(GeneratorModel, model_id)
+    if row is None:
+        row = GeneratorModel(id=model_id, path=str(path), pipeline_class=pipeline_class)
+        session.add(row)
+    row.path = str(path)
+    row.pipeline_class = pipeline_class
+    row.description = description or row.description or ""
+    row.updated_at = utcnow()
+    session.flush()
+    return row
+
+
+def register_models_in(*, session: Session, models_dir: Path) -> list[str]:
+    """Register every pipeline directory directly under `models_dir` (id = folder name)."""
+    found: list[str] = []
+    if not models_dir.is_dir():
+        return found
+    for child in sorted(models_dir.iterdir()):
+        if (child / "model_index.json").is_file():
+            register_model(session=session, model_id=child.name, path=child.resolve())
+            found.append(child.name)
+    return found

@@ -1,0 +1,44 @@
+"""The Celery application of the workers: `celery -A workers.celery_app worker -Q gpu`.
+
+Thin: tasks load rows through app/, call models/, write results. On start a worker registers
+the generator directories it can see and starts the recovery step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from app.broker import celery_config
+from app.config import get_settings
+from app.db.session import session_scope
+from app.vocabulary import register_models_in
+from workers.recovery import RecoveryLoop
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+app = Celery("synthderm")
+app.conf.update(celery_config(settings))
+app.conf.include = ["workers.generate"]
+
+_recovery: RecoveryLoop | None = None
+
+
+@worker_ready.connect
+def _on_ready(**_kwargs: Any) -> None:
+    global _recovery
+    with session_scope(settings.database_url) as session:
+        found = register_models_in(session=session, models_dir=settings.resolved_models_dir)
+    log.info("models available in %s: %s", settings.resolved_models_dir, ", ".join(found) or "none")
+    _recovery = RecoveryLoop(settings)
+    _recovery.start()
+
+
+@worker_shutdown.connect
+def _on_shutdown(**_kwargs: Any) -> None:
+    if _recovery is not None:
+        _recovery.stop()

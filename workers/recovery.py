@@ -1,0 +1,65 @@
+"""The recovery step: finds chunks whose messages were lost and sends them again.
+
+Neither embedded broker redelivers a task whose worker was SIGKILLed, and Redis redelivers
+only after its visibility timeout (an hour) or forgets everything when it restarts empty; the
+database knows which chunks are unfinished, so each worker checks it periodically.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from app import jobs
+from app.broker import GPU_QUEUE, queue_depth, send_generate_chunk
+from app.config import Settings
+from app.db.session import session_factory
+
+log = logging.getLogger(__name__)
+
+
+def recover_once(settings: Settings) -> int:
+    """One pass: re-dispatch every lost chunk; returns how many were sent."""
+    make_session = session_factory(settings.database_url)
+    with make_session() as session:
+        if not jobs.has_active_chunks(session=session):
+            return 0
+    depth = queue_depth(settings, GPU_QUEUE)
+    with make_session() as session:
+        lost = jobs.find_lost_chunks(session=session, settings=settings, queue_is_empty=depth == 0)
+    sent = 0
+    for chunk in lost:
+        with make_session() as session, session.begin():
+            won = jobs.requeue_chunk(session=session, settings=settings, chunk=chunk)
+        if not won:
+            continue  # another worker's recovery took it, or a worker claimed it meanwhile
+        send_generate_chunk(settings, job_id=chunk.job_id, chunk_index=chunk.index)
+        log.warning("re-dispatched chunk %s/%s (%s)", chunk.job_id, chunk.index, chunk.reason)
+        sent += 1
+    return sent
+
+
+class RecoveryLoop:
+    """Runs `recover_once` every `recovery_interval_s` in a daemon thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="synthderm-recovery", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                recover_once(self.settings)
+            except Exception:
+                log.exception(
+                    "recovery pass failed; trying again in %ss", self.settings.recovery_interval_s
+                )
+            self._stop.wait(self.settings.recovery_interval_s)
