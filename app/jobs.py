@@ -397,16 +397,18 @@ def claim_chunk(
         return None
     now = utcnow()
     stale = now - timedelta(seconds=settings.stale_after_s)
+    attempts = chunk.attempts
     if chunk.status == "running" and chunk.heartbeat_at and chunk.heartbeat_at >= stale:
         log.info("chunk %s/%s is held by %s; skipping duplicate", job_id, index, chunk.worker)
         return None
     claimed = session.execute(
         update(JobChunk)
+        .execution_options(synchronize_session=False)
         .where(
             JobChunk.job_id == job_id,
             JobChunk.index == index,
             JobChunk.status == chunk.status,
-            JobChunk.attempts == chunk.attempts,
+            JobChunk.attempts == attempts,
         )
         .values(
             status="running",
@@ -431,7 +433,7 @@ def claim_chunk(
         index=chunk.index,
         start=chunk.start,
         stop=chunk.stop,
-        attempt=chunk.attempts + 1,
+        attempt=attempts + 1,
         dataset_id=job.dataset_id,
         condition=job.condition,
         skin_tone=job.skin_tone,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class LoadedPipeline:
     pipeline: Any
     device: torch.device
     dtype: torch.dtype
+    # Schedulers keep state between steps: a pipeline must never sample in two threads.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class PipelineCache:

@@ -8,7 +8,6 @@ Run: `python -m models.tiny_random var/models/tiny-random`.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -41,26 +40,19 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
-def build_tokenizer(folder: Path) -> CLIPTokenizer:
+def build_tokenizer() -> CLIPTokenizer:
     """A byte-level CLIP tokenizer with no merges: any text tokenizes, nothing is downloaded."""
     symbols = list(_bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
     for token in SPECIAL_TOKENS:
         vocab[token] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        vocab_file=str(folder / "vocab.json"),
-        merges_file=str(folder / "merges.txt"),
-        model_max_length=77,
-    )
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
 def build_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A tiny SD pipeline: 64x64 images (latents 4x32x32), a few hundred thousand weights."""
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(Path(tmp))
+    tokenizer = build_tokenizer()
     unet = UNet2DConditionModel(
         sample_size=32,
         in_channels=4,

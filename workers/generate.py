@@ -26,7 +26,7 @@ from celery import Task
 from PIL import Image as PILImage
 
 from app import datasets, jobs
-from app.broker import GENERATE_TASK
+from app.broker import GENERATE_TASK, send_generate_chunk
 from app.config import Settings, get_settings
 from app.db.session import session_factory
 from app.db.tables import utcnow
@@ -236,7 +236,8 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
                         raise ChunkCanceled()
                 indices = todo[offset : offset + batch_size]
                 seeds = [image_seed(claim.seed, i) for i in indices]
-                images = generate(pipe, params=params, seeds=seeds, device=loaded.device)
+                with loaded.lock:  # one sampler call at a time per pipeline
+                    images = generate(pipe, params=params, seeds=seeds, device=loaded.device)
                 for index, seed, image in zip(indices, seeds, images, strict=True):
                     image_id = synthetic_image_id(claim.job_id, index)
                     key = image_key(
@@ -278,13 +279,15 @@ def generate_chunk(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
         error = f"{type(exc).__name__}: {exc}"[:4000]
         log.exception("chunk %s/%s failed (attempt %s)", job_id, chunk_index, claim.attempt)
         if claim.attempt <= settings.task_max_retries:
+            # Back off, then send a plain message: an ETA retry would run in Celery's timer
+            # thread on the embedded transport, beside the task the main thread is running.
+            time.sleep(min(30.0, 2.0 ** (claim.attempt - 1)))
             with make_session() as session:
                 jobs.release_for_retry(
                     session=session, job_id=job_id, index=chunk_index, error=error
                 )
-            raise self.retry(
-                exc=exc, countdown=min(60, 2**claim.attempt), max_retries=None
-            ) from exc
+            send_generate_chunk(settings, job_id=job_id, chunk_index=chunk_index)
+            return {"job_id": job_id, "chunk": chunk_index, "status": "retrying"}
         with make_session() as session:
             jobs.finish_chunk(
                 session=session,
