@@ -1,0 +1,216 @@
+"""POST /jobs -> worker -> objects in the store -> rows -> manifest, on both stacks."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+
+import httpx
+from PIL import Image
+
+from tests.conftest import Stack, count_rows, wait_for
+
+
+def submit(client: httpx.Client, **body: object) -> dict:
+    payload = {"condition": "psoriasis", "skin_tone": 5, "strategy": "text-to-image", "count": 20}
+    payload.update(body)
+    response = client.post("/jobs", json=payload)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_job_end_to_end(stack: Stack) -> None:
+    client = stack.client(stack.new_key())
+    job = submit(client, count=20, seed=1234)
+    assert job["status"] == "queued"
+    assert job["progress"] == {"done": 0, "total": 20}
+    assert job["chunks"] == 3  # chunk_size 8
+
+    done = stack.wait_job(client, job["id"])
+    assert done["progress"] == {"done": 20, "total": 20}
+    assert done["timings"]["started_at"] and done["timings"]["finished_at"]
+    assert done["timings"]["running_s"] > 0
+
+    # one row per image, with its provenance
+    assert count_rows(stack, "SELECT count(*) FROM images WHERE job_id = :j", j=job["id"]) == 20
+    lines = client.get(f"/datasets/{job['dataset_id']}/manifest").text.splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == 20
+    assert len({r["image_id"] for r in rows}) == 20
+    assert len({r["seed"] for r in rows}) == 20
+    for row in rows:
+        assert row["condition"] == "psoriasis"
+        assert row["skin_tone"] == 5
+        assert row["strategy"] == "text-to-image"
+        assert row["source"] == "synthetic"
+        assert row["model"] == "tiny-random"
+        assert row["prompt"] == "An image of psoriasis, a skin disease, Fitzpatrick skin type 5"
+        assert row["steps"] == 4 and row["guidance_scale"] == 3.0
+        assert (row["width"], row["height"]) == (64, 64)
+        assert row["storage_key"] == (
+            f"datasets/{job['dataset_id']}/psoriasis/{row['image_id']}.png"
+        )
+        # every URL downloads bytes whose sha256 the manifest states, with no API key
+        data = httpx.get(row["url"], timeout=30).content
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        assert len(data) == row["size_bytes"]
+        assert Image.open(io.BytesIO(data)).size == (64, 64)
+
+    # the store holds exactly these objects
+    keys = list(stack.store.iter_keys(f"datasets/{job['dataset_id']}/"))
+    assert sorted(keys) == sorted(r["storage_key"] for r in rows)
+
+    # the dataset's counts by condition x skin tone x strategy
+    dataset = client.get(f"/datasets/{job['dataset_id']}").json()
+    assert dataset["kind"] == "synthetic"
+    assert dataset["image_count"] == 20
+    assert dataset["counts"] == [
+        {"condition": "psoriasis", "skin_tone": 5, "strategy": "text-to-image", "count": 20}
+    ]
+    listed = client.get("/datasets").json()["items"]
+    assert [d["id"] for d in listed] == [job["dataset_id"]]
+    assert listed[0]["image_count"] == 20
+
+
+def test_manifest_csv_filters_and_paging(stack: Stack) -> None:
+    client = stack.client(stack.new_key())
+    first = stack.wait_job(client, submit(client, count=6, skin_tone=2)["id"])
+    second = submit(
+        client, count=5, skin_tone=None, condition="lichen-planus", dataset_id=first["dataset_id"]
+    )
+    stack.wait_job(client, second["id"])
+    dataset_id = first["dataset_id"]
+
+    text = client.get(f"/datasets/{dataset_id}/manifest", params={"format": "csv"}).text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 11
+    assert {r["condition"] for r in rows} == {"psoriasis", "lichen-planus"}
+
+    only = client.get(
+        f"/datasets/{dataset_id}/manifest", params={"condition": "lichen-planus", "format": "csv"}
+    ).text
+    only_rows = list(csv.DictReader(io.StringIO(only)))
+    assert len(only_rows) == 5
+    assert all(r["skin_tone"] == "" for r in only_rows)
+    assert all("Fitzpatrick" not in r["prompt"] for r in only_rows)
+    tone = client.get(f"/datasets/{dataset_id}/manifest", params={"skin_tone": 2}).text
+    assert len(tone.splitlines()) == 6
+
+    # cursor paging returns every row exactly once
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = {"limit": 4}
+        if cursor:
+            params["cursor"] = cursor
+        response = client.get(f"/datasets/{dataset_id}/manifest", params=params)
+        assert response.status_code == 200
+        seen += [json.loads(line)["image_id"] for line in response.text.splitlines()]
+        pages += 1
+        cursor = response.headers.get("x-next-cursor")
+        if not cursor:
+            break
+    assert pages == 3
+    assert sorted(seen) == sorted(r["image_id"] for r in rows)
+    assert len(seen) == len(set(seen))
+
+    counts = client.get(f"/datasets/{dataset_id}").json()["counts"]
+    assert {(c["condition"], c["skin_tone"], c["count"]) for c in counts} == {
+        ("psoriasis", 2, 6),
+        ("lichen-planus", None, 5),
+    }
+
+
+def test_same_seed_same_bytes(stack: Stack) -> None:
+    client = stack.client(stack.new_key())
+    a = stack.wait_job(client, submit(client, count=4, seed=7)["id"])
+    b = stack.wait_job(client, submit(client, count=4, seed=7)["id"])
+    c = stack.wait_job(client, submit(client, count=4, seed=8)["id"])
+
+    def shas(job: dict) -> list[str]:
+        lines = client.get(f"/datasets/{job['dataset_id']}/manifest").text.splitlines()
+        rows = sorted((json.loads(line) for line in lines), key=lambda r: r["seed"])
+        return [r["sha256"] for r in rows]
+
+    assert shas(a) == shas(b)
+    assert set(shas(a)).isdisjoint(shas(c))
+
+
+def test_cancel_running_job_keeps_written_images(stack: Stack) -> None:
+    client = stack.client(stack.new_key())
+    job = submit(client, count=400, num_inference_steps=20)
+    wait_for(
+        lambda: client.get(f"/jobs/{job['id']}").json()["progress"]["done"] >= 4,
+        timeout=60,
+        what="first images",
+    )
+    canceled = client.post(f"/jobs/{job['id']}/cancel")
+    assert canceled.status_code == 200, canceled.text
+    assert canceled.json()["status"] == "canceled"
+    assert canceled.json()["timings"]["canceled_at"]
+
+    # the running chunk stops at its next batch; nothing more is written after that
+    def settled() -> int | None:
+        running = count_rows(
+            stack,
+            "SELECT count(*) FROM job_chunks WHERE job_id = :j AND status = 'running'",
+            j=job["id"],
+        )
+        return None if running else 1
+
+    wait_for(settled, timeout=30, what="the running chunk to stop")
+    written = count_rows(stack, "SELECT count(*) FROM images WHERE job_id = :j", j=job["id"])
+    assert 4 <= written < 400
+    assert written <= 8 * 2  # at most the chunk that was running and one more
+    final = client.get(f"/jobs/{job['id']}").json()
+    assert final["status"] == "canceled"
+    assert final["progress"]["done"] == written
+    rows = client.get(f"/datasets/{job['dataset_id']}/manifest").text.splitlines()
+    assert len(rows) == written
+
+    again = client.post(f"/jobs/{job['id']}/cancel")
+    assert again.status_code == 409
+    assert again.headers["content-type"].startswith("application/problem+json")
+
+
+def test_cancel_queued_job(deployed: Stack) -> None:
+    client = deployed.client(deployed.new_key())
+    deployed.worker.stop()
+    try:
+        job = submit(client, count=30)
+        response = client.post(f"/jobs/{job['id']}/cancel")
+        assert response.status_code == 200
+        assert response.json()["status"] == "canceled"
+    finally:
+        deployed.worker.start()
+    pending = "SELECT count(*) FROM job_chunks WHERE job_id = :j AND status <> 'canceled'"
+    assert count_rows(deployed, pending, j=job["id"]) == 0
+    # the worker drops the chunks' messages without generating anything
+    wait_for(
+        lambda: (
+            "skipped" in deployed.worker.log()
+            or count_rows(deployed, "SELECT count(*) FROM images WHERE job_id = :j", j=job["id"])
+            == 0
+        ),
+        timeout=30,
+    )
+    assert count_rows(deployed, "SELECT count(*) FROM images WHERE job_id = :j", j=job["id"]) == 0
+
+
+def test_idempotency_key_returns_the_same_job(deployed: Stack) -> None:
+    client = deployed.client(deployed.new_key())
+    first = client.post(
+        "/jobs", json={"condition": "psoriasis", "count": 2, "idempotency_key": "k1"}
+    )
+    second = client.post(
+        "/jobs", json={"condition": "psoriasis", "count": 2, "idempotency_key": "k1"}
+    )
+    assert first.status_code == 202
+    assert second.status_code == 200
+    assert second.json()["id"] == first.json()["id"]
+    listed = client.get("/jobs").json()["items"]
+    assert [j["id"] for j in listed] == [first.json()["id"]]
+    deployed.wait_job(client, first.json()["id"])

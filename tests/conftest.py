@@ -1,0 +1,352 @@
+"""Test fixtures: real PostgreSQL, Redis, an S3 server (moto) and Celery workers, over sockets.
+
+Two stacks share one code path:
+- `deployed`: PostgreSQL 127.0.0.1:5432 (a fresh database per run), Redis 127.0.0.1:6379 (a
+  private db index), moto's ThreadedMotoServer as S3;
+- `embedded`: SQLite, the SQLite broker and a local-directory store in a temporary folder.
+Each stack runs the API with uvicorn on a free port and a Celery worker as a subprocess (so
+tests can SIGKILL it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import redis
+import uvicorn
+from sqlalchemy import text, update
+
+from app.cli import upgrade_database
+from app.config import Settings
+from app.db.session import session_factory, session_scope
+from app.db.tables import Job
+from app.keys import create_key
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_DSN = os.environ.get("SYNTHDERM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_HOST = os.environ.get("SYNTHDERM_TEST_REDIS_HOST", "127.0.0.1")
+
+# Fast settings for tests: small chunks, quick heartbeats and recovery.
+FAST = {
+    "chunk_size": 8,
+    "generation_batch_size": 4,
+    "heartbeat_interval_s": 0.5,
+    "stale_after_s": 4.0,
+    "redispatch_after_s": 2.0,
+    "recovery_interval_s": 0.5,
+    "progress_update_interval_s": 0.0,
+    "task_max_retries": 2,
+    "default_num_inference_steps": 4,
+    "shutdown_grace_s": 10.0,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a subprocess the same Settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHDERM_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        env[f"SYNTHDERM_{name.upper()}"] = str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.2, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}"
+    )
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder holding `tiny-random`, built by the project's own command."""
+    folder = tmp_path_factory.mktemp("models")
+    subprocess.run(
+        [sys.executable, "-m", "models.tiny_random", str(folder / "tiny-random")],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    return folder
+
+
+# --- services -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this run, dropped afterwards."""
+    name = f"synthderm_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis db index of its own (chosen at random among the high ones), flushed around."""
+    index = 8 + uuid.uuid4().int % 8
+    client = redis.Redis(host=REDIS_HOST, port=6379, db=index)
+    client.flushdb()
+    yield f"redis://{REDIS_HOST}:6379/{index}"
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free port."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+# --- the stacks ---------------------------------------------------------------------------
+
+
+class ApiServer:
+    """uvicorn serving create_app(settings) in a thread, on a real socket."""
+
+    def __init__(self, settings: Settings, port: int) -> None:
+        from app.main import create_app
+
+        self.port = port
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        wait_for(lambda: self.server.started, timeout=20, what="uvicorn start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class Worker:
+    """A Celery worker subprocess (its own process group, so a kill takes all of it)."""
+
+    def __init__(self, settings: Settings, log_path: Path, name: str) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+                "-Q", "gpu", "--pool", "solo", "--concurrency", "1",
+                "-n", f"{self.name}-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO",
+            ],
+            cwd=ROOT,
+            env=settings_env(self.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker: no warm shutdown, no message restored."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Stack:
+    name: str
+    settings: Settings
+    api: ApiServer
+    worker: Worker
+    base_url: str
+    store: Any
+    owners: list[str] = field(default_factory=list)
+
+    def session(self) -> Any:
+        return session_scope(self.settings.database_url)
+
+    def new_key(self, name: str = "tester") -> str:
+        with self.session() as session:
+            row, raw = create_key(session=session, name=name)
+            self.owners.append(row.id)
+        return raw
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+
+    def wait_job(
+        self,
+        client: httpx.Client,
+        job_id: str,
+        *,
+        statuses: tuple[str, ...] = ("succeeded",),
+        timeout: float = 120,
+    ) -> dict[str, Any]:
+        terminal = ("succeeded", "failed", "canceled")
+
+        def poll() -> dict[str, Any] | None:
+            body = client.get(f"/jobs/{job_id}").json()
+            return body if body["status"] in terminal or body["status"] in statuses else None
+
+        body = wait_for(poll, timeout=timeout, interval=0.2, what=f"job {job_id}")
+        assert body["status"] in statuses, (body, self.worker.log()[-3000:])
+        return body
+
+    def cancel_leftovers(self) -> None:
+        """End this test's active jobs so they do not keep the shared worker busy."""
+        if not self.owners:
+            return
+        with self.session() as session:
+            session.execute(
+                update(Job)
+                .where(Job.owner_id.in_(self.owners), Job.status.in_(("queued", "running")))
+                .values(status="canceled")
+            )
+        self.owners.clear()
+
+
+def _make_stack(name: str, settings: Settings, tmp: Path) -> Iterator[Stack]:
+    upgrade_database(settings)
+    from app.storage import make_store
+
+    port = int(settings.public_base_url.rsplit(":", 1)[1])
+    api = ApiServer(settings, port)
+    api.start()
+    worker = Worker(settings, tmp / f"worker-{name}.log", name)
+    worker.start()
+    stack = Stack(name, settings, api, worker, settings.public_base_url, make_store(settings))
+    try:
+        yield stack
+    finally:
+        worker.stop()
+        api.stop()
+        session_factory.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def deployed_stack(
+    pg_url: str,
+    redis_url: str,
+    s3_endpoint: str,
+    models_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("deployed")
+    port = free_port()
+    settings = Settings(
+        data_dir=tmp,
+        database_url=pg_url,
+        broker_url=redis_url,
+        storage_backend="s3",
+        s3_endpoint_url=s3_endpoint,
+        s3_bucket=f"synthderm-{uuid.uuid4().hex[:8]}",
+        s3_access_key_id="testing",
+        s3_secret_access_key="testing",
+        models_dir=models_dir,
+        public_base_url=f"http://127.0.0.1:{port}",
+        signing_secret="test-secret",
+        **FAST,
+    )
+    yield from _make_stack("deployed", settings, tmp)
+
+
+@pytest.fixture(scope="session")
+def embedded_stack(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("embedded")
+    port = free_port()
+    settings = Settings(
+        data_dir=tmp,
+        models_dir=models_dir,
+        public_base_url=f"http://127.0.0.1:{port}",
+        **FAST,
+    )
+    yield from _make_stack("embedded", settings, tmp)
+
+
+@pytest.fixture(params=["deployed", "embedded"])
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """Each test that takes `stack` runs on both stacks."""
+    current: Stack = request.getfixturevalue(f"{request.param}_stack")
+    if current.worker.proc is None or current.worker.proc.poll() is not None:
+        current.worker.start()
+    yield current
+    current.cancel_leftovers()
+
+
+@pytest.fixture
+def deployed(deployed_stack: Stack) -> Iterator[Stack]:
+    if deployed_stack.worker.proc is None or deployed_stack.worker.proc.poll() is not None:
+        deployed_stack.worker.start()
+    yield deployed_stack
+    deployed_stack.cancel_leftovers()
+
+
+@pytest.fixture
+def embedded(embedded_stack: Stack) -> Iterator[Stack]:
+    if embedded_stack.worker.proc is None or embedded_stack.worker.proc.poll() is not None:
+        embedded_stack.worker.start()
+    yield embedded_stack
+    embedded_stack.cancel_leftovers()
+
+
+def count_rows(stack: Stack, sql: str, **params: Any) -> int:
+    with stack.session() as session:
+        return int(session.execute(text(sql), params).scalar_one())
