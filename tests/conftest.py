@@ -10,6 +10,7 @@ tests can SIGKILL it).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -43,7 +44,7 @@ REDIS_HOST = os.environ.get("SYNTHDERM_TEST_REDIS_HOST", "127.0.0.1")
 # Fast settings for tests: small chunks, quick heartbeats and recovery.
 FAST = {
     "chunk_size": 8,
-    "generation_batch_size": 4,
+    "generation_batch_size": 2,
     "heartbeat_interval_s": 0.5,
     "stale_after_s": 4.0,
     "redispatch_after_s": 2.0,
@@ -120,10 +121,17 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A Redis db index of its own (chosen at random among the high ones), flushed around."""
-    index = 8 + uuid.uuid4().int % 8
-    client = redis.Redis(host=REDIS_HOST, port=6379, db=index)
+    """A Redis db index of its own, locked so that two test runs never share one."""
+    lock = "synthderm:test-run-lock"
+    token = uuid.uuid4().hex
+    for index in range(8, 16):
+        client = redis.Redis(host=REDIS_HOST, port=6379, db=index)
+        if client.set(lock, token, nx=True, ex=3600):
+            break
+    else:
+        pytest.fail("every Redis db 8..15 is held by another test run")
     client.flushdb()
+    client.set(lock, token, ex=3600)
     yield f"redis://{REDIS_HOST}:6379/{index}"
     client.flushdb()
 
@@ -150,6 +158,7 @@ class ApiServer:
         from app.main import create_app
 
         self.port = port
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
         config = uvicorn.Config(
             create_app(settings), host="127.0.0.1", port=port, log_level="warning"
         )

@@ -139,8 +139,7 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
         if not (model_path / "model_index.json").is_file():
             model_path = Path(model.path)
     done = {i for i, row in existing.items() if store.head(row.storage_key) is not None}
-    todo = [i for i in range(claim.start, claim.stop) if i not in done]
-    if not todo:
+    if len(done) == claim.stop - claim.start:
         return ChunkOutcome("succeeded", len(done))
 
     # 2. the pipeline (kept loaded between tasks)
@@ -163,6 +162,12 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
         height=int(claim.params.get("height", height)),
     )
     batch_size = settings.generation_batch_size
+    # Batches are fixed groups of indices, so a rerun samples each image in the same batch as
+    # the first run did: the same bytes (numerics depend on the batch, PAPER.md section 2).
+    batches = [
+        list(range(first, min(first + batch_size, claim.stop)))
+        for first in range(claim.start, claim.stop, batch_size)
+    ]
     provenance = {
         "model_id": model.id,
         "model_path": str(model_path),
@@ -230,15 +235,18 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="synthderm-upload") as pool:
         try:
-            for offset in range(0, len(todo), batch_size):
+            for indices in batches:
+                if done.issuperset(indices):
+                    continue
                 with make_session() as session:
                     if jobs.job_status(session=session, job_id=claim.job_id) != JobStatus.RUNNING:
                         raise ChunkCanceled()
-                indices = todo[offset : offset + batch_size]
                 seeds = [image_seed(claim.seed, i) for i in indices]
                 with loaded.lock:  # one sampler call at a time per pipeline
                     images = generate(pipe, params=params, seeds=seeds, device=loaded.device)
                 for index, seed, image in zip(indices, seeds, images, strict=True):
+                    if index in done:
+                        continue
                     image_id = synthetic_image_id(claim.job_id, index)
                     key = image_key(
                         dataset_id=claim.dataset_id, condition=claim.condition, image_id=image_id

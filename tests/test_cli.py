@@ -1,0 +1,116 @@
+"""The `synthderm` command, run as a user runs it: a subprocess on a fresh embedded install."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from app.config import Settings
+from app.db.session import session_scope
+from app.db.tables import ApiKey, GeneratorModel
+from app.keys import authenticate
+from tests.conftest import ROOT, settings_env
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    empty_models = tmp_path / "models"
+    empty_models.mkdir()
+    return Settings(data_dir=tmp_path, models_dir=empty_models)
+
+
+def synthderm(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = settings_env(settings)
+    env["COLUMNS"] = "200"  # rich wraps its stderr messages at the terminal width
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, (result.args, result.stdout, result.stderr)
+    return result
+
+
+@pytest.fixture
+def migrated(settings: Settings) -> Settings:
+    ok(synthderm(settings, "db", "upgrade"))
+    return settings
+
+
+def test_db_upgrade_creates_the_database(settings: Settings) -> None:
+    database = settings.data_dir / "synthderm.sqlite"
+    assert not database.exists()
+    result = ok(synthderm(settings, "db", "upgrade"))
+    assert database.is_file()
+    assert "database at head" in result.stderr
+    # again: nothing to do, still fine
+    ok(synthderm(settings, "db", "upgrade"))
+
+
+def test_keys_create_list_revoke(migrated: Settings) -> None:
+    created = ok(synthderm(migrated, "keys", "create", "--name", "alice"))
+    lines = created.stdout.splitlines()
+    assert len(lines) == 1, created.stdout
+    raw = lines[0]
+    assert raw.startswith("sdk_") and len(raw) > 20
+    assert raw not in created.stderr
+
+    with session_scope(migrated.database_url) as session:
+        row = authenticate(session=session, raw_key=raw)
+        assert row is not None
+        assert row.name == "alice"
+        key_id = row.id
+        assert row.key_hash == hashlib.sha256(raw.encode()).hexdigest()
+        assert session.scalars(select(ApiKey.name)).all() == ["alice"]
+
+    listed = ok(synthderm(migrated, "keys", "list"))
+    assert "alice" in listed.stdout
+    assert key_id in listed.stdout
+    assert "active" in listed.stdout
+    assert raw not in listed.stdout + listed.stderr
+    assert raw[len(raw) // 2 :] not in listed.stdout  # at most the prefix shows
+
+    revoked = ok(synthderm(migrated, "keys", "revoke", key_id))
+    assert key_id in revoked.stdout
+    with session_scope(migrated.database_url) as session:
+        assert authenticate(session=session, raw_key=raw) is None
+    assert "revoked" in ok(synthderm(migrated, "keys", "list")).stdout
+
+
+def test_keys_revoke_unknown_key_fails(migrated: Settings) -> None:
+    result = synthderm(migrated, "keys", "revoke", "no-such-key")
+    assert result.returncode != 0
+    assert "no-such-key" in result.stderr
+
+
+def test_models_register_and_list(migrated: Settings, models_dir: Path, tmp_path: Path) -> None:
+    assert ok(synthderm(migrated, "models", "list")).stdout.strip() == ""
+
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    refused = synthderm(migrated, "models", "register", "broken", str(not_a_model))
+    assert refused.returncode != 0
+    assert "model_index.json" in refused.stderr
+    assert "broken" not in ok(synthderm(migrated, "models", "list")).stdout
+
+    tiny = models_dir / "tiny-random"
+    ok(synthderm(migrated, "models", "register", "tiny-x", str(tiny)))
+    listed = ok(synthderm(migrated, "models", "list")).stdout.splitlines()
+    assert len(listed) == 1
+    model_id, pipeline_class, path = listed[0].split("\t")
+    assert model_id == "tiny-x"
+    assert pipeline_class.endswith("Pipeline")
+    assert Path(path) == tiny.resolve()
+    with session_scope(migrated.database_url) as session:
+        assert session.scalars(select(GeneratorModel.id)).all() == ["tiny-x"]
