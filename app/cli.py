@@ -13,11 +13,13 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
 
@@ -33,7 +35,7 @@ cli.add_typer(db_cli, name="db")
 cli.add_typer(models_cli, name="models")
 
 
-def _session_scope(settings: Settings):  # type: ignore[no-untyped-def]
+def _session_scope(settings: Settings) -> AbstractContextManager[Session]:
     from app.db.session import session_scope
 
     return session_scope(settings.database_url)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -135,7 +135,7 @@ def create_job(
         }
         for i, start in enumerate(range(0, params.count, chunk_size))
     ]
-    session.execute(JobChunk.__table__.insert(), chunks)
+    session.execute(insert(JobChunk), chunks)
     return job, True
 
 
@@ -568,4 +568,4 @@ def chunk_durations(*, session: Session, buckets: list[float]) -> tuple[list[int
             JobChunk.status == "succeeded", duration.is_not(None)
         )
     ).one()
-    return [int(c) for c in row[2:]], float(row[1]), int(row[0])
+    return [int(c) for c in row[2:]], float(row[1] or 0.0), int(row[0])

@@ -14,7 +14,7 @@ from app.broker import send_generate_chunk
 from app.config import Settings
 from app.db.session import session_factory
 from app.db.tables import Job
-from app.schemas import JobCreate, JobList, JobOut, JobStatus, Progress, Timings
+from app.schemas import JobCreate, JobList, JobOut, JobStatus, Progress, Strategy, Timings
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -33,7 +33,7 @@ def job_out(job: Job) -> JobOut:
         dataset_id=job.dataset_id,
         condition=job.condition,
         skin_tone=job.skin_tone,
-        strategy=job.strategy,  # type: ignore[arg-type]
+        strategy=Strategy(job.strategy),
         model=job.model_id,
         count=job.count,
         seed=job.seed,

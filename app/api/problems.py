@@ -47,7 +47,8 @@ async def _problem_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return problem(exc.status_code, "Error", str(exc.detail), headers=exc.headers)
+    headers = dict(exc.headers) if exc.headers else None
+    return problem(exc.status_code, "Error", str(exc.detail), headers=headers)
 
 
 def install(app: FastAPI) -> None:

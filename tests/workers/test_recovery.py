@@ -51,7 +51,8 @@ def test_worker_killed_mid_chunk_job_still_finishes_exactly(stack: Stack) -> Non
         return (
             count_rows(
                 stack,
-                "SELECT count(*) FROM job_chunks WHERE job_id = :j AND status = 'running' AND done > 0",
+                "SELECT count(*) FROM job_chunks"
+                " WHERE job_id = :j AND status = 'running' AND done > 0",
                 j=job["id"],
             )
             > 0
@@ -96,7 +97,8 @@ def test_redis_flushed_while_queued(deployed: Stack) -> None:
             lambda: (
                 count_rows(
                     deployed,
-                    "SELECT count(*) FROM job_chunks WHERE job_id = :j AND dispatched_at IS NOT NULL",
+                    "SELECT count(*) FROM job_chunks"
+                    " WHERE job_id = :j AND dispatched_at IS NOT NULL",
                     j=job["id"],
                 )
                 == 2

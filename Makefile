@@ -1,0 +1,62 @@
+# The README's two set-up commands are `make run` and `make test`; every other command the
+# README names has a target here too.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install lint format typecheck deploy-check tiny-model serve worker keys clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU build on local disk, never a CUDA build pulled by a dependency
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[worker,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Serve the API and a worker on the embedded default (SQLite, local files, no servers).
+run: $(STAMP)
+	$(BIN)/synthderm run
+
+## Lint, type-check, validate the deployment files, then run every test.
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy app workers
+	bash scripts/check_deploy.sh
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy app workers
+
+deploy-check: $(STAMP)
+	bash scripts/check_deploy.sh
+
+## Build the random-weight tiny-random generator into var/models/tiny-random.
+tiny-model: $(STAMP)
+	$(BIN)/synthderm models build-tiny
+
+## The API alone, or a worker alone (settings from SYNTHDERM_* variables).
+serve: $(STAMP)
+	$(BIN)/synthderm serve
+
+worker: $(STAMP)
+	$(BIN)/celery -A workers.celery_app worker -Q gpu,train --pool solo --concurrency 1 --loglevel INFO
+
+## Create an API key: make keys NAME=alice
+keys: $(STAMP)
+	$(BIN)/synthderm keys create --name $(or $(NAME),$(USER),me)
+
+clean:
+	rm -rf var .mypy_cache .ruff_cache
