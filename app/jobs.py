@@ -27,6 +27,7 @@ from app.vocabulary import get_condition, get_model
 
 log = logging.getLogger(__name__)
 
+ACTIVE_STATUS_VALUES = tuple(s.value for s in ACTIVE_JOB_STATUSES)
 # Strategies the generation engine runs today; the others are refused with a clear 422.
 AVAILABLE_STRATEGIES = (Strategy.TEXT_TO_IMAGE,)
 # A chunk created this recently with no dispatch is left to the API that is sending it.
@@ -249,6 +250,9 @@ def dispatch_job(
             total += 1
             if len(sent) >= mark_every:
                 mark()
+                with session_factory() as session:
+                    if job_status(session=session, job_id=job_id) not in ACTIVE_STATUS_VALUES:
+                        break  # canceled or failed while its chunks were being sent
     finally:
         mark()
     return total
@@ -457,6 +461,16 @@ def job_status(*, session: Session, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
+def _sum_progress(*, session: Session, job_id: str) -> None:
+    """A job's progress is the sum of its chunks' image counts (a rerun never double-counts)."""
+    total = (
+        select(func.coalesce(func.sum(JobChunk.done), 0))
+        .where(JobChunk.job_id == job_id)
+        .scalar_subquery()
+    )
+    session.execute(update(Job).where(Job.id == job_id).values(done=total))
+
+
 def record_progress(*, session: Session, job_id: str, index: int, done: int) -> None:
     """Set a chunk's image count and the job's total from its chunks. Commits."""
     now = utcnow()
@@ -465,12 +479,7 @@ def record_progress(*, session: Session, job_id: str, index: int, done: int) -> 
         .where(JobChunk.job_id == job_id, JobChunk.index == index)
         .values(done=done, heartbeat_at=now)
     )
-    total = (
-        select(func.coalesce(func.sum(JobChunk.done), 0))
-        .where(JobChunk.job_id == job_id)
-        .scalar_subquery()
-    )
-    session.execute(update(Job).where(Job.id == job_id).values(done=total))
+    _sum_progress(session=session, job_id=job_id)
     session.commit()
 
 
@@ -505,12 +514,7 @@ def finish_chunk(
             duration_s=duration,
         )
     )
-    total = (
-        select(func.coalesce(func.sum(JobChunk.done), 0))
-        .where(JobChunk.job_id == job_id)
-        .scalar_subquery()
-    )
-    session.execute(update(Job).where(Job.id == job_id).values(done=total))
+    _sum_progress(session=session, job_id=job_id)
     active = [s.value for s in ACTIVE_JOB_STATUSES]
     if status == "failed":
         session.execute(

@@ -330,30 +330,28 @@ def embedded_stack(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     yield from _make_stack("embedded", settings, tmp)
 
 
+def _in_use(stack: Stack) -> Iterator[Stack]:
+    """A stack with a live worker; the test's leftover active jobs are canceled after it."""
+    if stack.worker.proc is None or stack.worker.proc.poll() is not None:
+        stack.worker.start()
+    yield stack
+    stack.cancel_leftovers()
+
+
 @pytest.fixture(params=["deployed", "embedded"])
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     """Each test that takes `stack` runs on both stacks."""
-    current: Stack = request.getfixturevalue(f"{request.param}_stack")
-    if current.worker.proc is None or current.worker.proc.poll() is not None:
-        current.worker.start()
-    yield current
-    current.cancel_leftovers()
+    yield from _in_use(request.getfixturevalue(f"{request.param}_stack"))
 
 
 @pytest.fixture
 def deployed(deployed_stack: Stack) -> Iterator[Stack]:
-    if deployed_stack.worker.proc is None or deployed_stack.worker.proc.poll() is not None:
-        deployed_stack.worker.start()
-    yield deployed_stack
-    deployed_stack.cancel_leftovers()
+    yield from _in_use(deployed_stack)
 
 
 @pytest.fixture
 def embedded(embedded_stack: Stack) -> Iterator[Stack]:
-    if embedded_stack.worker.proc is None or embedded_stack.worker.proc.poll() is not None:
-        embedded_stack.worker.start()
-    yield embedded_stack
-    embedded_stack.cancel_leftovers()
+    yield from _in_use(embedded_stack)
 
 
 def count_rows(stack: Stack, sql: str, **params: Any) -> int:

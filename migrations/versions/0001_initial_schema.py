@@ -171,7 +171,7 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("duration_s", sa.Float(), nullable=True),
+        sa.Column("duration_s", sa.Double(), nullable=True),
         sa.Column("worker", sa.String(length=200), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -172,6 +173,23 @@ def test_signed_file_route_rejects_a_tampered_or_expired_url(embedded: Stack) ->
     assert httpx.get(other_key, timeout=30).status_code == 403
     later = url.copy_with(params={**params, "expires": str(int(params["expires"]) + 1)})
     assert httpx.get(later, timeout=30).status_code == 403
+
+    # correctly signed by the service's own secret, but expired: refused
+    key = json.loads(line)["storage_key"]
+    past = int(time.time()) - 10
+    signature = embedded.store.signature(key, past)
+    expired = url.copy_with(params={"expires": past, "signature": signature})
+    assert httpx.get(expired, timeout=30).status_code == 403
+    # correctly signed for an object that does not exist: 404
+    gone = key.replace(".png", "-gone.png")
+    future = int(time.time()) + 600
+    missing = httpx.get(
+        f"{embedded.base_url}/files/{gone}",
+        params={"expires": future, "signature": embedded.store.signature(gone, future)},
+        timeout=30,
+    )
+    assert missing.status_code == 404
+    assert missing.headers["content-type"].startswith("application/problem+json")
 
 
 def test_revoked_key_is_refused(stack: Stack) -> None:
