@@ -32,7 +32,9 @@ db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
 models_cli = typer.Typer(help="Generator models.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(db_cli, name="db")
+images_cli = typer.Typer(help="Generated images.", no_args_is_help=True)
 cli.add_typer(models_cli, name="models")
+cli.add_typer(images_cli, name="images")
 
 
 def _session_scope(settings: Settings) -> AbstractContextManager[Session]:
@@ -139,19 +141,45 @@ def models_list() -> None:
 
 @models_cli.command("build-tiny")
 def models_build_tiny(
-    out_dir: Annotated[
-        Path | None, typer.Argument(help="Default: {models_dir}/tiny-random.")
+    models_dir: Annotated[
+        Path | None, typer.Argument(help="Default: the models_dir setting.")
     ] = None,
 ) -> None:
-    """Build the random-weight `tiny-random` pipeline (needs the worker extras)."""
-    target = out_dir or get_settings().resolved_models_dir / "tiny-random"
-    build_tiny_model(target)
-    typer.echo(str(target))
+    """Build the random-weight `tiny-random` and `tiny-random-inpaint` pipelines there (needs
+    the worker extras)."""
+    target = models_dir or get_settings().resolved_models_dir
+    for name in build_tiny_models(target):
+        typer.echo(str(target / name))
 
 
-def build_tiny_model(target: Path) -> None:
-    # A child process: the torch import stays out of this one.
-    subprocess.run([sys.executable, "-m", "models.tiny_random", str(target)], check=True, cwd=ROOT)
+TINY_MODELS = {"tiny-random": [], "tiny-random-inpaint": ["--inpaint"]}
+
+
+def build_tiny_models(models_dir: Path) -> list[str]:
+    """Build the tiny generators missing from `models_dir`; returns their names."""
+    built = []
+    for name, flags in TINY_MODELS.items():
+        if not (models_dir / name / "model_index.json").is_file():
+            # A child process: the torch import stays out of this one.
+            subprocess.run(
+                [sys.executable, "-m", "models.tiny_random", str(models_dir / name), *flags],
+                check=True,
+                cwd=ROOT,
+            )
+            built.append(name)
+    return built
+
+
+@images_cli.command("regenerate")
+def images_regenerate(
+    image_id: Annotated[str, typer.Argument(help="The image to sample again.")],
+    out: Annotated[Path | None, typer.Option(help="Write the regenerated PNG here.")] = None,
+) -> None:
+    """Regenerate an image from its provenance; exit 0 when the bytes are identical."""
+    argv = [sys.executable, "-m", "workers.regenerate", image_id]
+    if out is not None:
+        argv += ["--out", str(out)]
+    raise typer.Exit(subprocess.run(argv, cwd=ROOT).returncode)
 
 
 # --- serving ------------------------------------------------------------------------------
@@ -216,15 +244,14 @@ class Supervisor:
 @cli.command("run")
 def run(
     with_worker: Annotated[bool, typer.Option(help="Also run a Celery worker.")] = True,
-    build_tiny: Annotated[bool, typer.Option(help="Build tiny-random if missing.")] = True,
+    build_tiny: Annotated[bool, typer.Option(help="Build the tiny generators if missing.")] = True,
 ) -> None:
     """Migrate, then serve the API and a worker until Ctrl-C (the embedded default)."""
     logging.basicConfig(level=logging.INFO)
     settings = get_settings()
-    tiny = settings.resolved_models_dir / "tiny-random"
-    if build_tiny and settings.default_model == "tiny-random" and not tiny.exists():
-        console.print(f"building the tiny-random generator in {tiny}...")
-        build_tiny_model(tiny)
+    if build_tiny and settings.default_model in TINY_MODELS:
+        console.print(f"making sure the tiny generators are in {settings.resolved_models_dir}...")
+        build_tiny_models(settings.resolved_models_dir)
     upgrade_database(settings)
     supervisor = Supervisor(settings.shutdown_grace_s)
 

@@ -59,7 +59,12 @@ class Settings(BaseSettings):
     models_dir: Path | None = Field(
         None, description="Folder of generator model directories; empty: {data_dir}/models."
     )
-    default_model: str = Field("tiny-random", description="Generator used when a job names none.")
+    default_model: str = Field(
+        "tiny-random", description="Generator of text-to-image and image-to-image jobs naming none."
+    )
+    default_inpaint_model: str = Field(
+        "tiny-random-inpaint", description="Generator of inpaint jobs naming none."
+    )
     device: str = Field("auto", description="Torch device of the worker: auto, cpu, cuda, cuda:1.")
 
     generation_batch_size: int = Field(4, ge=1, le=256, description="Images per UNet call.")
@@ -74,6 +79,16 @@ class Settings(BaseSettings):
     )
     default_guidance_scale: float = Field(3.0, description="Guidance scale (PAPER.md 2).")
     default_num_inference_steps: int = Field(50, description="Sampling steps (PAPER.md 2).")
+    step_update_interval_s: float = Field(
+        0.5, ge=0, description="Least time between two per-step writes (step, cancel check)."
+    )
+    pipeline_memory_budget_gb: float = Field(
+        0.0, ge=0, description="Weights a worker keeps loaded, in GiB (0: only the count limit)."
+    )
+    torch_compile: bool = Field(False, description="torch.compile the UNet on CUDA.")
+    fault_oom_above_batch: int = Field(
+        0, ge=0, description="Testing: fail batches larger than this as CUDA out-of-memory."
+    )
     chunk_size: int = Field(64, ge=1, le=10_000, description="Images per Celery task.")
     task_max_retries: int = Field(5, ge=0, description="Retries of a failing chunk.")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="Chunk heartbeat period.")

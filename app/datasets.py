@@ -156,3 +156,25 @@ def count_job_images(*, session: Session, job_id: str, start: int, stop: int) ->
         )
         or 0
     )
+
+
+def parent_candidates(
+    *, session: Session, dataset_id: str, condition: str, skin_tone: int | None
+) -> list[str]:
+    """Ids of a real dataset's images of `condition` (and `skin_tone` when set), by id."""
+    query = select(Image.id).where(Image.dataset_id == dataset_id, Image.condition == condition)
+    if skin_tone is not None:
+        query = query.where(Image.skin_tone == skin_tone)
+    return list(session.scalars(query.order_by(Image.id)))
+
+
+def parents_of_job(*, session: Session, job_id: str, positions: list[int]) -> dict[int, Image]:
+    """The parent image rows of a job at `positions`, by position."""
+    from app.db.tables import JobParent
+
+    rows = session.execute(
+        select(JobParent.position, Image)
+        .join(Image, Image.id == JobParent.image_id)
+        .where(JobParent.job_id == job_id, JobParent.position.in_(positions))
+    )
+    return {position: image for position, image in rows}

@@ -35,7 +35,13 @@ class JobCreate(BaseModel):
     condition: str = Field(min_length=1, max_length=120, examples=["psoriasis"])
     skin_tone: int | None = Field(None, ge=1, le=6, description="Fitzpatrick type 1..6 or null.")
     strategy: Strategy = Strategy.TEXT_TO_IMAGE
-    count: int = Field(ge=1, le=1_000_000)
+    count: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Images to make. With source_dataset it may be left out: every matching "
+        "parent times synthetic_per_real.",
+    )
     model: str | None = Field(None, max_length=120, description="Generator id (GET /models).")
     source_dataset: str | None = Field(None, description="Real dataset of parent images.")
     dataset_id: str | None = Field(None, description="Append to this synthetic dataset.")
@@ -43,7 +49,21 @@ class JobCreate(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     guidance_scale: float | None = Field(None, ge=0, le=50)
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
-    strength: float | None = Field(None, gt=0, le=1)
+    synthetic_per_real: int = Field(
+        1, ge=1, le=1000, description="k: images per parent image (PAPER.md section 4)."
+    )
+    strength: float | None = Field(
+        None, gt=0, le=1, description="Edit strength (inpaint 0.97, image-to-image 0.75)."
+    )
+    outpaint_strength: float | None = Field(
+        None, gt=0, le=1, description="Strength of inpaint-outpaint's second pass (0.95)."
+    )
+    mask_fraction: float | None = Field(
+        None, gt=0, lt=0.5, description="Border of the central mask, per side (0.25)."
+    )
+    frame_px: int | None = Field(
+        None, ge=0, le=255, description="Frame kept by inpaint-outpaint, in pixels (16)."
+    )
     width: int | None = Field(None, ge=8, le=2048, multiple_of=8)
     height: int | None = Field(None, ge=8, le=2048, multiple_of=8)
     negative_prompt: str | None = Field(None, max_length=2000)

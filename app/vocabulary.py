@@ -6,6 +6,7 @@ its model_index.json, so the API never needs torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -54,15 +55,47 @@ def read_pipeline_class(path: Path) -> str:
     return name
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def weights_signature(path: Path) -> str:
+    """A cheap fingerprint (names, sizes, mtimes) telling when the weights must be re-hashed."""
+    lines = [
+        f"{p.relative_to(path).as_posix()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+        for p in _weight_files(path)
+    ]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    """SHA-256 over every weight file (name and bytes), recorded with every image."""
+    digest = hashlib.sha256()
+    for file in _weight_files(path):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def register_model(
     *, session: Session, model_id: str, path: Path, description: str = ""
 ) -> GeneratorModel:
     """Register (or update) a generator from a local pipeline directory."""
     pipeline_class = read_pipeline_class(path)
+    signature = weights_signature(path)
     row = session.get(GeneratorModel, model_id)
     if row is None:
         row = GeneratorModel(id=model_id, path=str(path), pipeline_class=pipeline_class)
         session.add(row)
+    if row.weights_signature != signature or row.path != str(path) or not row.weights_sha256:
+        log.info("hashing the weights of %s in %s", model_id, path)
+        row.weights_sha256 = weights_sha256(path)
+        row.weights_signature = signature
     row.path = str(path)
     row.pipeline_class = pipeline_class
     row.description = description or row.description or ""

@@ -31,7 +31,7 @@ import redis
 import uvicorn
 from sqlalchemy import text, update
 
-from app.cli import upgrade_database
+from app.cli import build_tiny_models, upgrade_database
 from app.config import Settings
 from app.db.session import session_factory, session_scope
 from app.db.tables import Job
@@ -93,14 +93,9 @@ def wait_for(
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models folder holding `tiny-random`, built by the project's own command."""
+    """A models folder holding the tiny generators, built by the project's own command."""
     folder = tmp_path_factory.mktemp("models")
-    subprocess.run(
-        [sys.executable, "-m", "models.tiny_random", str(folder / "tiny-random")],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
+    build_tiny_models(folder)  # tiny-random and tiny-random-inpaint
     return folder
 
 

@@ -28,7 +28,7 @@ def test_app_never_imports_torch_or_workers() -> None:
 
 def test_models_import_without_database_or_web() -> None:
     code = (
-        "import sys, models.pipelines, models.text_to_image, models.tiny_random\n"
+        "import sys, models.pipelines, models.strategies, models.tiny_random\n"
         "bad = [m for m in ('fastapi', 'sqlalchemy', 'celery', 'app') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

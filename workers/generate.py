@@ -62,7 +62,10 @@ def pipeline_cache(settings: Settings) -> Any:
             from models.pipelines import PipelineCache, resolve_device
 
             _pipelines = PipelineCache(
-                device=resolve_device(settings.device), max_models=settings.pipeline_cache_size
+                device=resolve_device(settings.device),
+                max_models=settings.pipeline_cache_size,
+                memory_budget_bytes=int(settings.pipeline_memory_budget_gb * 2**30),
+                compile_unet=settings.torch_compile,
             )
         return _pipelines
 
@@ -114,12 +117,136 @@ def _store_image(store: ObjectStore, key: str, image: PILImage.Image) -> tuple[s
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
+def sample_params(
+    settings: Settings,
+    *,
+    strategy: str,
+    condition_name: str,
+    skin_tone: int | None,
+    job_params: dict[str, Any],
+    pipeline: Any,
+) -> Any:
+    """The SampleParams of a job: its own values, else the settings' and the paper's."""
+    from models import strategies
+
+    width, height = strategies.default_size(pipeline)
+    return strategies.SampleParams(
+        strategy=strategy,
+        prompt=strategies.build_prompt(
+            condition_name=condition_name,
+            skin_tone=skin_tone,
+            template=settings.prompt_template,
+            suffix=settings.skin_tone_prompt_suffix,
+        ),
+        negative_prompt=job_params.get("negative_prompt"),
+        num_inference_steps=int(
+            job_params.get("num_inference_steps", settings.default_num_inference_steps)
+        ),
+        guidance_scale=float(job_params.get("guidance_scale", settings.default_guidance_scale)),
+        width=int(job_params.get("width", width)),
+        height=int(job_params.get("height", height)),
+        strength=job_params.get("strength"),
+        outpaint_strength=float(
+            job_params.get("outpaint_strength", strategies.DEFAULT_OUTPAINT_STRENGTH)
+        ),
+        mask_fraction=float(job_params.get("mask_fraction", strategies.DEFAULT_MASK_FRACTION)),
+        frame_px=int(job_params.get("frame_px", strategies.DEFAULT_FRAME_PX)),
+    )
+
+
+class ParentImages:
+    """The real parents of a job's images, read from the store and prepared once each."""
+
+    def __init__(self, settings: Settings, *, job_id: str, k: int, size: int) -> None:
+        self.settings = settings
+        self.job_id = job_id
+        self.k = k
+        self.size = size
+        self._rows: dict[int, Any] = {}
+        self._images: dict[int, PILImage.Image] = {}
+
+    def load_rows(self, indices: range | list[int]) -> None:
+        positions = sorted({i // self.k for i in indices})
+        with session_factory(self.settings.database_url)() as session:
+            self._rows.update(
+                datasets.parents_of_job(session=session, job_id=self.job_id, positions=positions)
+            )
+
+    def image_id(self, index: int) -> str | None:
+        row = self._rows.get(index // self.k)
+        return row.id if row is not None else None
+
+    def image(self, index: int) -> PILImage.Image:
+        from models.parents import load_parent
+
+        position = index // self.k
+        if position not in self._images:
+            row = self._rows.get(position)
+            if row is None:
+                raise RuntimeError(f"job {self.job_id} has no parent at position {position}")
+            data = object_store(self.settings).get_bytes(row.storage_key)
+            self._images[position] = load_parent(data, size=self.size)
+        return self._images[position]
+
+
+class StepControl:
+    """The per-step callback: heartbeat and step progress (throttled), cancel at the next step."""
+
+    def __init__(self, settings: Settings, *, job_id: str, index: int, worker: str) -> None:
+        self.settings = settings
+        self.job_id = job_id
+        self.index = index
+        self.worker = worker
+        self.canceled = False
+        self._last = 0.0
+
+    def __call__(self, step: int, total: int) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.settings.step_update_interval_s and step < total:
+            return self.canceled
+        self._last = now
+        with session_factory(self.settings.database_url)() as session:
+            jobs.record_step(
+                session=session, job_id=self.job_id, index=self.index, step=step, steps=total
+            )
+            self.canceled = jobs.job_status(session=session, job_id=self.job_id) != "running"
+        return self.canceled
+
+
+class BatchLimit:
+    """The largest batch this process can sample; halved on out-of-memory, for good."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def shrink(self, tried: int, new: int) -> None:
+        log.warning("out of memory at batch %s: retrying with batch %s", tried, new)
+        self.limit = min(self.limit, new)
+
+
+_batch_limit: BatchLimit | None = None
+
+
+def batch_limit(settings: Settings) -> BatchLimit:
+    global _batch_limit
+    with _state_lock:
+        if _batch_limit is None:
+            _batch_limit = BatchLimit(settings.generation_batch_size)
+        return _batch_limit
+
+
+def fixed_batches(start: int, stop: int, size: int) -> list[list[int]]:
+    """Fixed groups of indices: a rerun samples each image in the same batch as before (the
+    exact bytes depend on the batch)."""
+    return [list(range(first, min(first + size, stop))) for first in range(start, stop, size)]
+
+
 def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkOutcome:
-    """Generate the chunk's missing images; raises ChunkCanceled through its outcome."""
+    """Generate the chunk's missing images; a cancel ends it as `canceled`."""
     import diffusers
     import torch
 
-    from models.text_to_image import SampleParams, build_prompt, default_size, generate
+    from models import strategies
 
     make_session = session_factory(settings.database_url)
     store = object_store(settings)
@@ -142,48 +269,60 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
     if len(done) == claim.stop - claim.start:
         return ChunkOutcome("succeeded", len(done))
 
-    # 2. the pipeline (kept loaded between tasks)
+    # 2. the pipeline (kept loaded between tasks), the parameters and the parents
     loaded = pipeline_cache(settings).get(model.id, model_path)
-    pipe = loaded.pipeline
-    width, height = default_size(pipe)
-    params = SampleParams(
-        prompt=build_prompt(
-            condition_name=condition.name,
-            skin_tone=claim.skin_tone,
-            template=settings.prompt_template,
-            suffix=settings.skin_tone_prompt_suffix,
-        ),
-        negative_prompt=claim.params.get("negative_prompt"),
-        num_inference_steps=int(
-            claim.params.get("num_inference_steps", settings.default_num_inference_steps)
-        ),
-        guidance_scale=float(claim.params.get("guidance_scale", settings.default_guidance_scale)),
-        width=int(claim.params.get("width", width)),
-        height=int(claim.params.get("height", height)),
+    params = sample_params(
+        settings,
+        strategy=claim.strategy,
+        condition_name=condition.name,
+        skin_tone=claim.skin_tone,
+        job_params=claim.params,
+        pipeline=loaded.pipeline,
     )
-    batch_size = settings.generation_batch_size
-    # Batches are fixed groups of indices, so a rerun samples each image in the same batch as
-    # the first run did: the same bytes (numerics depend on the batch, PAPER.md section 2).
-    batches = [
-        list(range(first, min(first + batch_size, claim.stop)))
-        for first in range(claim.start, claim.stop, batch_size)
-    ]
-    provenance = {
+    k = int(claim.params.get("synthetic_per_real", 1))
+    parents = ParentImages(settings, job_id=claim.job_id, k=k, size=params.width)
+    if claim.params.get("source_dataset"):
+        parents.load_rows(range(claim.start, claim.stop))
+    edits = claim.strategy in strategies.EDITS_PARENT
+    img2img = (
+        loaded.variant("img2img", strategies.image_to_image_pipeline)
+        if (claim.strategy == strategies.IMAGE_TO_IMAGE)
+        else None
+    )
+    control = StepControl(settings, job_id=claim.job_id, index=claim.index, worker=worker)
+    limit = batch_limit(settings)
+    common_provenance = {
         "model_id": model.id,
         "model_path": str(model_path),
-        "pipeline_class": type(pipe).__name__,
-        "scheduler": type(pipe.scheduler).__name__,
+        "weights_sha256": model.weights_sha256,
+        "pipeline_class": type(loaded.pipeline).__name__,
+        "scheduler": type(loaded.pipeline.scheduler).__name__,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
-        "batch_size": batch_size,
         "diffusers_version": diffusers.__version__,
         "torch_version": torch.__version__,
         "job_seed": claim.seed,
+        "synthetic_per_real": k,
         "worker": worker,
+        **params.provenance(),
     }
 
+    def sample(indices: list[int]) -> list[PILImage.Image]:
+        if settings.fault_oom_above_batch and len(indices) > settings.fault_oom_above_batch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by settings)")
+        with loaded.lock:  # one sampler call at a time per pipeline
+            return strategies.generate(
+                loaded.pipeline,
+                params=params,
+                seeds=[image_seed(claim.seed, i) for i in indices],
+                device=loaded.device,
+                parents=[parents.image(i) for i in indices] if edits else None,
+                on_step=control,
+                img2img=img2img,
+            )
+
     # 3. sample batch by batch; encode and upload overlap the next batch
-    pending: list[tuple[int, int, str, Future[tuple[str, int]]]] = []
+    pending: list[tuple[int, dict[str, Any], str, Future[tuple[str, int]]]] = []
     written = len(done)
     last_progress = 0.0
 
@@ -193,7 +332,7 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
         if not ready:
             return
         with make_session() as session:
-            for index, seed, key, future in ready:
+            for index, provenance, key, future in ready:
                 sha256, size = future.result()  # the object is stored before its row
                 datasets.upsert_image(
                     session=session,
@@ -209,7 +348,7 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
                         "model_id": model.id,
                         "prompt": params.prompt,
                         "negative_prompt": params.negative_prompt,
-                        "seed": seed,
+                        "seed": provenance["seed"],
                         "steps": params.num_inference_steps,
                         "guidance_scale": params.guidance_scale,
                         "width": params.width,
@@ -217,7 +356,7 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
                         "sha256": sha256,
                         "size_bytes": size,
                         "storage_key": key,
-                        "parent_image_id": None,
+                        "parent_image_id": parents.image_id(index),
                         "provenance": provenance,
                         "created_at": utcnow(),
                     },
@@ -235,29 +374,44 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="synthderm-upload") as pool:
         try:
-            for indices in batches:
-                if done.issuperset(indices):
+            for group in fixed_batches(claim.start, claim.stop, settings.generation_batch_size):
+                if done.issuperset(group):
                     continue
-                with make_session() as session:
-                    if jobs.job_status(session=session, job_id=claim.job_id) != JobStatus.RUNNING:
-                        raise ChunkCanceled()
-                seeds = [image_seed(claim.seed, i) for i in indices]
-                with loaded.lock:  # one sampler call at a time per pipeline
-                    images = generate(pipe, params=params, seeds=seeds, device=loaded.device)
-                for index, seed, image in zip(indices, seeds, images, strict=True):
-                    if index in done:
-                        continue
-                    image_id = synthetic_image_id(claim.job_id, index)
-                    key = image_key(
-                        dataset_id=claim.dataset_id, condition=claim.condition, image_id=image_id
-                    )
-                    pending.append((index, seed, key, pool.submit(_store_image, store, key, image)))
-                write_rows(wait_all=False)
-        except ChunkCanceled:
+                if control.canceled or not _job_running(settings, claim.job_id):
+                    raise ChunkCanceled()
+                for first in range(0, len(group), limit.limit):
+                    sub = group[first : first + limit.limit]
+                    for batch, images in strategies.generate_adaptive(
+                        sample, sub, on_oom=limit.shrink
+                    ):
+                        for index, image in zip(batch, images, strict=True):
+                            if index in done:
+                                continue
+                            provenance = {
+                                **common_provenance,
+                                "seed": image_seed(claim.seed, index),
+                                "batch_indices": batch,
+                                "batch_size": len(batch),
+                                "parent_position": index // k if parents.image_id(index) else None,
+                            }
+                            key = image_key(
+                                dataset_id=claim.dataset_id,
+                                condition=claim.condition,
+                                image_id=synthetic_image_id(claim.job_id, index),
+                            )
+                            future = pool.submit(_store_image, store, key, image)
+                            pending.append((index, provenance, key, future))
+                    write_rows(wait_all=False)
+        except (ChunkCanceled, strategies.Interrupted):
             write_rows(wait_all=True)
             return ChunkOutcome("canceled", written)
         write_rows(wait_all=True)
     return ChunkOutcome("succeeded", written)
+
+
+def _job_running(settings: Settings, job_id: str) -> bool:
+    with session_factory(settings.database_url)() as session:
+        return jobs.job_status(session=session, job_id=job_id) == JobStatus.RUNNING
 
 
 @app.task(name=GENERATE_TASK, bind=True, acks_late=True, ignore_result=True)

@@ -91,6 +91,8 @@ class GeneratorModel(Base):
     id: Mapped[str] = mapped_column(String(120), primary_key=True)
     path: Mapped[str] = mapped_column(Text)
     pipeline_class: Mapped[str] = mapped_column(String(120))
+    weights_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    weights_signature: Mapped[str | None] = mapped_column(String(64), nullable=True)
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -156,8 +158,21 @@ class JobChunk(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     duration_s: Mapped[float | None] = mapped_column(nullable=True)
+    step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class JobParent(Base):
+    """The real parent images of an editing job, in the order its images use them: image
+    `index` derives from the parent at position `index // synthetic_per_real`."""
+
+    __tablename__ = "job_parents"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[str] = mapped_column(ForeignKey("images.id"))
 
 
 class Image(Base):

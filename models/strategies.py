@@ -1,0 +1,291 @@
+"""The paper's generation strategies (PAPER.md section 2) on diffusers pipelines, plus
+SDEdit-style image-to-image: one sampler call per batch, one torch.Generator per image.
+
+Importable without a database or web server. Progress, heartbeats and cancellation come in
+through a per-step callback; a cancel interrupts the pipeline at its next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from models.masks import central_mask, central_mask_params, frame_mask, frame_mask_params
+from models.pipelines import free_memory
+
+TEXT_TO_IMAGE = "text-to-image"
+INPAINT = "inpaint"
+INPAINT_OUTPAINT = "inpaint-outpaint"
+IMAGE_TO_IMAGE = "image-to-image"
+STRATEGIES = (TEXT_TO_IMAGE, INPAINT, INPAINT_OUTPAINT, IMAGE_TO_IMAGE)
+# Strategies that edit a real parent image, and those that need an inpainting pipeline.
+EDITS_PARENT = frozenset({INPAINT, INPAINT_OUTPAINT, IMAGE_TO_IMAGE})
+NEEDS_INPAINT_PIPELINE = frozenset({INPAINT, INPAINT_OUTPAINT})
+
+# Paper defaults (PAPER.md section 2b); image-to-image is beyond the paper.
+DEFAULT_STRENGTH = {INPAINT: 0.97, INPAINT_OUTPAINT: 0.97, IMAGE_TO_IMAGE: 0.75}
+DEFAULT_OUTPAINT_STRENGTH = 0.95
+DEFAULT_MASK_FRACTION = 0.25
+DEFAULT_FRAME_PX = 16
+
+# on_step(step, total_steps) -> True to interrupt the sampler.
+StepCallback = Callable[[int, int], bool]
+
+
+class Interrupted(Exception):
+    """The sampler was interrupted by the step callback (a cancel): its output is discarded."""
+
+
+def build_prompt(*, condition_name: str, skin_tone: int | None, template: str, suffix: str) -> str:
+    """'An image of psoriasis, a skin disease' (+ ', Fitzpatrick skin type 5' when set)."""
+    prompt = template.format(condition=condition_name)
+    if skin_tone is not None:
+        prompt += suffix.format(skin_tone=skin_tone)
+    return prompt
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    """Everything that decides a batch's pixels besides the seeds and the parents."""
+
+    strategy: str
+    prompt: str
+    negative_prompt: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    strength: float | None = None
+    outpaint_strength: float = DEFAULT_OUTPAINT_STRENGTH
+    mask_fraction: float = DEFAULT_MASK_FRACTION
+    frame_px: int = DEFAULT_FRAME_PX
+
+    @property
+    def effective_strength(self) -> float | None:
+        if self.strategy not in EDITS_PARENT:
+            return None
+        return self.strength if self.strength is not None else DEFAULT_STRENGTH[self.strategy]
+
+    def provenance(self) -> dict[str, Any]:
+        """The parameters to record with every image."""
+        record: dict[str, Any] = asdict(self)
+        record["strength"] = self.effective_strength
+        if self.strategy in NEEDS_INPAINT_PIPELINE:
+            record["mask"] = central_mask_params(**_central_geometry(self))
+        else:
+            record.pop("mask_fraction")
+        if self.strategy == INPAINT_OUTPAINT:
+            record["outpaint_mask"] = frame_mask_params(size=self.width, frame_px=self.frame_px)
+        else:
+            record.pop("outpaint_strength")
+            record.pop("frame_px")
+        return record
+
+
+def _central_geometry(params: SampleParams) -> dict[str, Any]:
+    # The paper builds the mask on SD's 8x-downsampled latent grid (64x64 for 512 pixels).
+    return {
+        "size": params.width,
+        "latent_size": params.width // 8,
+        "mask_fraction": params.mask_fraction,
+    }
+
+
+def default_size(pipeline: Any) -> tuple[int, int]:
+    """The pipeline's native (width, height): UNet sample size times the VAE scale factor."""
+    size = int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
+    return size, size
+
+
+def check_inputs(
+    pipeline: Any, params: SampleParams, seeds: Sequence[int], parents: Sequence[Image.Image] | None
+) -> None:
+    """Raise an actionable ValueError for a request the pipeline cannot serve."""
+    if params.strategy not in STRATEGIES:
+        raise ValueError(
+            f"strategy must be one of {', '.join(STRATEGIES)}, got {params.strategy!r}"
+        )
+    if not seeds:
+        raise ValueError("seeds: at least one image must be asked for")
+    if params.width % 8 or params.height % 8:
+        raise ValueError(
+            f"width and height must be multiples of 8, got {params.width}x{params.height}"
+        )
+    if params.num_inference_steps < 1:
+        raise ValueError("num_inference_steps must be at least 1")
+    is_inpaint = int(pipeline.unet.config.in_channels) == 9
+    if params.strategy in NEEDS_INPAINT_PIPELINE and not is_inpaint:
+        raise ValueError(
+            f"strategy {params.strategy} needs an inpainting pipeline (a 9-channel UNet), "
+            f"got {type(pipeline).__name__}"
+        )
+    if params.strategy not in NEEDS_INPAINT_PIPELINE and is_inpaint:
+        raise ValueError(
+            f"strategy {params.strategy} needs a text-to-image pipeline, not an inpainting one"
+        )
+    if params.strategy in EDITS_PARENT:
+        if parents is None or len(parents) != len(seeds):
+            raise ValueError(f"strategy {params.strategy} needs one parent image per seed")
+        wrong = [p.size for p in parents if p.size != (params.width, params.height)]
+        if wrong:
+            raise ValueError(
+                f"parents must be prepared to {params.width}x{params.height}, got {wrong[0]}"
+            )
+    strength = params.effective_strength
+    if strength is not None and not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    # diffusers runs int(steps * strength) steps; zero would fail deep inside the pipeline
+    for name, value in (("strength", strength), ("outpaint_strength", params.outpaint_strength)):
+        if value is not None and int(params.num_inference_steps * value) < 1:
+            if name == "outpaint_strength" and params.strategy != INPAINT_OUTPAINT:
+                continue
+            raise ValueError(
+                f"{name} {value} x num_inference_steps {params.num_inference_steps} runs no step; "
+                "raise one of them"
+            )
+
+
+class _StepHook:
+    """callback_on_step_end adaptor: reports steps, interrupts the pipeline when asked."""
+
+    def __init__(self, on_step: StepCallback | None, *, offset: int, total: int) -> None:
+        self.on_step = on_step
+        self.offset = offset
+        self.total = total
+        self.interrupted = False
+
+    def __call__(
+        self, pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        if self.on_step is not None and self.on_step(self.offset + step + 1, self.total):
+            self.interrupted = True
+            pipe._interrupt = True  # diffusers skips the remaining steps
+        return kwargs
+
+
+def _steps_run(params: SampleParams, strength: float | None) -> int:
+    """Denoising steps diffusers runs: int(steps * strength) for the editing pipelines."""
+    if strength is None:
+        return params.num_inference_steps
+    return min(params.num_inference_steps, int(params.num_inference_steps * strength))
+
+
+def image_to_image_pipeline(pipeline: Any) -> Any:
+    """An img2img pipeline sharing the text-to-image pipeline's modules (no copy, no load)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    variant = StableDiffusionImg2ImgPipeline(**pipeline.components)
+    variant.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
+    return variant
+
+
+def generate(
+    pipeline: Any,
+    *,
+    params: SampleParams,
+    seeds: Sequence[int],
+    device: torch.device,
+    parents: Sequence[Image.Image] | None = None,
+    on_step: StepCallback | None = None,
+    img2img: Any = None,
+) -> list[Image.Image]:
+    """One image per seed (and parent), in one batched sampler call per stage."""
+    # 1. check inputs
+    check_inputs(pipeline, params, seeds, parents)
+    n = len(seeds)
+    strength = params.effective_strength
+    first_steps = _steps_run(params, strength)
+    second_steps = (
+        _steps_run(params, params.outpaint_strength) if params.strategy == INPAINT_OUTPAINT else 0
+    )
+    total = first_steps + second_steps
+
+    # 2. one generator per image: an image depends only on its seed, parent and batch
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+    common: dict[str, Any] = {
+        "prompt": [params.prompt] * n,
+        "negative_prompt": [params.negative_prompt] * n if params.negative_prompt else None,
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "output_type": "pil",
+    }
+
+    def run(pipe: Any, hook: _StepHook, **kwargs: Any) -> list[Image.Image]:
+        with torch.inference_mode():
+            result = pipe(**common, **kwargs, callback_on_step_end=hook)
+        if hook.interrupted:
+            raise Interrupted()
+        images: list[Image.Image] = result.images
+        return images
+
+    # 3. sample
+    hook = _StepHook(on_step, offset=0, total=total)
+    size = {"width": params.width, "height": params.height}
+    if params.strategy == TEXT_TO_IMAGE:
+        return run(pipeline, hook, generator=generators(), **size)
+    assert parents is not None
+    if params.strategy == IMAGE_TO_IMAGE:
+        variant = img2img if img2img is not None else image_to_image_pipeline(pipeline)
+        return run(variant, hook, image=list(parents), strength=strength, generator=generators())
+    # inpaint: the central square regenerated at strength 0.97 (PAPER.md 2b, step 1)
+    mask = central_mask(**_central_geometry(params))
+    inpainted = run(
+        pipeline,
+        hook,
+        image=list(parents),
+        mask_image=[mask] * n,
+        strength=strength,
+        generator=generators(),
+        **size,
+    )
+    if params.strategy == INPAINT:
+        return inpainted
+    # inpaint-outpaint: everything but a 16-px frame regenerated at 0.95 (PAPER.md 2b, step 2)
+    frame = frame_mask(size=params.width, frame_px=params.frame_px)
+    hook = _StepHook(on_step, offset=first_steps, total=total)
+    return run(
+        pipeline,
+        hook,
+        image=inpainted,
+        mask_image=[frame] * n,
+        strength=params.outpaint_strength,
+        generator=generators(),
+        **size,
+    )
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA (or MPS) out-of-memory, whatever class this torch raises it as."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def generate_adaptive(
+    sample: Callable[[list[int]], list[Image.Image]],
+    indices: list[int],
+    *,
+    on_oom: Callable[[int, int], None] | None = None,
+) -> list[tuple[list[int], list[Image.Image]]]:
+    """Sample `indices` in one batch; on out-of-memory free, halve the batch and retry.
+
+    Returns (batch indices, images) per batch actually sampled, so the batch each image was
+    made in is recorded (it decides the image's exact bytes)."""
+    try:
+        return [(indices, sample(indices))]
+    except Exception as exc:
+        if not is_out_of_memory(exc) or len(indices) == 1:
+            raise
+    free_memory(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    half = len(indices) // 2
+    if on_oom is not None:
+        on_oom(len(indices), half)
+    return generate_adaptive(sample, indices[:half], on_oom=on_oom) + generate_adaptive(
+        sample, indices[half:], on_oom=on_oom
+    )
