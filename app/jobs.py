@@ -261,6 +261,17 @@ def list_jobs(
     return rows[:limit], next_cursor
 
 
+def running_chunks(*, session: Session, job_id: str) -> list[JobChunk]:
+    """The job's chunks being sampled now, with their step."""
+    return list(
+        session.scalars(
+            select(JobChunk)
+            .where(JobChunk.job_id == job_id, JobChunk.status == "running")
+            .order_by(JobChunk.index)
+        )
+    )
+
+
 def cancel_job(*, session: Session, job_id: str, owner: ApiKey) -> Job:
     """Cancel a queued or running job: pending chunks never run, a running one stops at its
     next batch. Images already written stay."""

@@ -70,9 +70,19 @@ class JobCreate(BaseModel):
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
 
 
+class ChunkStep(BaseModel):
+    chunk: int
+    done: int = Field(description="Images of the chunk written so far.")
+    step: int | None = Field(description="Sampler step of the batch in flight.")
+    steps: int | None
+
+
 class Progress(BaseModel):
     done: int
     total: int
+    running: list[ChunkStep] = Field(
+        default_factory=list, description="Chunks being sampled now (GET /jobs/{id} only)."
+    )
 
 
 class Timings(BaseModel):

@@ -117,6 +117,10 @@ def check_inputs(
         )
     if params.num_inference_steps < 1:
         raise ValueError("num_inference_steps must be at least 1")
+    if params.strategy in NEEDS_INPAINT_PIPELINE and params.width != params.height:
+        raise ValueError(
+            f"the paper's masks are square: width {params.width} != height {params.height}"
+        )
     is_inpaint = int(pipeline.unet.config.in_channels) == 9
     if params.strategy in NEEDS_INPAINT_PIPELINE and not is_inpaint:
         raise ValueError(

@@ -50,6 +50,7 @@ FAST = {
     "redispatch_after_s": 2.0,
     "recovery_interval_s": 0.5,
     "progress_update_interval_s": 0.0,
+    "step_update_interval_s": 0.1,
     "task_max_retries": 2,
     "default_num_inference_steps": 4,
     "shutdown_grace_s": 10.0,

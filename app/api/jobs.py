@@ -13,15 +13,24 @@ from app.api.deps import CallerDep, SessionDep, SettingsDep
 from app.broker import send_generate_chunk
 from app.config import Settings
 from app.db.session import session_factory
-from app.db.tables import Job
-from app.schemas import JobCreate, JobList, JobOut, JobStatus, Progress, Strategy, Timings
+from app.db.tables import Job, JobChunk
+from app.schemas import (
+    ChunkStep,
+    JobCreate,
+    JobList,
+    JobOut,
+    JobStatus,
+    Progress,
+    Strategy,
+    Timings,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-def job_out(job: Job) -> JobOut:
-    """The public view of a job row."""
+def job_out(job: Job, running: list[JobChunk] | None = None) -> JobOut:
+    """The public view of a job row (with its running chunks' steps when given)."""
     now = datetime.now(UTC)
     queued_s = running_s = None
     if job.started_at is not None:
@@ -40,7 +49,14 @@ def job_out(job: Job) -> JobOut:
         chunk_size=job.chunk_size,
         chunks=service.chunk_count(job),
         params=job.params or {},
-        progress=Progress(done=job.done, total=job.count),
+        progress=Progress(
+            done=job.done,
+            total=job.count,
+            running=[
+                ChunkStep(chunk=c.index, done=c.done, step=c.step, steps=c.steps)
+                for c in running or []
+            ],
+        ),
         timings=Timings(
             created_at=job.created_at,
             started_at=job.started_at,
@@ -104,7 +120,9 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobOut:
-    return job_out(service.get_job(session=session, job_id=job_id, owner=caller))
+    """A job's status, progress (with the running chunks' sampler steps), timings, error."""
+    job = service.get_job(session=session, job_id=job_id, owner=caller)
+    return job_out(job, service.running_chunks(session=session, job_id=job.id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -25,11 +25,11 @@ def test_job_end_to_end(stack: Stack) -> None:
     client = stack.client(stack.new_key())
     job = submit(client, count=20, seed=1234)
     assert job["status"] == "queued"
-    assert job["progress"] == {"done": 0, "total": 20}
+    assert job["progress"] == {"done": 0, "total": 20, "running": []}
     assert job["chunks"] == 3  # chunk_size 8
 
     done = stack.wait_job(client, job["id"])
-    assert done["progress"] == {"done": 20, "total": 20}
+    assert done["progress"] == {"done": 20, "total": 20, "running": []}
     assert done["timings"]["started_at"] and done["timings"]["finished_at"]
     assert done["timings"]["running_s"] > 0
 

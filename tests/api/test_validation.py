@@ -98,7 +98,7 @@ def test_a_million_images_is_accepted(deployed: Stack) -> None:
             assert response.status_code == 202, response.text
             job = response.json()
             assert job["count"] == 1_000_000
-            assert job["progress"] == {"done": 0, "total": 1_000_000}
+            assert job["progress"] == {"done": 0, "total": 1_000_000, "running": []}
             assert job["chunk_size"] == deployed.settings.chunk_size
             chunks = math.ceil(1_000_000 / job["chunk_size"])
             assert job["chunks"] == chunks
