@@ -5,7 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint format typecheck deploy-check tiny-model serve worker keys clean
+.PHONY: run test install lint format typecheck deploy-check tiny-model serve worker keys clean \
+	bench-generation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +54,10 @@ serve: $(STAMP)
 
 worker: $(STAMP)
 	$(BIN)/celery -A workers.celery_app worker -Q gpu,train --pool solo --concurrency 1 --loglevel INFO
+
+## Generation throughput: plain pipeline vs the worker path (see bench/RESULTS.md).
+bench-generation: $(STAMP)
+	$(BIN)/python -m bench.generation $(ARGS)
 
 ## Create an API key: make keys NAME=alice
 keys: $(STAMP)

@@ -104,6 +104,15 @@ def build_sd21_base(out_dir: Path) -> Path:
     return out_dir
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+    return platform.processor() or "CPU"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -229,11 +238,7 @@ def main() -> None:
 
         model_dir = save(args.models_dir / "tiny-random")
 
-    card = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "CPU"
-    )
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(
         f"device: {card}; arch {arch}; {args.steps} steps; worker batch {batch}; "
         f"torch {torch.__version__}"

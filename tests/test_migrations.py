@@ -26,6 +26,7 @@ TABLES = {
     "datasets",
     "jobs",
     "job_chunks",
+    "job_parents",
     "images",
 }
 PAPER_SLUGS = [
