@@ -23,8 +23,17 @@ from app.db.session import SQLITE_BUSY_TIMEOUT_MS, _sqlite_pragmas
 log = logging.getLogger(__name__)
 
 GENERATE_TASK = "synthderm.generate_chunk"
+INGEST_TASK = "synthderm.ingest_dataset"
+EXPORT_TASK = "synthderm.export_dataset"
 GPU_QUEUE = "gpu"
+# CPU work (ingest, export, classifier training) goes to the `train` queue's workers.
 TRAIN_QUEUE = "train"
+# job kind -> (task name, queue)
+JOB_TASKS = {
+    "generate": (GENERATE_TASK, GPU_QUEUE),
+    "ingest": (INGEST_TASK, TRAIN_QUEUE),
+    "export": (EXPORT_TASK, TRAIN_QUEUE),
+}
 
 # Transport options of ours that must not reach sqlalchemy.create_engine.
 _NON_ENGINE_OPTIONS = ("polling_interval", "visibility_timeout", "queue_order_strategy")
@@ -68,7 +77,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": GPU_QUEUE,
-        "task_routes": {GENERATE_TASK: {"queue": GPU_QUEUE}},
+        "task_routes": {task: {"queue": queue} for task, queue in JOB_TASKS.values()},
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
@@ -90,15 +99,21 @@ def producer(settings: Settings) -> Celery:
     return _producer(settings.broker_url, settings.model_dump_json())
 
 
-def send_generate_chunk(settings: Settings, *, job_id: str, chunk_index: int) -> None:
-    """Enqueue one generation chunk on the gpu queue; raises if the broker refuses."""
+def send_chunk(settings: Settings, *, kind: str, job_id: str, chunk_index: int) -> None:
+    """Enqueue one chunk of a job on its kind's queue; raises if the broker refuses."""
+    task, queue = JOB_TASKS[kind]
     producer(settings).send_task(
-        GENERATE_TASK,
+        task,
         kwargs={"job_id": job_id, "chunk_index": chunk_index},
-        queue=GPU_QUEUE,
+        queue=queue,
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
     )
+
+
+def send_generate_chunk(settings: Settings, *, job_id: str, chunk_index: int) -> None:
+    """Enqueue one generation chunk on the gpu queue."""
+    send_chunk(settings, kind="generate", job_id=job_id, chunk_index=chunk_index)
 
 
 def queue_depth(settings: Settings, queue: str) -> int:

@@ -361,7 +361,7 @@ class LostChunk:
 
 
 def find_lost_chunks(
-    *, session: Session, settings: Settings, queue_is_empty: bool, limit: int = 1000
+    *, session: Session, settings: Settings, kind: str, queue_is_empty: bool, limit: int = 1000
 ) -> list[LostChunk]:
     """Chunks of active jobs that no worker holds and no message will deliver.
 
@@ -372,7 +372,7 @@ def find_lost_chunks(
     """
     now = utcnow()
     grace = now - timedelta(seconds=DISPATCH_GRACE_S)
-    active = select(Job.id).where(Job.status.in_([s.value for s in ACTIVE_JOB_STATUSES]))
+    active = select(Job.id).where(Job.status.in_(ACTIVE_STATUS_VALUES), Job.kind == kind)
     found: list[LostChunk] = []
 
     never = session.execute(
@@ -441,9 +441,9 @@ def requeue_chunk(*, session: Session, settings: Settings, chunk: LostChunk) -> 
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def has_active_chunks(*, session: Session) -> bool:
-    """Whether any active job has a chunk that is not finished."""
-    active = select(Job.id).where(Job.status.in_([s.value for s in ACTIVE_JOB_STATUSES]))
+def has_active_chunks(*, session: Session, kind: str) -> bool:
+    """Whether any active job of `kind` has a chunk that is not finished."""
+    active = select(Job.id).where(Job.status.in_(ACTIVE_STATUS_VALUES), Job.kind == kind)
     return (
         session.scalar(
             select(func.count())
@@ -462,15 +462,16 @@ class ChunkClaim:
     """What a worker needs to run one chunk, read in the claiming transaction."""
 
     job_id: str
+    kind: str
     index: int
     start: int
     stop: int
     attempt: int
-    dataset_id: str
-    condition: str
+    dataset_id: str | None
+    condition: str | None
     skin_tone: int | None
-    strategy: str
-    model_id: str
+    strategy: str | None
+    model_id: str | None
     seed: int
     params: dict[str, Any]
 
@@ -527,6 +528,7 @@ def claim_chunk(
     session.commit()
     return ChunkClaim(
         job_id=job.id,
+        kind=job.kind,
         index=chunk.index,
         start=chunk.start,
         stop=chunk.stop,

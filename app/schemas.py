@@ -96,12 +96,13 @@ class Timings(BaseModel):
 
 class JobOut(BaseModel):
     id: str
+    kind: str = Field(description="generate, ingest (a dataset upload) or export.")
     status: JobStatus
-    dataset_id: str
-    condition: str
+    dataset_id: str | None
+    condition: str | None
     skin_tone: int | None
-    strategy: Strategy
-    model: str
+    strategy: Strategy | None
+    model: str | None
     count: int
     seed: int
     chunk_size: int
@@ -110,6 +111,9 @@ class JobOut(BaseModel):
     progress: Progress
     timings: Timings
     error: str | None
+    result: dict[str, Any] | None = Field(
+        None, description="What an ingest or export made: its report, its files."
+    )
     idempotency_key: str | None
 
 

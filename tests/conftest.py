@@ -184,7 +184,7 @@ class Worker:
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-                "-Q", "gpu", "--pool", "solo", "--concurrency", "1",
+                "-Q", "gpu,train", "--pool", "solo", "--concurrency", "1",
                 "-n", f"{self.name}-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO",
             ],
             cwd=ROOT,

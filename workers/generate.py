@@ -250,6 +250,7 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
 
     make_session = session_factory(settings.database_url)
     store = object_store(settings)
+    assert claim.dataset_id and claim.condition and claim.strategy and claim.model_id
 
     # 1. what is already stored (a rerun skips it)
     with make_session() as session:

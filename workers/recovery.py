@@ -11,7 +11,7 @@ import logging
 import threading
 
 from app import jobs
-from app.broker import GPU_QUEUE, queue_depth, send_generate_chunk
+from app.broker import JOB_TASKS, queue_depth, send_chunk
 from app.config import Settings
 from app.db.session import session_factory
 
@@ -19,21 +19,27 @@ log = logging.getLogger(__name__)
 
 
 def recover_once(settings: Settings) -> int:
-    """One pass: re-dispatch every lost chunk; returns how many were sent."""
+    """One pass over every job kind: re-dispatch each lost chunk; returns how many were sent."""
+    return sum(recover_kind(settings, kind) for kind in JOB_TASKS)
+
+
+def recover_kind(settings: Settings, kind: str) -> int:
     make_session = session_factory(settings.database_url)
     with make_session() as session:
-        if not jobs.has_active_chunks(session=session):
+        if not jobs.has_active_chunks(session=session, kind=kind):
             return 0
-    depth = queue_depth(settings, GPU_QUEUE)
+    depth = queue_depth(settings, JOB_TASKS[kind][1])
     with make_session() as session:
-        lost = jobs.find_lost_chunks(session=session, settings=settings, queue_is_empty=depth == 0)
+        lost = jobs.find_lost_chunks(
+            session=session, settings=settings, kind=kind, queue_is_empty=depth == 0
+        )
     sent = 0
     for chunk in lost:
         with make_session() as session, session.begin():
             won = jobs.requeue_chunk(session=session, settings=settings, chunk=chunk)
         if not won:
             continue  # another worker's recovery took it, or a worker claimed it meanwhile
-        send_generate_chunk(settings, job_id=chunk.job_id, chunk_index=chunk.index)
+        send_chunk(settings, kind=kind, job_id=chunk.job_id, chunk_index=chunk.index)
         log.warning("re-dispatched chunk %s/%s (%s)", chunk.job_id, chunk.index, chunk.reason)
         sent += 1
     return sent

@@ -19,7 +19,7 @@ from sqlalchemy import text
 
 from app import datasets, jobs
 from app.api.deps import CallerDep, SettingsDep, StoreDep
-from app.broker import GPU_QUEUE, check_broker, queue_depth
+from app.broker import GPU_QUEUE, TRAIN_QUEUE, check_broker, queue_depth
 from app.config import Settings
 from app.db.session import session_factory
 from app.schemas import CheckResult, Readiness
@@ -91,12 +91,12 @@ class ServiceCollector(Collector):
             buckets=buckets,
             sum_value=total,
         )
-        try:
-            depth = queue_depth(self.settings, GPU_QUEUE)
-        except Exception:
-            return
         gauge = GaugeMetricFamily("synthderm_queue_depth", "Messages waiting.", labels=["queue"])
-        gauge.add_metric([GPU_QUEUE], depth)
+        try:
+            for queue in (GPU_QUEUE, TRAIN_QUEUE):
+                gauge.add_metric([queue], queue_depth(self.settings, queue))
+        except Exception:
+            return  # the broker is down: /readyz says so
         yield gauge
 
 

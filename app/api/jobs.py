@@ -10,7 +10,7 @@ from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 
 from app import jobs as service
 from app.api.deps import CallerDep, SessionDep, SettingsDep
-from app.broker import send_generate_chunk
+from app.broker import send_chunk
 from app.config import Settings
 from app.db.session import session_factory
 from app.db.tables import Job, JobChunk
@@ -38,11 +38,12 @@ def job_out(job: Job, running: list[JobChunk] | None = None) -> JobOut:
         running_s = ((job.finished_at or now) - job.started_at).total_seconds()
     return JobOut(
         id=job.id,
+        kind=job.kind,
         status=JobStatus(job.status),
         dataset_id=job.dataset_id,
         condition=job.condition,
         skin_tone=job.skin_tone,
-        strategy=Strategy(job.strategy),
+        strategy=Strategy(job.strategy) if job.strategy else None,
         model=job.model_id,
         count=job.count,
         seed=job.seed,
@@ -66,17 +67,18 @@ def job_out(job: Job, running: list[JobChunk] | None = None) -> JobOut:
             running_s=running_s,
         ),
         error=job.error,
+        result=job.result,
         idempotency_key=job.idempotency_key,
     )
 
 
-def dispatch_after_commit(settings: Settings, job_id: str) -> None:
+def dispatch_after_commit(settings: Settings, job_id: str, kind: str = "generate") -> None:
     """Send a committed job's chunks; on a broker failure the recovery step sends them."""
     try:
         service.dispatch_job(
             session_factory=session_factory(settings.database_url),
             job_id=job_id,
-            send=lambda j, i: send_generate_chunk(settings, job_id=j, chunk_index=i),
+            send=lambda j, i: send_chunk(settings, kind=kind, job_id=j, chunk_index=i),
         )
     except Exception:
         log.exception("dispatch of job %s failed; the worker's recovery step will send it", job_id)

@@ -118,19 +118,24 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
-    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(32), default="generate")
+    # NULL once a failed ingest has removed the dataset it was filling.
+    dataset_id: Mapped[str | None] = mapped_column(
+        ForeignKey("datasets.id"), index=True, nullable=True
+    )
+    kind: Mapped[str] = mapped_column(String(32), default="generate")  # generate|ingest|export
     status: Mapped[str] = mapped_column(String(16))
-    condition: Mapped[str] = mapped_column(ForeignKey("conditions.slug"))
+    condition: Mapped[str | None] = mapped_column(ForeignKey("conditions.slug"), nullable=True)
     skin_tone: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    strategy: Mapped[str] = mapped_column(String(32))
-    model_id: Mapped[str] = mapped_column(ForeignKey("generator_models.id"))
+    strategy: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    model_id: Mapped[str | None] = mapped_column(ForeignKey("generator_models.id"), nullable=True)
     count: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(BigInteger)
     chunk_size: Mapped[int] = mapped_column(Integer)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     done: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # What a finished ingest or export made (report of bad rows, shard URLs...).
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -182,6 +187,8 @@ class Image(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "index", name="uq_images_job_index"),
         Index("ix_images_dataset_id_id", "dataset_id", "id"),
+        Index("ix_images_dataset_id_sha256", "dataset_id", "sha256"),
+        Index("ix_images_parent_image_id", "parent_image_id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -191,6 +198,11 @@ class Image(Base):
     source: Mapped[str] = mapped_column(String(16))  # real | synthetic
     condition: Mapped[str] = mapped_column(String(120))
     skin_tone: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # A Fitzpatrick group when only that is known (DDI gives "12", "34", "56"): I-II, III-IV, V-VI.
+    skin_tone_group: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    split: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    labels: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    original_name: Mapped[str | None] = mapped_column(Text, nullable=True)
     strategy: Mapped[str | None] = mapped_column(String(32), nullable=True)
     model_id: Mapped[str | None] = mapped_column(String(120), nullable=True)
     prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
