@@ -106,6 +106,17 @@ class Settings(BaseSettings):
         1.0, ge=0, description="Least time between two progress writes of one chunk."
     )
 
+    upload_max_bytes: int = Field(8 * 2**30, description="Largest dataset archive accepted.")
+    archive_max_members: int = Field(1_000_000, description="Most files in an archive.")
+    archive_max_uncompressed_bytes: int = Field(
+        64 * 2**30, description="Most bytes an archive may expand to (archive bombs)."
+    )
+    archive_max_member_bytes: int = Field(100 * 2**20, description="Largest file in an archive.")
+    archive_max_ratio: float = Field(
+        200.0, description="Highest compression ratio of a zip member over 1 MiB (bombs)."
+    )
+    image_max_pixels: int = Field(100_000_000, description="Largest image accepted, in pixels.")
+    image_min_side: int = Field(8, description="Smallest image side accepted, in pixels.")
     api_host: str = Field("127.0.0.1", description="Host `synthderm serve` binds.")
     api_port: int = Field(8000, description="Port `synthderm serve` binds.")
     shutdown_grace_s: float = Field(

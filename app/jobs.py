@@ -222,7 +222,57 @@ def create_job(
     return job, True
 
 
+def create_single_chunk_job(
+    *,
+    session: Session,
+    owner: ApiKey,
+    kind: str,
+    dataset_id: str,
+    count: int,
+    params: dict[str, Any],
+) -> Job:
+    """A job of one chunk (an ingest or an export): the job row and its chunk. Not committed."""
+    job = Job(
+        id=new_id(),
+        owner_id=owner.id,
+        dataset_id=dataset_id,
+        kind=kind,
+        status=JobStatus.QUEUED.value,
+        count=count,
+        seed=0,
+        chunk_size=max(count, 1),
+        params=params,
+        done=0,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    session.add(
+        JobChunk(job_id=job.id, index=0, start=0, stop=max(count, 1), status="pending", done=0,
+                 attempts=0, dispatches=0)
+    )  # fmt: skip
+    return job
+
+
+def set_job_count(*, session: Session, job_id: str, count: int) -> None:
+    """An ingest learns its row count once it has read the CSV. Commits."""
+    session.execute(update(Job).where(Job.id == job_id).values(count=count))
+    session.commit()
+
+
+def set_job_result(*, session: Session, job_id: str, result: dict[str, Any]) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(result=result))
+    session.commit()
+
+
+def detach_dataset(*, session: Session, job_id: str) -> None:
+    """A failed ingest keeps nothing: the job forgets the dataset it was filling."""
+    session.execute(update(Job).where(Job.id == job_id).values(dataset_id=None))
+
+
 def chunk_count(job: Job) -> int:
+    if job.kind != "generate":
+        return 1
     return -(-job.count // job.chunk_size)
 
 

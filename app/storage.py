@@ -11,12 +11,13 @@ import base64
 import hashlib
 import hmac
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import quote, urlencode
 
 from app.config import Settings
@@ -34,6 +35,10 @@ class ObjectInfo:
 
 class ObjectStore(Protocol):
     def put_bytes(self, key: str, data: bytes, *, content_type: str) -> None: ...
+
+    def put_file(self, key: str, handle: IO[bytes], *, content_type: str) -> None: ...
+
+    def get_file(self, key: str, path: Path) -> None: ...
 
     def get_bytes(self, key: str) -> bytes: ...
 
@@ -82,6 +87,27 @@ class LocalStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def put_file(self, key: str, handle: IO[bytes], *, content_type: str) -> None:
+        """Stream a file object into the store (never whole in memory)."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(handle, out, length=1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_file(self, key: str, path: Path) -> None:
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(key) from exc
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -169,6 +195,20 @@ class S3Store:
             ContentMD5=digest,
         )
 
+    def put_file(self, key: str, handle: IO[bytes], *, content_type: str) -> None:
+        """Stream a file object (multipart upload for large ones)."""
+        self.client.upload_fileobj(
+            handle, self.bucket, _check_key(key), ExtraArgs={"ContentType": content_type}
+        )
+
+    def get_file(self, key: str, path: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.download_file(self.bucket, key, str(path))
+        except ClientError as exc:
+            raise ObjectNotFound(key) from exc
+
     def get_bytes(self, key: str) -> bytes:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
@@ -227,6 +267,11 @@ def make_store(settings: Settings) -> ObjectStore:
     )
 
 
-def image_key(*, dataset_id: str, condition: str, image_id: str) -> str:
+def image_key(*, dataset_id: str, condition: str, image_id: str, extension: str = "png") -> str:
     """The deterministic key of an image object."""
-    return f"datasets/{dataset_id}/{condition}/{image_id}.png"
+    return f"datasets/{dataset_id}/{condition}/{image_id}.{extension}"
+
+
+def upload_key(job_id: str, name: str) -> str:
+    """Where an upload waits for its ingest job."""
+    return f"uploads/{job_id}/{name}"

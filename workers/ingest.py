@@ -1,1 +1,291 @@
-"""Dataset ingest: the task that reads an uploaded archive into a real dataset."""
+"""Dataset ingest: the task that reads an uploaded archive into a real dataset (`train` queue).
+
+All or nothing by default: rows are written in one transaction after every image is stored,
+and a refused upload deletes what it stored and the dataset. With on_error=skip the good rows
+are kept and the report lists the others. A rerun overwrites the same keys and rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+
+from app import jobs
+from app.broker import INGEST_TASK
+from app.config import Settings, get_settings
+from app.datasets import upsert_image
+from app.db.session import session_factory
+from app.db.tables import Condition, utcnow
+from app.ingest import (
+    Archive,
+    IngestError,
+    Limits,
+    Mapping,
+    Problem,
+    Row,
+    check_image,
+    discard_upload,
+    find_metadata,
+    parse_csv,
+    resolve_files,
+)
+from app.schemas import JobStatus
+from app.storage import ObjectNotFound, image_key, upload_key
+from workers.celery_app import app
+from workers.generate import heartbeat, object_store, worker_name
+
+log = logging.getLogger(__name__)
+_IMAGE_NAMESPACE = uuid.UUID("8b1f2c55-0e55-4a8a-8f57-0a86a3c5c0de")
+MAX_REPORTED = 1000  # problems listed in a report; the count is always exact
+
+
+class Canceled(Exception):
+    pass
+
+
+def limits_of(settings: Settings) -> Limits:
+    return Limits(
+        max_members=settings.archive_max_members,
+        max_uncompressed_bytes=settings.archive_max_uncompressed_bytes,
+        max_member_bytes=settings.archive_max_member_bytes,
+        max_ratio=settings.archive_max_ratio,
+        max_image_pixels=settings.image_max_pixels,
+        min_image_side=settings.image_min_side,
+    )
+
+
+def _report(problems: list[Problem]) -> list[dict[str, Any]]:
+    ordered = sorted(problems, key=lambda p: (p.row or 0, p.file or ""))
+    return [p.as_dict() for p in ordered[:MAX_REPORTED]]
+
+
+def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict[str, Any]:
+    """Read the upload; returns the job's result. Raises IngestError for a refused upload."""
+    store = object_store(settings)
+    make_session = session_factory(settings.database_url)
+    params = claim.params
+    assert claim.dataset_id is not None
+    dataset_id = claim.dataset_id
+
+    # 1. the staged upload, to local disk (streamed)
+    archive_path = folder / "archive"
+    store.get_file(upload_key(claim.job_id, "archive"), archive_path)
+    limits = limits_of(settings)
+    with archive_path.open("rb") as handle:
+        archive = Archive(handle, limits)
+        try:
+            members = archive.check()
+            if params.get("has_metadata"):
+                csv_path = folder / "metadata.csv"
+                store.get_file(upload_key(claim.job_id, "metadata.csv"), csv_path)
+                csv_bytes = csv_path.read_bytes()
+            else:
+                name = find_metadata(members)
+                csv_bytes = next(archive.read({name}))[1]
+            try:
+                text = csv_bytes.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise IngestError(f"metadata CSV: not UTF-8 text ({exc})") from None
+            mapping = Mapping(
+                csv_format=params.get("csv_format") or "auto",
+                file_column=params.get("file_column"),
+                label_column=params.get("label_column"),
+                skin_tone_column=params.get("skin_tone_column"),
+                split_column=params.get("split_column"),
+            )
+
+            # 2. the rows, and the files they name
+            csv_format, rows, problems = parse_csv(text, mapping)
+            found, missing = resolve_files(rows, members)
+            problems += missing
+            rows = [r for r in rows if r.file in found]
+            with make_session() as session:
+                jobs.set_job_count(
+                    session=session, job_id=claim.job_id, count=len(rows) + len(problems)
+                )
+            by_member: dict[str, list[Row]] = {}
+            for row in rows:
+                by_member.setdefault(found[row.file], []).append(row)
+
+            # 3. every image: decoded, checked, hashed, de-duplicated, stored
+            accepted: list[dict[str, Any]] = []
+            duplicates: list[dict[str, Any]] = []
+            seen: dict[str, int] = {}
+            stored_keys: list[str] = []
+            processed = len(problems)
+            last = time.monotonic()
+            try:
+                for member, data in archive.read(set(by_member)):
+                    for row in by_member[member]:
+                        processed += 1
+                        try:
+                            checked = check_image(data, limits)
+                        except ValueError as exc:
+                            problems.append(Problem(row.number, row.file, str(exc)))
+                            continue
+                        if checked.sha256 in seen:
+                            duplicates.append(
+                                {
+                                    "row": row.number,
+                                    "file": row.file,
+                                    "duplicate_of_row": seen[checked.sha256],
+                                }
+                            )
+                            continue
+                        seen[checked.sha256] = row.number
+                        image_id = str(uuid.uuid5(_IMAGE_NAMESPACE, f"{claim.job_id}:{row.number}"))
+                        key = image_key(
+                            dataset_id=dataset_id,
+                            condition=row.condition,
+                            image_id=image_id,
+                            extension=checked.extension,
+                        )
+                        store.put_bytes(key, data, content_type=checked.content_type)
+                        stored_keys.append(key)
+                        accepted.append(
+                            {
+                                "id": image_id,
+                                "dataset_id": dataset_id,
+                                "source": "real",
+                                "condition": row.condition,
+                                "skin_tone": row.skin_tone,
+                                "skin_tone_group": row.skin_tone_group,
+                                "split": row.split,
+                                "labels": row.labels or None,
+                                "original_name": row.file,
+                                "width": checked.width,
+                                "height": checked.height,
+                                "sha256": checked.sha256,
+                                "size_bytes": len(data),
+                                "storage_key": key,
+                                "provenance": {
+                                    "ingest_job": claim.job_id,
+                                    "csv_row": row.number,
+                                    "label": row.label,
+                                    "csv_format": csv_format,
+                                },
+                                "created_at": utcnow(),
+                            }
+                        )
+                    if time.monotonic() - last > 1.0:
+                        last = time.monotonic()
+                        with make_session() as session:
+                            jobs.record_progress(
+                                session=session, job_id=claim.job_id, index=0, done=processed
+                            )
+                            if (
+                                jobs.job_status(session=session, job_id=claim.job_id)
+                                != JobStatus.RUNNING
+                            ):
+                                raise Canceled()
+            except BaseException:
+                _delete(store, stored_keys)
+                raise
+        finally:
+            archive.close()
+
+    # 4. all or nothing (unless the user asked to skip bad rows)
+    skipping = params.get("on_error") == "skip"
+    if problems and not skipping:
+        _delete(store, stored_keys)
+        count = len(problems)
+        raise IngestError(
+            f"{count} bad row{'s' if count > 1 else ''}; nothing was kept "
+            f"(send on_error=skip to keep the good rows): "
+            + "; ".join(f"row {p.row}: {p.reason}" if p.row else p.reason for p in problems[:5]),
+            report={"errors": _report(problems), "error_count": count},
+        )
+    if not accepted:
+        _delete(store, stored_keys)
+        raise IngestError("no image could be read", report={"errors": _report(problems)})
+    conditions = sorted({(a["condition"], a["provenance"]["label"]) for a in accepted})
+    with make_session() as session:
+        added = []
+        for slug, label in conditions:
+            if session.get(Condition, slug) is None:
+                session.add(Condition(slug=slug, name=label.strip().lower()))
+                added.append(slug)
+        session.flush()
+        for values in accepted:
+            upsert_image(session=session, values=values)
+        session.commit()
+    return {
+        "format": csv_format,
+        "accepted": len(accepted),
+        "skipped": _report(problems),
+        "skipped_count": len(problems),
+        "duplicates": duplicates[:MAX_REPORTED],
+        "duplicate_count": len(duplicates),
+        "conditions_added": added,
+        "rows": processed,
+    }
+
+
+def _delete(store: Any, keys: list[str]) -> None:
+    for key in keys:
+        try:
+            store.delete(key)
+        except Exception:
+            log.exception("could not delete %s", key)
+
+
+def _drop_upload(settings: Settings, job_id: str) -> None:
+    store = object_store(settings)
+    for name in ("archive", "metadata.csv"):
+        with contextlib.suppress(ObjectNotFound, FileNotFoundError):
+            store.delete(upload_key(job_id, name))
+
+
+def _discard_dataset(settings: Settings, job_id: str, dataset_id: str | None) -> None:
+    with session_factory(settings.database_url)() as session:
+        discard_upload(session=session, job_id=job_id, dataset_id=dataset_id)
+        session.commit()
+
+
+@app.task(name=INGEST_TASK, bind=True, acks_late=True, ignore_result=True)
+def ingest_dataset(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
+    """Ingest one uploaded dataset (the database says which and how)."""
+    settings = get_settings()
+    make_session = session_factory(settings.database_url)
+    worker = worker_name(self)
+    with make_session() as session:
+        claim = jobs.claim_chunk(
+            session=session, settings=settings, job_id=job_id, index=chunk_index, worker=worker
+        )
+    if claim is None:
+        return {"job_id": job_id, "skipped": True}
+    status, done, error, result = "succeeded", 0, None, None
+    try:
+        with (
+            heartbeat(settings, job_id=job_id, index=0, worker=worker),
+            tempfile.TemporaryDirectory(prefix="synthderm-ingest-") as tmp,
+        ):
+            result = run_ingest(settings, claim, Path(tmp))
+            done = int(result["rows"])
+    except Canceled:
+        status = "canceled"
+        _discard_dataset(settings, job_id, claim.dataset_id)
+    except IngestError as exc:
+        status, error, result = "failed", str(exc), exc.report
+        _discard_dataset(settings, job_id, claim.dataset_id)
+    except Exception as exc:  # an unexpected failure: reported, nothing half-kept
+        log.exception("ingest %s failed", job_id)
+        status, error = "failed", f"{type(exc).__name__}: {exc}"[:4000]
+        _discard_dataset(settings, job_id, claim.dataset_id)
+    with make_session() as session:
+        if result is not None:
+            jobs.set_job_result(session=session, job_id=job_id, result=result)
+        final = jobs.finish_chunk(
+            session=session, job_id=job_id, index=0, status=status, done=done, error=error
+        )
+    if status != "canceled" or final == "canceled":
+        _drop_upload(settings, job_id)
+    log.info("ingest %s %s: %s", job_id, status, error or result)
+    return {"job_id": job_id, "status": status}

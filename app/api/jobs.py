@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime
 from functools import partial
@@ -9,11 +10,12 @@ from functools import partial
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 
 from app import jobs as service
-from app.api.deps import CallerDep, SessionDep, SettingsDep
+from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.broker import send_chunk
 from app.config import Settings
 from app.db.session import session_factory
 from app.db.tables import Job, JobChunk
+from app.ingest import discard_upload
 from app.schemas import (
     ChunkStep,
     JobCreate,
@@ -24,6 +26,7 @@ from app.schemas import (
     Strategy,
     Timings,
 )
+from app.storage import upload_key
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -128,8 +131,16 @@ def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobOut:
-    """Cancel a queued or running job; images already written stay in its dataset."""
+def cancel_job(job_id: str, session: SessionDep, store: StoreDep, caller: CallerDep) -> JobOut:
+    """Cancel a queued or running job. Images already generated stay in their dataset; a
+    canceled upload keeps nothing."""
+    was_queued = service.get_job(session=session, job_id=job_id, owner=caller).status == "queued"
     job = service.cancel_job(session=session, job_id=job_id, owner=caller)
+    if job.kind == "ingest" and was_queued and job.dataset_id:
+        # no worker has touched it: drop the dataset and the staged upload here
+        discard_upload(session=session, job_id=job.id, dataset_id=job.dataset_id)
+        for name in ("archive", "metadata.csv"):
+            with contextlib.suppress(Exception):
+                store.delete(upload_key(job.id, name))
     session.commit()
     return job_out(job)

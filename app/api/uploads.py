@@ -1,0 +1,106 @@
+"""POST /datasets: upload a real labelled dataset (an archive of images and a metadata CSV).
+
+The archive streams to a temporary file and then to the object store, never whole in memory;
+an ingest job on a worker reads it, checks every row and image, and fills the dataset.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import partial
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, File, Form, Response, UploadFile, status
+
+from app import jobs as job_service
+from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
+from app.api.jobs import dispatch_after_commit, job_out
+from app.db.tables import Dataset
+from app.errors import InvalidField, ProblemError
+from app.ids import new_id
+from app.schemas import JobOut
+from app.storage import upload_key
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+class CsvFormat(StrEnum):
+    AUTO = "auto"
+    GENERIC = "generic"
+    FITZPATRICK17K = "fitzpatrick17k"
+    DDI = "ddi"
+
+
+class OnError(StrEnum):
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+class TooLarge(ProblemError):
+    status = 413
+    title = "Upload too large"
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def upload_dataset(
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    caller: CallerDep,
+    background: BackgroundTasks,
+    response: Response,
+    archive: Annotated[UploadFile, File(description="zip, tar or tar.gz of the images.")],
+    metadata: Annotated[
+        UploadFile | None, File(description="The CSV; default: metadata.csv in the archive.")
+    ] = None,
+    name: Annotated[str | None, Form(max_length=200)] = None,
+    csv_format: Annotated[CsvFormat, Form()] = CsvFormat.AUTO,
+    file_column: Annotated[str | None, Form(max_length=200)] = None,
+    label_column: Annotated[str | None, Form(max_length=200)] = None,
+    skin_tone_column: Annotated[str | None, Form(max_length=200)] = None,
+    split_column: Annotated[str | None, Form(max_length=200)] = None,
+    on_error: Annotated[OnError, Form()] = OnError.FAIL,
+) -> JobOut:
+    """Queue the ingest of a real dataset; the job reports every bad row by number."""
+    size = archive.size if archive.size is not None else 0
+    if size > settings.upload_max_bytes:
+        raise TooLarge(
+            f"archive: {size:,} bytes is over the limit of {settings.upload_max_bytes:,}"
+        )
+    if size == 0:
+        raise InvalidField("archive: the file is empty", field="archive")
+    dataset = Dataset(
+        id=new_id(),
+        owner_id=caller.id,
+        name=name or (archive.filename or "upload").rsplit(".", 1)[0][:200],
+        kind="real",
+    )
+    session.add(dataset)
+    session.flush()
+    params = {
+        "archive_name": archive.filename,
+        "archive_bytes": size,
+        "has_metadata": metadata is not None,
+        "csv_format": csv_format.value,
+        "file_column": file_column,
+        "label_column": label_column,
+        "skin_tone_column": skin_tone_column,
+        "split_column": split_column,
+        "on_error": on_error.value,
+    }
+    job = job_service.create_single_chunk_job(
+        session=session, owner=caller, kind="ingest", dataset_id=dataset.id, count=0,
+        params=params,
+    )  # fmt: skip
+    # the bytes go to the store before the job is visible: a worker must find them
+    archive.file.seek(0)
+    store.put_file(
+        upload_key(job.id, "archive"), archive.file, content_type="application/octet-stream"
+    )
+    if metadata is not None:
+        metadata.file.seek(0)
+        store.put_file(upload_key(job.id, "metadata.csv"), metadata.file, content_type="text/csv")
+    session.commit()
+    background.add_task(partial(dispatch_after_commit, settings, job.id, "ingest"))
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return job_out(job)

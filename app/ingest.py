@@ -1,0 +1,430 @@
+"""Reading a real labelled dataset from an uploaded archive and its metadata CSV.
+
+CSV formats are accepted as they are (generic, Fitzpatrick17k, DDI); every row is checked
+and every problem reported by row number. Archives are read one member at a time with limits
+on size, count and compression ratio; paths that escape, links and devices are refused. No
+torch here; images are decoded with Pillow.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import stat
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import IO, Any
+
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from app.db.tables import Dataset
+from app.db.tables import Image as ImageRow
+from app.jobs import detach_dataset
+from app.vocabulary import slugify
+
+FORMATS = ("generic", "fitzpatrick17k", "ddi")
+FITZPATRICK17K_COLUMNS = [
+    "md5hash",
+    "fitzpatrick_scale",
+    "fitzpatrick_centaur",
+    "label",
+    "nine_partition_label",
+    "three_partition_label",
+    "qc",
+    "url",
+    "url_alphanum",
+]
+DDI_COLUMNS = ["DDI_ID", "DDI_file", "skin_tone", "malignant", "disease"]
+GENERIC_COLUMNS = ["file", "label", "fitzpatrick"]
+GENERIC_OPTIONAL = ["split"]
+DDI_GROUPS = {"12": "I-II", "34": "III-IV", "56": "V-VI"}
+SPLITS = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
+          "valid": "validation", "test": "test", "held_out": "test", "heldout": "test"}  # fmt: skip
+IMAGE_FORMATS = {"JPEG": ("jpg", "image/jpeg"), "PNG": ("png", "image/png"),
+                 "WEBP": ("webp", "image/webp"), "BMP": ("bmp", "image/bmp"),
+                 "TIFF": ("tif", "image/tiff")}  # fmt: skip
+
+
+class IngestError(ValueError):
+    """The upload is refused; `report` lists the bad rows when there are any."""
+
+    def __init__(self, message: str, *, report: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.report = report or {"errors": [{"row": None, "file": None, "reason": message}]}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_members: int
+    max_uncompressed_bytes: int
+    max_member_bytes: int
+    max_ratio: float
+    max_image_pixels: int
+    min_image_side: int
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """Which CSV columns mean what; None fields take the format's own column."""
+
+    csv_format: str = "auto"
+    file_column: str | None = None
+    label_column: str | None = None
+    skin_tone_column: str | None = None
+    split_column: str | None = None
+
+
+@dataclass
+class Row:
+    number: int  # the CSV line number (the header is line 1)
+    file: str
+    label: str
+    condition: str
+    skin_tone: int | None
+    skin_tone_group: str | None
+    split: str | None
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Problem:
+    row: int | None
+    file: str | None
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"row": self.row, "file": self.file, "reason": self.reason}
+
+
+def detect_format(header: list[str]) -> str:
+    """The CSV format a header belongs to."""
+    columns = set(header)
+    if {"md5hash", "fitzpatrick_scale", "label"} <= columns:
+        return "fitzpatrick17k"
+    if {"DDI_file", "disease", "skin_tone"} <= columns:
+        return "ddi"
+    return "generic"
+
+
+def _fitzpatrick(value: str) -> int | None:
+    """1..6, or None for empty/-1/unknown; ValueError for anything else."""
+    text = value.strip()
+    if text in ("", "-1", "unknown", "nan", "NA"):
+        return None
+    try:
+        number = int(float(text))
+    except ValueError:
+        raise ValueError(f"skin type {value!r} is not 1..6, -1 or empty") from None
+    if number == -1 or number == 0:
+        return None
+    if not 1 <= number <= 6 or float(text) != number:
+        raise ValueError(f"skin type {value!r} is not 1..6, -1 or empty")
+    return number
+
+
+def _split(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    key = value.strip().lower()
+    if key not in SPLITS:
+        raise ValueError(f"split {value!r} is not train, validation or test")
+    return SPLITS[key]
+
+
+def parse_csv(text: str, mapping: Mapping) -> tuple[str, list[Row], list[Problem]]:
+    """The format, the good rows and the row problems of a metadata CSV."""
+    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    if not header:
+        raise IngestError("metadata CSV: empty file or no header line")
+    reader.fieldnames = header
+    csv_format = mapping.csv_format if mapping.csv_format != "auto" else detect_format(header)
+    if csv_format not in FORMATS:
+        raise IngestError(f"csv_format: {csv_format!r} is not one of auto, {', '.join(FORMATS)}")
+
+    defaults = {
+        "generic": ("file", "label", "fitzpatrick", "split"),
+        "fitzpatrick17k": ("md5hash", "label", "fitzpatrick_scale", "split"),
+        "ddi": ("DDI_file", "disease", "skin_tone", "split"),
+    }[csv_format]
+    file_col = mapping.file_column or defaults[0]
+    label_col = mapping.label_column or defaults[1]
+    tone_col = mapping.skin_tone_column or defaults[2]
+    split_col = mapping.split_column or defaults[3]
+    for name, column, required in (
+        ("file_column", file_col, True),
+        ("label_column", label_col, True),
+        ("skin_tone_column", tone_col, csv_format == "generic" and mapping.skin_tone_column),
+        ("split_column", split_col, bool(mapping.split_column)),
+    ):
+        if required and column not in header:
+            raise IngestError(
+                f"{name}: the CSV has no column {column!r} (columns: {', '.join(header)})"
+            )
+    if csv_format == "generic":
+        known = {file_col, label_col, tone_col, split_col}
+        unknown = [h for h in header if h not in known]
+        if unknown:
+            raise IngestError(
+                f"metadata CSV: unknown column {unknown[0]!r}; a generic CSV has "
+                f"file, label, fitzpatrick and optionally split (or map columns with "
+                "file_column, label_column, skin_tone_column, split_column)"
+            )
+
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    for number, record in enumerate(reader, start=2):
+        raw_file = (record.get(file_col) or "").strip()
+        try:
+            if not raw_file:
+                raise ValueError(f"empty {file_col}")
+            file = f"{raw_file}.jpg" if csv_format == "fitzpatrick17k" else raw_file
+            label = (record.get(label_col) or "").strip()
+            condition = slugify(label)
+            if not condition:
+                raise ValueError(f"empty {label_col}")
+            tone: int | None = None
+            group: str | None = None
+            extra: dict[str, Any] = {}
+            if csv_format == "ddi" and not mapping.skin_tone_column:
+                value = (record.get(tone_col) or "").strip()
+                if value and value not in DDI_GROUPS:
+                    raise ValueError(f"skin_tone {value!r} is not one of 12, 34, 56")
+                group = DDI_GROUPS.get(value)
+                malignant = (record.get("malignant") or "").strip().lower()
+                if malignant not in ("true", "false", "1", "0", ""):
+                    raise ValueError(f"malignant {malignant!r} is not True or False")
+                extra = {"malignant": malignant in ("true", "1"), "ddi_id": record.get("DDI_ID")}
+            elif tone_col in record:
+                tone = _fitzpatrick(record.get(tone_col) or "")
+                if tone is None and csv_format == "fitzpatrick17k":
+                    tone = _fitzpatrick(record.get("fitzpatrick_centaur") or "")
+            if csv_format == "fitzpatrick17k":
+                extra = {
+                    k: record.get(k)
+                    for k in ("md5hash", "fitzpatrick_scale", "fitzpatrick_centaur",
+                              "nine_partition_label", "three_partition_label", "qc")
+                    if record.get(k) not in (None, "")
+                }  # fmt: skip
+            split = _split(record.get(split_col)) if split_col in record else None
+        except ValueError as exc:
+            problems.append(Problem(number, raw_file or None, str(exc)))
+            continue
+        rows.append(Row(number, file, label, condition, tone, group, split, extra))
+    if not rows and not problems:
+        raise IngestError("metadata CSV: no data rows")
+    return csv_format, rows, problems
+
+
+# --- archives ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str  # normalised path inside the archive
+    size: int
+
+
+def _safe_name(name: str) -> str:
+    """A normalised relative path; IngestError for one that escapes the archive."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+        raise IngestError(f"archive: member {name!r} escapes the archive")
+    return str(path)
+
+
+class Archive:
+    """A zip or tar (optionally gzipped) archive, read member by member within limits."""
+
+    def __init__(self, handle: IO[bytes], limits: Limits) -> None:
+        self.limits = limits
+        self._zip: zipfile.ZipFile | None = None
+        self._tar: tarfile.TarFile | None = None
+        handle.seek(0)
+        if zipfile.is_zipfile(handle):
+            handle.seek(0)
+            self._zip = zipfile.ZipFile(handle)
+        else:
+            handle.seek(0)
+            try:
+                self._tar = tarfile.open(fileobj=handle, mode="r:*")  # noqa: SIM115 (closed by close())
+            except tarfile.TarError as exc:
+                raise IngestError("archive: not a zip or tar (.tar, .tar.gz) archive") from exc
+        self._read_total = 0
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+        if self._tar is not None:
+            self._tar.close()
+
+    def check(self) -> list[Member]:
+        """Every regular file member, after checking the whole archive against the limits."""
+        members: list[Member] = []
+        total = 0
+        if self._zip is not None:
+            for info in self._zip.infolist():
+                name = _safe_name(info.filename)
+                mode = info.external_attr >> 16
+                if stat.S_ISLNK(mode):
+                    raise IngestError(f"archive: member {info.filename!r} is a symbolic link")
+                if info.is_dir():
+                    continue
+                ratio = info.file_size / max(info.compress_size, 1)
+                if info.file_size > 1 << 20 and ratio > self.limits.max_ratio:
+                    raise IngestError(
+                        f"archive: member {info.filename!r} expands {ratio:.0f}x "
+                        f"(limit {self.limits.max_ratio:.0f}x): refusing a possible archive bomb"
+                    )
+                members.append(Member(name, info.file_size))
+                total += info.file_size
+                self._check_counts(len(members), total, info.filename, info.file_size)
+        else:
+            assert self._tar is not None
+            for tar_info in self._tar:  # streams through a gzip without extracting
+                name = _safe_name(tar_info.name)
+                if tar_info.issym() or tar_info.islnk():
+                    raise IngestError(f"archive: member {tar_info.name!r} is a link")
+                if tar_info.isdir():
+                    continue
+                if not tar_info.isfile():
+                    raise IngestError(f"archive: member {tar_info.name!r} is not a regular file")
+                members.append(Member(name, tar_info.size))
+                total += tar_info.size
+                self._check_counts(len(members), total, tar_info.name, tar_info.size)
+        return members
+
+    def _check_counts(self, count: int, total: int, name: str, size: int) -> None:
+        if count > self.limits.max_members:
+            raise IngestError(f"archive: more than {self.limits.max_members} files")
+        if total > self.limits.max_uncompressed_bytes:
+            raise IngestError(
+                f"archive: expands past {self.limits.max_uncompressed_bytes:,} bytes: refusing a "
+                "possible archive bomb"
+            )
+        if size > self.limits.max_member_bytes:
+            raise IngestError(
+                f"archive: member {name!r} is {size:,} bytes (limit "
+                f"{self.limits.max_member_bytes:,})"
+            )
+
+    def read(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
+        """(name, bytes) of the wanted members, in archive order, each at most the limit."""
+        if self._zip is not None:
+            for info in self._zip.infolist():
+                name = _safe_name(info.filename)
+                if name in wanted and not info.is_dir():
+                    with self._zip.open(info) as stream:
+                        yield name, self._bounded(stream, info.filename)
+        else:
+            assert self._tar is not None
+            for tar_info in self._tar:
+                name = _safe_name(tar_info.name)
+                if name in wanted and tar_info.isfile():
+                    extracted = self._tar.extractfile(tar_info)
+                    assert extracted is not None
+                    yield name, self._bounded(extracted, tar_info.name)
+
+    def _bounded(self, stream: IO[bytes], name: str) -> bytes:
+        # The sizes a header states can lie; count what really comes out.
+        data = stream.read(self.limits.max_member_bytes + 1)
+        if len(data) > self.limits.max_member_bytes:
+            raise IngestError(f"archive: member {name!r} is larger than its header says")
+        self._read_total += len(data)
+        if self._read_total > self.limits.max_uncompressed_bytes:
+            raise IngestError("archive: expands past its limit while reading")
+        return data
+
+
+def find_metadata(members: list[Member]) -> str:
+    """The archive's metadata CSV: `metadata.csv`, else its only .csv file."""
+    csvs = [m.name for m in members if m.name.lower().endswith(".csv")]
+    named = [n for n in csvs if PurePosixPath(n).name.lower() == "metadata.csv"]
+    if len(named) == 1:
+        return named[0]
+    if len(csvs) == 1:
+        return csvs[0]
+    if not csvs:
+        raise IngestError("metadata: no CSV in the archive; send one as the `metadata` field")
+    raise IngestError(
+        f"metadata: {len(csvs)} CSV files in the archive; name one metadata.csv or send it "
+        "as the `metadata` field"
+    )
+
+
+def resolve_files(rows: list[Row], members: list[Member]) -> tuple[dict[str, str], list[Problem]]:
+    """Map each row's file to an archive member (exact path, else a unique base name)."""
+    by_path = {m.name: m.name for m in members}
+    by_base: dict[str, list[str]] = {}
+    for m in members:
+        by_base.setdefault(PurePosixPath(m.name).name, []).append(m.name)
+    found: dict[str, str] = {}
+    problems: list[Problem] = []
+    for row in rows:
+        try:
+            wanted = _safe_name(row.file)
+        except IngestError:
+            problems.append(Problem(row.number, row.file, "the path escapes the archive"))
+            continue
+        if wanted in by_path:
+            found[row.file] = wanted
+            continue
+        candidates = by_base.get(PurePosixPath(wanted).name, [])
+        if len(candidates) == 1:
+            found[row.file] = candidates[0]
+        elif candidates:
+            problems.append(Problem(row.number, row.file, "several archive files have this name"))
+        else:
+            problems.append(Problem(row.number, row.file, "no such file in the archive"))
+    return found, problems
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    sha256: str
+    width: int
+    height: int
+    extension: str
+    content_type: str
+
+
+def check_image(data: bytes, limits: Limits) -> CheckedImage:
+    """Decode fully, convert to RGB, check the size; ValueError saying what is wrong."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+            kind = probe.format or ""
+            if width * height > limits.max_image_pixels:
+                raise ValueError(
+                    f"image is {width}x{height}, more than {limits.max_image_pixels:,} pixels"
+                )
+            probe.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"unreadable image ({type(exc).__name__}: {exc})") from None
+    if min(width, height) < limits.min_image_side:
+        raise ValueError(f"image is {width}x{height}, smaller than {limits.min_image_side} px")
+    if kind not in IMAGE_FORMATS:
+        raise ValueError(f"image format {kind or 'unknown'} is not JPEG, PNG, WebP, BMP or TIFF")
+    extension, content_type = IMAGE_FORMATS[kind]
+    return CheckedImage(hashlib.sha256(data).hexdigest(), width, height, extension, content_type)
+
+
+def discard_upload(*, session: Session, job_id: str, dataset_id: str | None) -> None:
+    """A refused or canceled upload keeps nothing: its rows and dataset go, and the job
+    forgets the dataset. Not committed."""
+    if dataset_id is None:
+        return
+    detach_dataset(session=session, job_id=job_id)
+    session.execute(delete(ImageRow).where(ImageRow.dataset_id == dataset_id))
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is not None:
+        session.delete(dataset)

@@ -1,0 +1,321 @@
+"""Uploading real datasets: each CSV format as it is, every bad input refused with a report by
+row and nothing kept (or the good rows kept with on_error=skip), through the API and a worker."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import text
+
+from app.ingest import FITZPATRICK17K_COLUMNS
+from tests.conftest import Stack, count_rows
+from tests.factories import SHARED_DATA
+
+
+def png(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def csv_text(header: list[str], rows: list[list[object]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def make_zip(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def make_tar(
+    files: dict[str, bytes], *, gz: bool = True, links: dict[str, str] | None = None
+) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz" if gz else "w") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            archive.addfile(info)
+    return buffer.getvalue()
+
+
+def upload(client, archive: bytes, *, filename: str = "data.zip", metadata: bytes | None = None,
+           **form: str) -> dict:  # fmt: skip
+    files = {"archive": (filename, archive, "application/octet-stream")}
+    if metadata is not None:
+        files["metadata"] = ("metadata.csv", metadata, "text/csv")
+    response = client.post("/datasets", files=files, data=form)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["kind"] == "ingest"
+    return body
+
+
+def counts(client, dataset_id: str) -> dict[tuple[str, int | None], int]:
+    body = client.get(f"/datasets/{dataset_id}").json()
+    return {(c["condition"], c["skin_tone"]): c["count"] for c in body["counts"]}
+
+
+def test_generic_zip_with_split_and_duplicates(stack: Stack) -> None:
+    client = stack.client(stack.new_key())
+    images = {f"img/{i}.png": png(i) for i in range(6)}
+    images["img/dup.png"] = images["img/0.png"]  # the same bytes again
+    rows = [
+        ["img/0.png", "Basal cell carcinoma", 2, "train"],
+        ["img/1.png", "Basal cell carcinoma", 2, "train"],
+        ["img/2.png", "basal cell carcinoma", 5, "test"],
+        ["3.png", "Psoriasis", "", "validation"],  # a base name is enough when unique
+        ["img/4.png", "Granuloma annulare", 6, "train"],
+        ["img/5.png", "psoriasis", 1, "train"],
+        ["img/dup.png", "psoriasis", 1, "train"],
+    ]
+    images["metadata.csv"] = csv_text(["file", "label", "fitzpatrick", "split"], rows)
+    job = upload(client, make_zip(images), name="clinic-a")
+    done = stack.wait_job(client, job["id"])
+    result = done["result"]
+    assert result["accepted"] == 6
+    assert result["duplicate_count"] == 1
+    assert result["duplicates"] == [{"row": 8, "file": "img/dup.png", "duplicate_of_row": 2}]
+    assert result["conditions_added"] == ["granuloma-annulare"]
+    dataset_id = done["dataset_id"]
+    assert counts(client, dataset_id) == {
+        ("basal-cell-carcinoma", 2): 2,
+        ("basal-cell-carcinoma", 5): 1,
+        ("granuloma-annulare", 6): 1,
+        ("psoriasis", None): 1,
+        ("psoriasis", 1): 1,
+    }
+    dataset = client.get(f"/datasets/{dataset_id}").json()
+    assert dataset["kind"] == "real" and dataset["name"] == "clinic-a"
+    slugs = {c["slug"] for c in client.get("/conditions").json()["items"]}
+    assert "granuloma-annulare" in slugs
+    with stack.session() as session:
+        splits = dict(
+            session.execute(
+                text("SELECT split, count(*) FROM images WHERE dataset_id = :d GROUP BY split"),
+                {"d": dataset_id},
+            ).all()
+        )
+    assert splits == {"train": 4, "test": 1, "validation": 1}
+    # the staged upload is gone, the images are stored with their bytes
+    assert list(stack.store.iter_keys(f"uploads/{job['id']}/")) == []
+    assert len(list(stack.store.iter_keys(f"datasets/{dataset_id}/"))) == 6
+
+
+def test_fitzpatrick17k_csv_as_is(deployed: Stack) -> None:
+    """Real Fitzpatrick17k photos and rows, with -1 skin types and labels with spaces."""
+    metadata = SHARED_DATA / "metadata.csv"
+    if not metadata.is_file():
+        pytest.skip("../shared/data is not here")
+    with metadata.open() as handle:
+        records = [r for r in csv.DictReader(handle) if r["label"] in (
+            "basal-cell-carcinoma", "squamous-cell-carcinoma", "folliculitis")]  # fmt: skip
+    unknown = [r for r in records if r["fitzpatrick_scale"] == "-1"][:3]
+    known = [r for r in records if r["fitzpatrick_scale"] != "-1"][:9]
+    chosen = unknown + known
+    header = FITZPATRICK17K_COLUMNS
+    rows = [
+        [r["md5hash"], r["fitzpatrick_scale"], r["fitzpatrick_centaur"],
+         r["label"].replace("-", " "), r["nine_partition_label"], r["three_partition_label"],
+         r["qc"], "https://example.org/x", "x"]
+        for r in chosen
+    ]  # fmt: skip
+    files = {
+        f"finalfitz17k/{r['md5hash']}.jpg": (SHARED_DATA / r["path"]).read_bytes() for r in chosen
+    }
+    client = deployed.client(deployed.new_key())
+    job = upload(client, make_tar(files), filename="fitz.tar.gz",
+                 metadata=csv_text(header, rows))  # fmt: skip
+    done = deployed.wait_job(client, job["id"])
+    assert done["result"]["format"] == "fitzpatrick17k"
+    assert done["result"]["accepted"] == len(chosen)
+
+    def tone(r: dict) -> int | None:
+        for column in ("fitzpatrick_scale", "fitzpatrick_centaur"):
+            if int(r[column]) > 0:
+                return int(r[column])
+        return None
+
+    expected = collections.Counter((r["label"], tone(r)) for r in chosen)
+    assert counts(client, done["dataset_id"]) == dict(expected)
+    rows_out = [
+        json.loads(x)
+        for x in client.get(f"/datasets/{done['dataset_id']}/manifest").text.splitlines()
+    ]
+    assert {r["sha256"] for r in rows_out} == {
+        __import__("hashlib").sha256(data).hexdigest() for data in files.values()
+    }
+
+
+def test_ddi_csv_keeps_the_group_and_malignancy(deployed: Stack) -> None:
+    client = deployed.client(deployed.new_key())
+    files = {f"ddi_images/{i:06d}.png": png(100 + i) for i in range(1, 5)}
+    rows = [
+        [1, "000001.png", 12, "True", "melanoma-in-situ"],
+        [2, "000002.png", 34, "False", "verruca-vulgaris"],
+        [3, "000003.png", 56, "True", "melanoma-in-situ"],
+        [4, "000004.png", 56, "False", "seborrheic keratosis"],
+    ]
+    archive = make_zip(files | {"ddi_metadata.csv": csv_text(
+        ["DDI_ID", "DDI_file", "skin_tone", "malignant", "disease"], rows)})  # fmt: skip
+    done = deployed.wait_job(client, upload(client, archive)["id"])
+    assert done["result"]["format"] == "ddi"
+    assert counts(client, done["dataset_id"]) == {
+        ("melanoma-in-situ", None): 2,
+        ("verruca-vulgaris", None): 1,
+        ("seborrheic-keratosis", None): 1,
+    }
+    with deployed.session() as session:
+        got = session.execute(
+            text("SELECT original_name, skin_tone_group, labels FROM images WHERE dataset_id = :d"),
+            {"d": done["dataset_id"]},
+        ).all()
+    by_name = {name: (group, labels if isinstance(labels, dict) else json.loads(labels))
+               for name, group, labels in got}  # fmt: skip
+    assert by_name["000001.png"][0] == "I-II" and by_name["000001.png"][1]["malignant"] is True
+    assert by_name["000002.png"][0] == "III-IV" and by_name["000002.png"][1]["malignant"] is False
+    assert by_name["000004.png"][0] == "V-VI"
+
+
+def test_mapped_columns(deployed: Stack) -> None:
+    client = deployed.client(deployed.new_key())
+    files = {"a.png": png(1), "b.png": png(2)}
+    meta = csv_text(
+        ["image", "diagnosis", "fst"], [["a.png", "psoriasis", 3], ["b.png", "lichen planus", 4]]
+    )
+    done = deployed.wait_job(client, upload(
+        client, make_zip(files), metadata=meta, file_column="image", label_column="diagnosis",
+        skin_tone_column="fst")["id"])  # fmt: skip
+    assert counts(client, done["dataset_id"]) == {("psoriasis", 3): 1, ("lichen-planus", 4): 1}
+
+
+def bad_cases() -> list:
+    good = {"ok1.png": png(1), "ok2.png": png(2)}
+    header = ["file", "label", "fitzpatrick"]
+    ok_rows = [["ok1.png", "psoriasis", 2], ["ok2.png", "psoriasis", 3]]
+
+    def z(extra_files: dict, extra_rows: list, hdr=header) -> bytes:
+        return make_zip(good | extra_files | {"metadata.csv": csv_text(hdr, ok_rows + extra_rows)})
+
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("bomb.png", b"\0" * (20 << 20))
+        archive.writestr("metadata.csv", csv_text(header, [["bomb.png", "psoriasis", 1]]))
+    return [
+        pytest.param(z({}, [["missing.png", "psoriasis", 1]]), "data.zip", [4],
+                     "no such file", id="missing-file"),
+        pytest.param(z({"broken.png": b"not an image at all"}, [["broken.png", "psoriasis", 1]]),
+                     "data.zip", [4], "unreadable image", id="unreadable-image"),
+        pytest.param(z({"x.png": png(3)}, [["x.png", "psoriasis", 9]]), "data.zip", [4],
+                     "skin type", id="bad-skin-type"),
+        pytest.param(make_zip(good | {"metadata.csv": csv_text([*header, "colour"], [
+            [*r, "red"] for r in ok_rows])}), "data.zip", [None], "unknown column 'colour'",
+                     id="unknown-column"),
+        pytest.param(make_tar(good | {"../evil.png": png(4),
+                                      "metadata.csv": csv_text(header, ok_rows)}),
+                     "data.tar.gz", [None], "escapes the archive", id="path-escape"),
+        pytest.param(make_tar(good | {"metadata.csv": csv_text(header, ok_rows)},
+                              links={"link.png": "/etc/passwd"}),
+                     "data.tar.gz", [None], "link", id="symlink"),
+        pytest.param(bomb.getvalue(), "bomb.zip", [None], "archive bomb", id="archive-bomb"),
+        pytest.param(b"this is not an archive" * 10, "data.zip", [None], "not a zip or tar",
+                     id="not-an-archive"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("archive", "filename", "bad_rows", "reason"), bad_cases())
+def test_bad_uploads_are_refused_and_keep_nothing(
+    deployed: Stack, archive: bytes, filename: str, bad_rows: list, reason: str
+) -> None:
+    client = deployed.client(deployed.new_key())
+    images_before = count_rows(deployed, "SELECT count(*) FROM images")
+    datasets_before = count_rows(deployed, "SELECT count(*) FROM datasets")
+    job = upload(client, archive, filename=filename)
+    done = deployed.wait_job(client, job["id"], statuses=("failed",))
+    assert reason in done["error"], done["error"]
+    errors = done["result"]["errors"]
+    assert [e["row"] for e in errors] == bad_rows
+    assert any(reason in e["reason"] for e in errors)
+    assert done["dataset_id"] is None
+    assert client.get(f"/datasets/{job['dataset_id']}").status_code == 404
+    assert count_rows(deployed, "SELECT count(*) FROM images") == images_before
+    assert count_rows(deployed, "SELECT count(*) FROM datasets") == datasets_before
+    assert list(deployed.store.iter_keys(f"datasets/{job['dataset_id']}/")) == []
+    assert list(deployed.store.iter_keys(f"uploads/{job['id']}/")) == []
+
+
+def test_on_error_skip_keeps_the_good_rows(stack: Stack) -> None:
+    client = stack.client(stack.new_key())
+    files = {"ok1.png": png(1), "ok2.png": png(2), "broken.png": b"garbage"}
+    rows = [
+        ["ok1.png", "psoriasis", 2],
+        ["missing.png", "psoriasis", 2],
+        ["broken.png", "psoriasis", 2],
+        ["ok2.png", "psoriasis", 7],
+        ["ok2.png", "psoriasis", 3],
+    ]
+    archive = make_zip(files | {"metadata.csv": csv_text(["file", "label", "fitzpatrick"], rows)})
+    done = stack.wait_job(client, upload(client, archive, on_error="skip")["id"])
+    result = done["result"]
+    assert result["accepted"] == 2
+    assert result["skipped_count"] == 3
+    assert [(s["row"], s["file"]) for s in result["skipped"]] == [
+        (3, "missing.png"), (4, "broken.png"), (5, "ok2.png")]  # fmt: skip
+    assert counts(client, done["dataset_id"]) == {("psoriasis", 2): 1, ("psoriasis", 3): 1}
+
+
+def test_upload_form_validation(deployed: Stack) -> None:
+    client = deployed.client(deployed.new_key())
+    before = count_rows(deployed, "SELECT count(*) FROM jobs")
+    no_archive = client.post("/datasets", data={"name": "x"})
+    assert no_archive.status_code == 422
+    assert "archive" in [e["field"] for e in no_archive.json()["errors"]]
+    bad_format = client.post("/datasets", files={"archive": ("a.zip", b"PK..", "application/zip")},
+                             data={"csv_format": "excel"})  # fmt: skip
+    assert bad_format.status_code == 422
+    assert "csv_format" in bad_format.json()["detail"]
+    bad_mode = client.post("/datasets", files={"archive": ("a.zip", b"PK..", "application/zip")},
+                           data={"on_error": "ignore"})  # fmt: skip
+    assert bad_mode.status_code == 422
+    assert "on_error" in bad_mode.json()["detail"]
+    assert count_rows(deployed, "SELECT count(*) FROM jobs") == before
+    unauthenticated = deployed.client().post("/datasets", files={"archive": ("a.zip", b"x", "x")})
+    assert unauthenticated.status_code == 401
+
+
+def test_cancel_a_queued_upload_keeps_nothing(deployed: Stack) -> None:
+    client = deployed.client(deployed.new_key())
+    deployed.worker.stop()
+    try:
+        archive = make_zip({"a.png": png(1), "metadata.csv": csv_text(
+            ["file", "label", "fitzpatrick"], [["a.png", "psoriasis", 1]])})  # fmt: skip
+        job = upload(client, archive)
+        assert list(deployed.store.iter_keys(f"uploads/{job['id']}/"))  # staged
+        canceled = client.post(f"/jobs/{job['id']}/cancel")
+        assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+        assert client.get(f"/datasets/{job['dataset_id']}").status_code == 404
+        assert list(deployed.store.iter_keys(f"uploads/{job['id']}/")) == []
+    finally:
+        deployed.worker.start()
