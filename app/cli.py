@@ -7,6 +7,7 @@ as child processes and stops both cleanly on Ctrl-C (SIGTERM, a grace period, th
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -15,13 +16,16 @@ import sys
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    from app.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True)
@@ -33,6 +37,10 @@ models_cli = typer.Typer(help="Generator models.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(db_cli, name="db")
 images_cli = typer.Typer(help="Generated images.", no_args_is_help=True)
+jobs_cli = typer.Typer(help="Generation jobs (through the REST API).", no_args_is_help=True)
+datasets_cli = typer.Typer(help="Datasets (through the REST API).", no_args_is_help=True)
+cli.add_typer(jobs_cli, name="jobs")
+cli.add_typer(datasets_cli, name="datasets")
 cli.add_typer(models_cli, name="models")
 cli.add_typer(images_cli, name="images")
 
@@ -182,6 +190,339 @@ def images_regenerate(
     raise typer.Exit(subprocess.run(argv, cwd=ROOT).returncode)
 
 
+# --- the REST client ----------------------------------------------------------------------
+
+
+def _client() -> Client:
+    from app.client import Client
+
+    return Client.from_environment()
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[red]error: {exc}[/red]")
+    return typer.Exit(1)
+
+
+def _wait_with_bar(client: Client, job: dict[str, Any], what: str) -> dict[str, Any]:
+    """Follow a job with a live progress bar; returns its final state."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(what, total=job["count"] or None, status=job["status"])
+
+        def update(state: dict[str, Any]) -> None:
+            step = ""
+            running = state["progress"].get("running") or []
+            if running and running[0].get("steps"):
+                step = f" step {running[0]['step']}/{running[0]['steps']}"
+            bar.update(
+                task,
+                completed=state["progress"]["done"],
+                total=state["progress"]["total"] or None,
+                status=state["status"] + step,
+            )
+
+        return client.wait_job(job["id"], on_progress=update)
+
+
+def _finish(job: dict[str, Any]) -> None:
+    typer.echo(json.dumps(job, indent=2))
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@cli.command("login")
+def login(
+    url: Annotated[str, typer.Option(help="The API's base URL.")] = "http://127.0.0.1:8000",
+    key: Annotated[str, typer.Option(prompt=True, hide_input=True, help="Your API key.")] = "",
+) -> None:
+    """Save the API URL and key for the client commands."""
+    from app.client import save_config
+
+    typer.echo(f"saved to {save_config(url=url, key=key)}")
+
+
+@jobs_cli.command("submit")
+def jobs_submit(
+    condition: Annotated[str, typer.Option(help="Condition slug, e.g. psoriasis.")],
+    count: Annotated[int | None, typer.Option(help="Images to make.")] = None,
+    skin_tone: Annotated[int | None, typer.Option(help="Fitzpatrick type 1..6.")] = None,
+    strategy: Annotated[str, typer.Option(help="text-to-image, inpaint, ...")] = "text-to-image",
+    model: Annotated[str | None, typer.Option(help="Generator id.")] = None,
+    source_dataset: Annotated[str | None, typer.Option(help="Real dataset of parents.")] = None,
+    synthetic_per_real: Annotated[
+        int | None, typer.Option("--k", help="Images per parent.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option(help="num_inference_steps")] = None,
+    guidance: Annotated[float | None, typer.Option(help="guidance_scale")] = None,
+    strength: Annotated[float | None, typer.Option()] = None,
+    dataset_id: Annotated[str | None, typer.Option(help="Append to this dataset.")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow it with a progress bar.")] = False,
+) -> None:
+    """Submit a generation job."""
+    from app.client import ApiError
+
+    client = _client()
+    body = {
+        "condition": condition,
+        "count": count,
+        "skin_tone": skin_tone,
+        "strategy": strategy,
+        "model": model,
+        "source_dataset": source_dataset,
+        "synthetic_per_real": synthetic_per_real,
+        "seed": seed,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "strength": strength,
+        "dataset_id": dataset_id,
+    }
+    try:
+        job = client.submit_job(body)
+        if wait:
+            job = _wait_with_bar(client, job, f"job {job['id'][:8]}")
+    except ApiError as exc:
+        raise _fail(exc) from exc
+    _finish(job) if wait else typer.echo(json.dumps(job, indent=2))
+
+
+@jobs_cli.command("show")
+def jobs_show(job_id: str) -> None:
+    """A job's status, progress and result."""
+    from app.client import ApiError
+
+    try:
+        typer.echo(json.dumps(_client().get(f"/jobs/{job_id}"), indent=2))
+    except ApiError as exc:
+        raise _fail(exc) from exc
+
+
+@jobs_cli.command("wait")
+def jobs_wait(job_id: str) -> None:
+    """Follow a job to its end with a progress bar; exit 1 unless it succeeds."""
+    from app.client import ApiError
+
+    client = _client()
+    try:
+        _finish(_wait_with_bar(client, client.get(f"/jobs/{job_id}"), f"job {job_id[:8]}"))
+    except ApiError as exc:
+        raise _fail(exc) from exc
+
+
+@jobs_cli.command("list")
+def jobs_list(status: Annotated[str | None, typer.Option()] = None) -> None:
+    """Your jobs, newest first."""
+    from rich.table import Table
+
+    table = Table("id", "kind", "status", "condition", "tone", "strategy", "done", "total")
+    for job in _client().get("/jobs", status=status)["items"]:
+        table.add_row(
+            job["id"],
+            job["kind"],
+            job["status"],
+            job["condition"] or "",
+            str(job["skin_tone"] or ""),
+            job["strategy"] or "",
+            str(job["progress"]["done"]),
+            str(job["progress"]["total"]),
+        )
+    Console().print(table)
+
+
+@jobs_cli.command("cancel")
+def jobs_cancel(job_id: str) -> None:
+    """Cancel a queued or running job."""
+    from app.client import ApiError
+
+    try:
+        typer.echo(json.dumps(_client().post(f"/jobs/{job_id}/cancel"), indent=2))
+    except ApiError as exc:
+        raise _fail(exc) from exc
+
+
+@datasets_cli.command("list")
+def datasets_list() -> None:
+    """Your datasets with their image counts."""
+    from rich.table import Table
+
+    table = Table("id", "kind", "name", "images", "created")
+    for item in _client().get("/datasets")["items"]:
+        table.add_row(
+            item["id"],
+            item["kind"],
+            item["name"],
+            str(item["image_count"]),
+            item["created_at"][:19],
+        )
+    Console().print(table)
+
+
+@datasets_cli.command("show")
+def datasets_show(dataset_id: str) -> None:
+    """A dataset's counts by condition x skin tone x strategy."""
+    from rich.table import Table
+
+    from app.client import ApiError
+
+    try:
+        body = _client().get(f"/datasets/{dataset_id}")
+    except ApiError as exc:
+        raise _fail(exc) from exc
+    table = Table(
+        "condition",
+        "skin tone",
+        "strategy",
+        "images",
+        title=f"{body['name']} ({body['kind']}, {body['image_count']} images)",
+    )
+    for row in body["counts"]:
+        table.add_row(
+            row["condition"],
+            str(row["skin_tone"] or "-"),
+            row["strategy"] or "-",
+            str(row["count"]),
+        )
+    Console().print(table)
+
+
+@datasets_cli.command("upload")
+def datasets_upload(
+    archive: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="zip / tar(.gz)")],
+    csv: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Metadata CSV.")
+    ] = None,
+    name: Annotated[str | None, typer.Option()] = None,
+    csv_format: Annotated[
+        str, typer.Option("--format", help="auto, generic, fitzpatrick17k, ddi")
+    ] = "auto",
+    file_column: Annotated[str | None, typer.Option()] = None,
+    label_column: Annotated[str | None, typer.Option()] = None,
+    skin_tone_column: Annotated[str | None, typer.Option()] = None,
+    split_column: Annotated[str | None, typer.Option()] = None,
+    on_error: Annotated[
+        str, typer.Option(help="fail (keep nothing) or skip (keep good rows)")
+    ] = "fail",
+    wait: Annotated[bool, typer.Option(help="Follow the ingest job.")] = True,
+) -> None:
+    """Upload a real labelled dataset: an archive of images and a metadata CSV."""
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    from app.client import ApiError
+
+    client = _client()
+    form = {
+        "name": name,
+        "csv_format": csv_format,
+        "file_column": file_column,
+        "label_column": label_column,
+        "skin_tone_column": skin_tone_column,
+        "split_column": split_column,
+        "on_error": on_error,
+    }
+    try:
+        with Progress(
+            *Progress.get_default_columns(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task(f"uploading {archive.name}", total=archive.stat().st_size)
+            job = client.upload_dataset(
+                archive, metadata=csv, form=form, on_bytes=lambda n: bar.advance(task, n)
+            )
+        console.print(f"ingest job {job['id']} -> dataset {job['dataset_id']}")
+        if wait:
+            job = _wait_with_bar(client, job, "checking rows")
+    except ApiError as exc:
+        raise _fail(exc) from exc
+    _finish(job) if wait else typer.echo(json.dumps(job, indent=2))
+
+
+@datasets_cli.command("download")
+def datasets_download(
+    dataset_id: str,
+    folder: Annotated[Path, typer.Argument(help="Where to put the images.")],
+    workers: Annotated[int, typer.Option(help="Parallel downloads.")] = 8,
+    condition: Annotated[str | None, typer.Option()] = None,
+    skin_tone: Annotated[int | None, typer.Option()] = None,
+    strategy: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Download every image (parallel, resumable), verifying each sha256."""
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    from app.client import ApiError
+
+    client = _client()
+    filters = {"condition": condition, "skin_tone": skin_tone, "strategy": strategy}
+    try:
+        with Progress(
+            *Progress.get_default_columns(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task("reading the manifest", total=None)
+            totals = {"bytes": 0}
+
+            def on_total(n: int) -> None:
+                bar.update(task, description=f"{n} images", total=None)
+
+            def on_file(_outcome: str, size: int) -> None:
+                totals["bytes"] += size
+                bar.update(task, completed=totals["bytes"])
+
+            report = client.download(
+                dataset_id,
+                folder,
+                workers=workers,
+                filters=filters,
+                on_file=on_file,
+                on_total=on_total,
+            )
+    except ApiError as exc:
+        raise _fail(exc) from exc
+    typer.echo(
+        f"downloaded {report.downloaded}, already there {report.skipped}, "
+        f"failed {len(report.failed)}; every file matches its sha256"
+    )
+    for image_id, reason in report.failed:
+        console.print(f"[red]{image_id}: {reason}[/red]")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@datasets_cli.command("export")
+def datasets_export(
+    dataset_id: str,
+    shard_size: Annotated[int, typer.Option(help="Samples per WebDataset shard (<= 5000).")] = 5000,
+    shuffle: Annotated[bool, typer.Option()] = False,
+    seed: Annotated[int | None, typer.Option()] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the export job.")] = True,
+) -> None:
+    """Export WebDataset shards, a dataset card and Croissant metadata to the store."""
+    from app.client import ApiError
+
+    client = _client()
+    try:
+        job = client.export(
+            dataset_id, {"shard_size": shard_size, "shuffle": shuffle, "seed": seed}
+        )
+        if wait:
+            job = _wait_with_bar(client, job, "exporting")
+    except ApiError as exc:
+        raise _fail(exc) from exc
+    _finish(job) if wait else typer.echo(json.dumps(job, indent=2))
+
+
 # --- serving ------------------------------------------------------------------------------
 
 
@@ -263,26 +604,51 @@ def run(
     supervisor.start(
         "api",
         [
-            sys.executable, "-m", "uvicorn", "app.main:app",
-            "--host", settings.api_host, "--port", str(settings.api_port),
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:app",
+            "--host",
+            settings.api_host,
+            "--port",
+            str(settings.api_port),
         ],
-    )  # fmt: skip
+    )
     if with_worker:
         supervisor.start(
             "worker",
             [
-                sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-                "-Q", "gpu,train", "--pool", "solo", "--concurrency", "1",
-                "-n", "embedded@%h", "--loglevel", "INFO",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.celery_app",
+                "worker",
+                "-Q",
+                "gpu,train",
+                "--pool",
+                "solo",
+                "--concurrency",
+                "1",
+                "-n",
+                "embedded@%h",
+                "--loglevel",
+                "INFO",
             ],
-        )  # fmt: skip
+        )
     console.print(f"synthderm is up: {settings.public_base_url} (Ctrl-C stops it)")
     code = supervisor.wait()
     raise typer.Exit(code)
 
 
 def main() -> None:
-    cli()
+    from app.client import ApiError
+
+    try:
+        cli()
+    except ApiError as exc:  # a client command the API refused: its sentence, no traceback
+        console.print(f"[red]error: {exc}[/red]")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
