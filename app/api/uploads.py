@@ -8,17 +8,19 @@ from __future__ import annotations
 
 from enum import StrEnum
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, BackgroundTasks, File, Form, Response, UploadFile, status
+from pydantic import BaseModel, ConfigDict, Field
 
 from app import jobs as job_service
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.api.jobs import dispatch_after_commit, job_out
+from app.combine import Part, combine
 from app.db.tables import Dataset
 from app.errors import InvalidField, ProblemError
 from app.ids import new_id
-from app.schemas import JobOut
+from app.schemas import DatasetOut, JobOut, Strategy
 from app.storage import upload_key
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -104,3 +106,48 @@ def upload_dataset(
     background.add_task(partial(dispatch_after_commit, settings, job.id, "ingest"))
     response.headers["Location"] = f"/jobs/{job.id}"
     return job_out(job)
+
+
+class PartIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str
+    condition: str | None = None
+    skin_tone: int | None = Field(None, ge=1, le=6)
+    strategy: Strategy | None = None
+    source: Literal["real", "synthetic"] | None = None
+    split: Literal["train", "validation", "test"] | None = None
+    children_of: int | None = Field(
+        None, ge=0, description="Keep only images whose parent an earlier part (by index) took."
+    )
+
+
+class CombineIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field("", max_length=2000)
+    parts: list[PartIn] = Field(min_length=1, max_length=50)
+
+
+@router.post("/combine", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+def combine_datasets(body: CombineIn, session: SessionDep, caller: CallerDep) -> DatasetOut:
+    """A dataset built from others, e.g. a real train split plus its images' synthetic
+    children: `{"parts": [{"dataset_id": REAL, "split": "train"},
+    {"dataset_id": SYNTH, "children_of": 0}]}`."""
+    parts = [
+        Part(**(p.model_dump() | {"strategy": p.strategy.value if p.strategy else None}))
+        for p in body.parts
+    ]
+    dataset, count = combine(
+        session=session, owner=caller, name=body.name, parts=parts, description=body.description
+    )
+    session.commit()
+    return DatasetOut(
+        id=dataset.id,
+        name=dataset.name,
+        kind=dataset.kind,
+        description=dataset.description,
+        created_at=dataset.created_at,
+        image_count=count,
+    )
