@@ -1,1 +1,287 @@
-"""Dataset export: the task that writes WebDataset shards, a dataset card and Croissant metadata."""
+"""Dataset export: the task that writes WebDataset shards, a dataset card and Croissant metadata.
+
+Runs on the `train` queue; no torch. Each shard is built as a tar file on local disk, then
+streamed to the store: a 5,000-sample shard never sits in memory. Tar members are
+deterministic (mtime 0, uid/gid 0, mode 0644), so a rerun of the same export, after a worker
+died or a message was redelivered, writes the same bytes under the same keys. A canceled or
+failed export keeps nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+
+from app import exports, jobs
+from app.broker import EXPORT_TASK
+from app.config import Settings, get_settings
+from app.db.session import session_factory
+from app.db.tables import Image
+from app.schemas import JobStatus
+from app.storage import ObjectNotFound, ObjectStore
+from app.vocabulary import list_conditions
+from workers.celery_app import app
+from workers.generate import heartbeat, object_store, worker_name
+
+log = logging.getLogger(__name__)
+
+# Image rows read per query, and objects downloaded at once (S3 latency, not bandwidth, is
+# what bounds a sequential download).
+READ_BATCH = 64
+DOWNLOAD_THREADS = 8
+CARD_NAME = "README.md"
+CROISSANT_NAME = "croissant.json"
+
+
+class ExportCanceled(Exception):
+    """The job was canceled while the export ran."""
+
+
+@dataclass
+class ExportProgress:
+    """Samples written so far (reported as the job's progress, also when it stops)."""
+
+    samples: int = 0
+
+
+class ShardWriter:
+    """One WebDataset tar on local disk, with deterministic member headers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.samples = 0
+        # open across many samples, closed by close(): not a `with` block
+        self._tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+
+    def add_sample(self, key: str, files: list[tuple[str, bytes]]) -> None:
+        """The files of one sample, `{key}.{extension}`, next to each other (WebDataset groups
+        consecutive members by key)."""
+        for extension, data in files:
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.type = tarfile.REGTYPE
+            self._tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def read_image(store: ObjectStore, image: Image) -> bytes:
+    """The stored bytes of an image, checked against the sha256 its row records."""
+    try:
+        data = store.get_bytes(image.storage_key)
+    except ObjectNotFound:
+        raise RuntimeError(
+            f"image {image.id}: object {image.storage_key} is missing from the store"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != image.sha256:
+        raise RuntimeError(
+            f"image {image.id}: the bytes of {image.storage_key} do not match its sha256"
+        )
+    return data
+
+
+def upload_shard(store: ObjectStore, *, prefix: str, writer: ShardWriter) -> exports.ShardInfo:
+    """Close a shard, hash it and stream it to the store."""
+    writer.close()
+    digest = hashlib.sha256()
+    with writer.path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+        size = handle.tell()
+        handle.seek(0)
+        store.put_file(prefix + writer.path.name, handle, content_type="application/x-tar")
+    writer.path.unlink()
+    return exports.ShardInfo(writer.path.name, writer.samples, digest.hexdigest(), size)
+
+
+def discard(store: ObjectStore, prefix: str) -> None:
+    """Delete whatever an export wrote (a canceled or failed export keeps nothing)."""
+    for key in list(store.iter_keys(prefix)):
+        try:
+            store.delete(key)
+        except Exception:
+            log.exception("could not delete %s", key)
+
+
+def run_export(
+    settings: Settings, claim: jobs.ChunkClaim, progress: ExportProgress
+) -> dict[str, Any]:
+    """Write the export's shards, card and Croissant file; returns the job's result."""
+    assert claim.dataset_id is not None
+    store = object_store(settings)
+    make_session = session_factory(settings.database_url)
+    params = exports.ExportParams.from_job(claim.params)
+    prefix = exports.export_prefix(dataset_id=claim.dataset_id, job_id=claim.job_id)
+
+    # 1. what to export, in shard order
+    with make_session() as session:
+        dataset = exports.export_source(session=session, dataset_id=claim.dataset_id)
+        session.expunge(dataset)
+        ids = exports.export_image_ids(session=session, dataset_id=dataset.id, params=params)
+        condition_names = {c.slug: c.name for c in list_conditions(session=session)}
+
+    last_report = 0.0
+
+    def report(*, force: bool) -> None:
+        """Progress, and the cancel check: between shards, and as often as progress."""
+        nonlocal last_report
+        now = time.monotonic()
+        if not force and now - last_report < settings.progress_update_interval_s:
+            return
+        last_report = now
+        with make_session() as session:
+            jobs.record_progress(
+                session=session, job_id=claim.job_id, index=claim.index, done=progress.samples
+            )
+            if jobs.job_status(session=session, job_id=claim.job_id) != JobStatus.RUNNING:
+                raise ExportCanceled()
+
+    # 2. the shards: samples into a tar on disk, each full shard streamed to the store
+    summary = exports.ExportSummary.empty()
+    shards: list[exports.ShardInfo] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="synthderm-export-") as folder,
+        ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="synthderm-export") as pool,
+    ):
+        writer: ShardWriter | None = None
+        try:
+            for batch in exports.iter_batches(ids, READ_BATCH):
+                with make_session() as session:
+                    rows = exports.images_by_ids(session=session, ids=batch)
+                for image, data in zip(
+                    rows, pool.map(partial(read_image, store), rows), strict=True
+                ):
+                    if writer is None:
+                        writer = ShardWriter(Path(folder) / exports.shard_name(len(shards)))
+                    extension = exports.image_extension(data, image.storage_key)
+                    metadata = exports.sample_metadata(image, extension=extension)
+                    writer.add_sample(
+                        exports.sample_key(image),
+                        [(extension, data), ("json", exports.encode_metadata(metadata))],
+                    )
+                    summary.add(image, extension)
+                    progress.samples += 1
+                    if writer.samples >= params.shard_size:
+                        shards.append(upload_shard(store, prefix=prefix, writer=writer))
+                        writer = None
+                        report(force=True)
+                    else:
+                        report(force=False)
+            if writer is not None:
+                shards.append(upload_shard(store, prefix=prefix, writer=writer))
+                report(force=True)
+        finally:
+            if writer is not None:
+                writer.close()  # an interrupted shard's file goes with the folder
+
+    # 3. the dataset card and the Croissant metadata
+    card = exports.dataset_card(
+        dataset=dataset,
+        job_id=claim.job_id,
+        params=params,
+        summary=summary,
+        shards=shards,
+        condition_names=condition_names,
+    )
+    store.put_bytes(prefix + CARD_NAME, card.encode(), content_type="text/markdown; charset=utf-8")
+    metadata = exports.croissant(
+        dataset=dataset,
+        job_id=claim.job_id,
+        params=params,
+        summary=summary,
+        shards=shards,
+        url=f"{settings.public_base_url.rstrip('/')}/datasets/{dataset.id}",
+    )
+    store.put_bytes(
+        prefix + CROISSANT_NAME,
+        exports.encode_json_ld(metadata),
+        content_type="application/ld+json",
+    )
+
+    # 4. a rerun that wrote fewer files than an earlier attempt leaves none of its leftovers
+    kept = {prefix + s.name for s in shards} | {prefix + CARD_NAME, prefix + CROISSANT_NAME}
+    for key in list(store.iter_keys(prefix)):
+        if key not in kept:
+            store.delete(key)
+
+    return {
+        "samples": progress.samples,
+        "prefix": prefix,
+        "shards": [
+            {
+                "key": prefix + s.name,
+                "url": store.url(prefix + s.name),
+                "samples": s.samples,
+                "sha256": s.sha256,
+                "size_bytes": s.size_bytes,
+            }
+            for s in shards
+        ],
+        "card": {"key": prefix + CARD_NAME, "url": store.url(prefix + CARD_NAME)},
+        "croissant": {"key": prefix + CROISSANT_NAME, "url": store.url(prefix + CROISSANT_NAME)},
+    }
+
+
+@app.task(name=EXPORT_TASK, bind=True, acks_late=True, ignore_result=True)
+def export_dataset(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
+    """Run an export job (the database says what and whether)."""
+    settings = get_settings()
+    make_session = session_factory(settings.database_url)
+    worker = worker_name(self)
+    with make_session() as session:
+        claim = jobs.claim_chunk(
+            session=session, settings=settings, job_id=job_id, index=chunk_index, worker=worker
+        )
+    if claim is None:
+        return {"job_id": job_id, "skipped": True}
+    assert claim.dataset_id is not None
+    store = object_store(settings)
+    prefix = exports.export_prefix(dataset_id=claim.dataset_id, job_id=job_id)
+    progress = ExportProgress()
+    log.info("export %s of dataset %s (attempt %s)", job_id, claim.dataset_id, claim.attempt)
+    status, error, result = "succeeded", None, None
+    try:
+        with heartbeat(settings, job_id=job_id, index=chunk_index, worker=worker):
+            result = run_export(settings, claim, progress)
+    except ExportCanceled:
+        status = "canceled"
+    except Exception as exc:
+        log.exception("export %s failed", job_id)
+        status, error = "failed", f"{type(exc).__name__}: {exc}"[:4000]
+    if result is None:
+        discard(store, prefix)
+    with make_session() as session:
+        if result is not None:
+            # the result first: a client that sees `succeeded` finds the files listed
+            exports.set_export_result(session=session, job_id=job_id, result=result)
+        job_status = jobs.finish_chunk(
+            session=session,
+            job_id=job_id,
+            index=chunk_index,
+            status=status,
+            done=progress.samples,
+            error=error,
+        )
+        if result is not None and job_status != JobStatus.SUCCEEDED:
+            # canceled after the last shard was written: keep nothing, as for any cancel
+            discard(store, prefix)
+            exports.set_export_result(session=session, job_id=job_id, result=None)
+    log.info("export %s %s with %s samples", job_id, job_status, progress.samples)
+    return {"job_id": job_id, "status": job_status, "samples": progress.samples}
