@@ -73,8 +73,12 @@ class PeakRss(threading.Thread):
         while not self.stop.wait(0.05):
             try:
                 for child in root.children(recursive=True):
-                    name = "worker" if "celery" in " ".join(child.cmdline()) else "api"
-                    self.peaks[name] = max(self.peaks.get(name, 0), child.memory_info().rss)
+                    command = " ".join(child.cmdline())
+                    name = (
+                        "worker" if "celery" in command else "api" if "uvicorn" in command else ""
+                    )
+                    if name:  # not the one-off tiny-model build
+                        self.peaks[name] = max(self.peaks.get(name, 0), child.memory_info().rss)
             except psutil.Error:
                 continue
 
@@ -83,9 +87,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gib", type=float, default=2.0)
     parser.add_argument("--side", type=int, default=512, help="image side (px)")
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=0, help="default: a free port")
     args = parser.parse_args()
 
+    if not args.port:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            args.port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="synthderm-bench-") as tmp:
         folder = Path(tmp)
         archive = folder / "big.tar"
