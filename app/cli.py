@@ -535,6 +535,18 @@ def serve() -> None:
     uvicorn.run("app.main:app", host=settings.api_host, port=settings.api_port)
 
 
+def _child_setup() -> None:
+    """In the child, before exec: its own process group (so a terminal's Ctrl-C reaches only
+    the supervisor, which stops the children in order), and on Linux a SIGTERM when the
+    supervisor dies, even by SIGKILL, so no child outlives it."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class Supervisor:
     """Child processes in their own process groups; stopped together, none left behind."""
 
@@ -545,7 +557,7 @@ class Supervisor:
 
     def start(self, name: str, argv: list[str]) -> None:
         console.print(f"starting {name}: {' '.join(argv)}")
-        self.children[name] = subprocess.Popen(argv, cwd=ROOT, start_new_session=True)
+        self.children[name] = subprocess.Popen(argv, cwd=ROOT, preexec_fn=_child_setup)
 
     def _signal_all(self, sig: int) -> None:
         for child in self.children.values():

@@ -81,3 +81,29 @@ def test_run_serves_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
     assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
     alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert alive == [], f"orphans left: {alive}"
+
+
+def test_children_stop_when_the_runner_is_killed(tmp_path: Path) -> None:
+    """Even a SIGKILLed `synthderm run` leaves no API or worker behind."""
+    port = free_port()
+    settings = Settings(
+        data_dir=tmp_path / "var", api_port=port, public_base_url=f"http://127.0.0.1:{port}"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "run", "--no-build-tiny"],
+        cwd=ROOT, env=settings_env(settings),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: len(psutil.Process(proc.pid).children(recursive=True)) >= 2,
+            timeout=60,
+            what="the API and the worker",
+        )
+        children = psutil.Process(proc.pid).children(recursive=True)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], f"orphans left: {alive}"
+    assert gone
