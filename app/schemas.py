@@ -146,6 +146,8 @@ class DatasetList(BaseModel):
 
 
 class ManifestRow(BaseModel):
+    """One manifest row (JSON lines, CSV and Parquet share these columns, in this order)."""
+
     image_id: str
     dataset_id: str
     url: str
@@ -167,6 +169,14 @@ class ManifestRow(BaseModel):
     job_id: str | None
     storage_key: str
     created_at: datetime
+    split: str | None = Field(None, description="train, validation or test, when known.")
+    skin_tone_group: str | None = Field(
+        None, description="I-II, III-IV or V-VI: from skin_tone, else as the source gave it."
+    )
+    labels: dict[str, Any] | None = Field(
+        None, description="The source's extra labels (a JSON string in CSV and Parquet)."
+    )
+    original_name: str | None = Field(None, description="File name in the uploaded archive.")
 
 
 MANIFEST_COLUMNS = list(ManifestRow.model_fields)
