@@ -1,11 +1,12 @@
 """Datasets and their images: every query on `datasets` and `images` lives here.
 
-Manifests stream in keyset-paged batches (ordered by image id) so that a million rows never
+Manifests are read a range of image ids at a time, in id order, so that a million rows never
 sit in memory at once; the database writes their JSON lines and CSV text itself (see below).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -264,30 +265,49 @@ def _csv_value(name: str, expr: Any, dialect: str) -> ColumnElement[str]:
     return case((special, quoted), else_=plain)
 
 
-def manifest_text_query(*, fmt: str, dialect: str) -> AnySelect:
-    """Rows of (image id, storage key, head, tail) where a manifest row is head + URL + tail
-    (tail ends the line), in `fmt` ("jsonl" or "csv") for a database of `dialect`."""
+def manifest_text_query(*, fmt: str, dialect: str, dataset_id: str) -> AnySelect:
+    """Rows of (image id, storage key, head, tail) of a dataset's images, where a manifest row
+    is head + URL + tail (tail ends the line), in `fmt` ("jsonl" or "csv") for a database of
+    `dialect`."""
     expressions = _manifest_expressions(dialect)
+    # the same in every row: written once here, not by the database a million times
+    constant = {
+        "jsonl": json.dumps(dataset_id, ensure_ascii=False),
+        "csv": _csv_field(dataset_id),
+    }[fmt]
+
+    def json_value(name: str) -> Any:
+        return constant if name == "dataset_id" else _json_value(name, expressions[name], dialect)
+
+    def csv_value(name: str) -> Any:
+        return constant if name == "dataset_id" else _csv_value(name, expressions[name], dialect)
+
     at = MANIFEST_COLUMNS.index("url")
     before, after = MANIFEST_COLUMNS[:at], MANIFEST_COLUMNS[at + 1 :]
     head: list[Any] = []
     tail: list[Any] = []
     if fmt == "jsonl":
         for i, name in enumerate(before):
-            value = _json_value(name, expressions[name], dialect)
-            head += ["{" if i == 0 else ",", f'"{name}":', value]
+            head += ["{" if i == 0 else ",", f'"{name}":', json_value(name)]
         head.append(',"url":"')
         tail.append('"')
         for name in after:
-            tail += [f',"{name}":', _json_value(name, expressions[name], dialect)]
+            tail += [f',"{name}":', json_value(name)]
         tail.append("}")
     else:
         for name in before:
-            head += [_csv_value(name, expressions[name], dialect), ","]
+            head += [csv_value(name), ","]
         for name in after:
-            tail += [",", _csv_value(name, expressions[name], dialect)]
+            tail += [",", csv_value(name)]
     tail.append("\n")
     return select(Image.id, Image.storage_key, _concat(head), _concat(tail))
+
+
+def _csv_field(value: str) -> str:
+    """A CSV field as the SQL of _csv_value writes it."""
+    if value == "" or any(c in value for c in ',"\n\r'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
 
 
 @dataclass(frozen=True)
@@ -341,7 +361,7 @@ class ManifestReader:
         self.dialect = dialect
         self.dataset_id = dataset_id
         self.filters = filters
-        self._select = manifest_text_query(fmt=fmt, dialect=dialect)
+        self._select = manifest_text_query(fmt=fmt, dialect=dialect, dataset_id=dataset_id)
         self._compiled: dict[tuple[Any, ...], _Compiled] = {}
 
     def _statement(
