@@ -76,6 +76,14 @@ def test_upload_submit_download_verify(deployed: Stack, tmp_path: Path) -> None:
     assert "downloaded 1, already there 5, failed 0" in again.stdout
     assert hashlib.sha256(damaged.read_bytes()).hexdigest() == rows[0]["sha256"]
 
+    exported = run_cli(
+        deployed, key, tmp_path, "datasets", "export", job["dataset_id"], "--shard-size", "4"
+    )
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    export = last_json(exported.stdout)
+    assert export["kind"] == "export" and export["status"] == "succeeded"
+    assert [shard["samples"] for shard in export["result"]["shards"]] == [4, 2]
+
 
 def test_client_reports_api_errors(deployed: Stack, tmp_path: Path) -> None:
     key = deployed.new_key()
