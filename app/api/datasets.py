@@ -454,7 +454,7 @@ def _parquet_chunks(batches: Iterator[service.Columns], sign: UrlSigner) -> Iter
         nonlocal pending, pending_rows
         writer.write_table(pa.concat_tables(pending), row_group_size=pending_rows)
         pending, pending_rows = [], 0
-        pass  # pa.default_memory_pool().release_unused()  # else its allocator keeps what it freed
+        pa.default_memory_pool().release_unused()  # else its allocator keeps what it freed
         return sink.take()
 
     for keys, heads, tails in batches:

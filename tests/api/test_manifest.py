@@ -54,7 +54,7 @@ class Crafted:
 
 def craft(stack: Stack) -> Crafted:
     """Four real images (a Fitzpatrick type, only a group, neither, a type that overrides a
-    contradicting group; splits, labels, odd file names) and four synthetic children of two
+    contradicting group; splits, labels, odd file names) and four synthetic children of three
     of them, from two jobs and two conditions, in one dataset."""
     key = stack.new_key()
     dataset_id, parents = make_real_dataset(stack, key, condition="psoriasis", n=4)
