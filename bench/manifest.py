@@ -422,8 +422,11 @@ def main() -> None:
             port = free_port()
             extra: dict[str, Any] = {}
             if args.s3:
+                import logging
+
                 from moto.server import ThreadedMotoServer
 
+                logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
                 moto_port = free_port()
                 moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
                 moto.start()
