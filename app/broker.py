@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 GENERATE_TASK = "synthderm.generate_chunk"
 INGEST_TASK = "synthderm.ingest_dataset"
 EXPORT_TASK = "synthderm.export_dataset"
+TRAIN_TASK = "synthderm.train_run"
 GPU_QUEUE = "gpu"
 # CPU work (ingest, export, classifier training) goes to the `train` queue's workers.
 TRAIN_QUEUE = "train"
@@ -33,6 +34,7 @@ JOB_TASKS = {
     "generate": (GENERATE_TASK, GPU_QUEUE),
     "ingest": (INGEST_TASK, TRAIN_QUEUE),
     "export": (EXPORT_TASK, TRAIN_QUEUE),
+    "experiment": (TRAIN_TASK, TRAIN_QUEUE),
 }
 
 # Transport options of ours that must not reach sqlalchemy.create_engine.

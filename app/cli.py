@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from sqlalchemy.orm import Session
 
+from app.cli_experiments import experiments_cli
 from app.config import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 console = Console(stderr=True)
+
 
 cli = typer.Typer(help="synthderm: synthetic dermatology data service.", no_args_is_help=True)
 keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -43,6 +45,7 @@ cli.add_typer(jobs_cli, name="jobs")
 cli.add_typer(datasets_cli, name="datasets")
 cli.add_typer(models_cli, name="models")
 cli.add_typer(images_cli, name="images")
+cli.add_typer(experiments_cli, name="experiments")
 
 
 def _session_scope(settings: Settings) -> AbstractContextManager[Session]:

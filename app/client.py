@@ -82,6 +82,10 @@ class Client:
             clean = {k: v for k, v in params.items() if v is not None}
             return self._check(http.get(path, params=clean)).json()
 
+    def get_bytes(self, path: str) -> bytes:
+        with self._http() as http:
+            return self._check(http.get(path)).content
+
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         with self._http() as http:
             return self._check(http.post(path, json=body or {})).json()

@@ -123,6 +123,18 @@ class Settings(BaseSettings):
         30.0, description="Grace period for running tasks when `synthderm run` stops."
     )
     manifest_batch_rows: int = Field(2000, ge=1, description="Rows fetched per manifest query.")
+    classifier_backbone: str = Field(
+        "efficientnet-lite0", description="Frozen ImageNet backbone of classifier runs."
+    )
+    classifier_augmented_views: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Cached augmented copies per training image (epoch e sees copy e mod N).",
+    )
+    classifier_feature_batch: int = Field(
+        32, ge=1, le=1024, description="Images per backbone forward pass."
+    )
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

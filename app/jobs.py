@@ -271,7 +271,7 @@ def detach_dataset(*, session: Session, job_id: str) -> None:
 
 
 def chunk_count(job: Job) -> int:
-    if job.kind != "generate":
+    if job.kind not in ("generate", "experiment"):
         return 1
     return -(-job.count // job.chunk_size)
 
@@ -291,9 +291,13 @@ def list_jobs(
     status: JobStatus | None,
     limit: int,
     cursor: str | None,
+    kind: str | None = None,
 ) -> tuple[list[Job], str | None]:
-    """The caller's jobs, newest first, keyset-paged on (created_at, id)."""
+    """The caller's jobs (of one kind when given), newest first, keyset-paged on
+    (created_at, id)."""
     query = select(Job).where(Job.owner_id == owner.id)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
     if status is not None:
         query = query.where(Job.status == status.value)
     if cursor:
@@ -646,9 +650,12 @@ def finish_chunk(
     status: str,
     done: int | None,
     error: str | None = None,
+    fail_fast: bool = True,
 ) -> str:
     """Close a chunk (succeeded, canceled or failed) and settle its job; returns the job's
-    status. `done` None counts the chunk's stored images. Commits."""
+    status. `done` None counts the chunk's stored images. With fail_fast a failed chunk fails
+    the job at once; without (an experiment's runs), the job settles when no chunk is left and
+    fails if any did. Commits."""
     now = utcnow()
     chunk = session.get(JobChunk, (job_id, index))
     if chunk is None:
@@ -671,7 +678,7 @@ def finish_chunk(
     )
     _sum_progress(session=session, job_id=job_id)
     active = [s.value for s in ACTIVE_JOB_STATUSES]
-    if status == "failed":
+    if status == "failed" and fail_fast:
         session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status.in_(active))
@@ -682,6 +689,29 @@ def finish_chunk(
             .where(JobChunk.job_id == job_id, JobChunk.status == "pending")
             .values(status="canceled", finished_at=now)
         )
+    elif status == "failed" or not fail_fast:
+        by_status = dict(
+            session.execute(
+                select(JobChunk.status, func.count())
+                .where(JobChunk.job_id == job_id)
+                .group_by(JobChunk.status)
+            ).all()
+        )
+        if not by_status.get("pending") and not by_status.get("running"):
+            failed = by_status.get("failed", 0)
+            settled = (
+                {
+                    "status": JobStatus.FAILED.value,
+                    "error": f"{failed} of {sum(by_status.values())} runs failed",
+                }
+                if failed
+                else {"status": JobStatus.SUCCEEDED.value}
+            )
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(active))
+                .values(finished_at=now, **settled)
+            )
     elif status == "succeeded":
         unfinished = session.scalar(
             select(func.count())

@@ -7,7 +7,17 @@ import logging
 
 from fastapi import FastAPI
 
-from app.api import catalog, datasets, exports, files, health, jobs, problems, uploads
+from app.api import (
+    catalog,
+    datasets,
+    experiments,
+    exports,
+    files,
+    health,
+    jobs,
+    problems,
+    uploads,
+)
 from app.config import Settings, get_settings
 from app.storage import make_store
 
@@ -23,7 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = make_store(settings)
     problems.install(app)
-    for module in (health, jobs, datasets, uploads, exports, catalog, files):
+    for module in (health, jobs, datasets, uploads, exports, experiments, catalog, files):
         app.include_router(module.router)
     return app
 

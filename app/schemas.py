@@ -210,3 +210,145 @@ class CheckResult(BaseModel):
 class Readiness(BaseModel):
     ok: bool
     checks: dict[str, CheckResult]
+
+
+# --- classifier runs and experiments (PAPER.md sections 1 and 4) ---------------------------
+
+
+class TrainingOptions(BaseModel):
+    """How every run trains: the paper's defaults (PAPER.md section 4)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str | None = Field(
+        None, max_length=120, description="Frozen ImageNet backbone (default: the setting)."
+    )
+    max_epochs: int = Field(50, ge=1, le=500, description="Epochs at most (early stopping).")
+    patience: int = Field(3, ge=1, le=500, description="Epochs without a lower val loss.")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam learning rate.")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="Decoupled weight decay.")
+    batch_size: int | None = Field(
+        None, ge=1, le=4096, description="Null: the paper's rule (training rows / 10)."
+    )
+    image_size: int = Field(224, ge=32, le=1024, description="Input pixels (short side, crop).")
+    cache_features: bool = Field(
+        True, description="Compute each image's backbone features once and train only heads."
+    )
+
+
+class DataOptions(BaseModel):
+    """Which real images are test, validation and training (PAPER.md section 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(description="Real dataset: the training pool (and the test split).")
+    test_split: str = Field("test", max_length=16, description="Its images with this split.")
+    test_dataset: str | None = Field(
+        None, description="A held-out real dataset as the test set instead of test_split."
+    )
+    validation_per_class: int = Field(40, ge=1, le=10_000, description="Sampled with the seed.")
+    conditions: list[str] | None = Field(
+        None, description="The classes (default: every condition of the training pool)."
+    )
+    top_n_classes: int | None = Field(
+        None, ge=2, le=1000, description="Keep the N commonest classes (the paper used 9)."
+    )
+
+
+class RunCreate(DataOptions, TrainingOptions):
+    """One classifier training and evaluation."""
+
+    n_real_per_class: int | None = Field(
+        None, ge=1, le=1_000_000, description="Real training images per class (null: all)."
+    )
+    synthetic_per_real: int = Field(
+        0, ge=0, le=1000, description="k synthetic children of each selected real image."
+    )
+    synthetic_datasets: list[str] = Field(
+        default_factory=list, description="Synthetic datasets the children come from."
+    )
+    strategy: Strategy | None = Field(None, description="Only children of this strategy.")
+    augmentation: bool = Field(False, description="fastai's aug_transforms() on the inputs.")
+    seed: int = Field(111108, ge=0, le=2**31 - 1, description="Validation and n_real sampling.")
+    name: str | None = Field(None, max_length=200)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+
+
+class ExperimentCreate(DataOptions, TrainingOptions):
+    """A grid of runs: n_real_per_class x k x strategy x synthetic dataset x augmentation x
+    seeds. Real-only runs (k = 0) are made once per n_real, augmentation and seed."""
+
+    n_real_per_class: list[int | None] = Field(
+        default_factory=lambda: list[int | None]([None]),
+        min_length=1,
+        description="null: all real images.",
+    )
+    synthetic_per_real: list[int] = Field(
+        default_factory=lambda: [0], min_length=1, description="k values; 0 is real-only."
+    )
+    synthetic_datasets: list[str] = Field(default_factory=list)
+    strategies: list[Strategy | None] = Field(
+        default_factory=lambda: list[Strategy | None]([None]),
+        min_length=1,
+        description="null: any strategy.",
+    )
+    augmentation: list[bool] = Field(default_factory=lambda: [False], min_length=1)
+    seeds: list[int] = Field(
+        default_factory=lambda: [111108, 111109, 111110],
+        min_length=1,
+        max_length=100,
+        description="Every setting runs once per seed.",
+    )
+    name: str | None = Field(None, max_length=200)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+
+
+class RunProgress(BaseModel):
+    epoch: int
+    max_epochs: int
+
+
+class RunOut(BaseModel):
+    id: str
+    experiment_id: str
+    index: int
+    status: JobStatus
+    config: dict[str, Any]
+    split: dict[str, Any] | None = Field(description="Images per class in each part.")
+    progress: RunProgress
+    history: list[dict[str, Any]] = Field(description="Per epoch: losses, val accuracy.")
+    best_epoch: int | None
+    metrics: dict[str, Any] | None = Field(
+        description="Test metrics, overall and per Fitzpatrick group."
+    )
+    reused_from: str | None = Field(description="The finished run whose results were reused.")
+    timings: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RunList(BaseModel):
+    items: list[RunOut]
+    next_cursor: str | None
+
+
+class ExperimentOut(BaseModel):
+    id: str
+    name: str
+    status: JobStatus
+    params: dict[str, Any]
+    progress: Progress
+    timings: Timings
+    error: str | None
+    report: dict[str, Any] | None = Field(
+        None, description="Per setting: mean, sd over seeds; differences from real-only."
+    )
+    plots: list[str] = Field(default_factory=list, description="GET .../plots/{name}.png|svg")
+    runs: list[RunOut] | None = None
+
+
+class ExperimentList(BaseModel):
+    items: list[ExperimentOut]
+    next_cursor: str | None

@@ -87,3 +87,79 @@ def make_real_dataset(stack, raw_key: str, *, condition: str, n: int) -> tuple[s
             parents.append(Parent(image_id, condition, tone, sha))
         dataset_id = dataset.id
     return dataset_id, parents
+
+
+# --- classifier data --------------------------------------------------------------------------
+
+# Three visually separable "conditions": a colour and a texture each.
+SEPARABLE = {
+    "acne": ((200, 60, 60), "spots"),
+    "eczema": ((60, 160, 70), "stripes"),
+    "psoriasis": ((70, 80, 200), "plain"),
+}
+
+
+def separable_png(condition: str, seed: int, size: int = 48) -> bytes:
+    """A small image of one SEPARABLE class: its colour and texture, with per-image noise."""
+    colour, texture = SEPARABLE[condition]
+    rng = np.random.default_rng(seed)
+    pixels = np.ones((size, size, 3)) * np.array(colour) + rng.normal(0, 20, (size, size, 3))
+    if texture == "stripes":
+        pixels[:, ::6] *= 0.4
+    elif texture == "spots":
+        for y, x in rng.integers(4, size - 4, (6, 2)):
+            pixels[y - 3 : y + 3, x - 3 : x + 3] = (40, 20, 20)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _add_image(stack, session, *, dataset_id: str, condition: str, data: bytes,
+               **values: object) -> str:  # fmt: skip
+    image_id = new_id()
+    key = image_key(dataset_id=dataset_id, condition=condition, image_id=image_id)
+    stack.store.put_bytes(key, data, content_type="image/png")
+    upsert_image(
+        session=session,
+        values={
+            "id": image_id, "dataset_id": dataset_id, "condition": condition, "width": 48,
+            "height": 48, "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data),
+            "storage_key": key, "provenance": {}, **values,
+        },
+    )  # fmt: skip
+    return image_id
+
+
+def make_classification_data(
+    stack, raw_key: str, *, pool_per_class: int, test_per_class: int, children_per_parent: int
+) -> tuple[str, str]:
+    """A real dataset of the SEPARABLE classes (pool images, and `test` split ones), skin
+    types 1..6 and unknown in turn, and a synthetic dataset with children of every pool image
+    (strategy inpaint); returns (real id, synthetic id)."""
+    with stack.session() as session:
+        owner = authenticate(session=session, raw_key=raw_key)
+        assert owner is not None
+        real = Dataset(id=new_id(), owner_id=owner.id, name="separable-real", kind="real")
+        synthetic = Dataset(id=new_id(), owner_id=owner.id, name="separable-syn", kind="synthetic")
+        session.add_all([real, synthetic])
+        session.flush()
+        seed = 0
+        for condition in SEPARABLE:
+            for i in range(pool_per_class + test_per_class):
+                seed += 1
+                split = "test" if i >= pool_per_class else "train"
+                tone = None if seed % 7 == 0 else 1 + seed % 6
+                parent = _add_image(
+                    stack, session, dataset_id=real.id, condition=condition,
+                    data=separable_png(condition, seed), source="real", split=split,
+                    skin_tone=tone,
+                )  # fmt: skip
+                if split == "test":
+                    continue
+                for j in range(children_per_parent):
+                    _add_image(
+                        stack, session, dataset_id=synthetic.id, condition=condition,
+                        data=separable_png(condition, 100_000 + seed * 100 + j),
+                        source="synthetic", strategy="inpaint", parent_image_id=parent,
+                    )  # fmt: skip
+        return real.id, synthetic.id

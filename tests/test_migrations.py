@@ -28,6 +28,8 @@ TABLES = {
     "job_chunks",
     "job_parents",
     "images",
+    "runs",
+    "feature_cache",
 }
 PAPER_SLUGS = [
     "allergic-contact-dermatitis",

@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 settings = get_settings()
 app = Celery("synthderm")
 app.conf.update(celery_config(settings))
-app.conf.include = ["workers.generate", "workers.ingest", "workers.export"]
+app.conf.include = [
+    "workers.generate",
+    "workers.ingest",
+    "workers.export",
+    "workers.train",
+]
 
 _recovery: RecoveryLoop | None = None
 

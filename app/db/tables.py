@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -217,4 +218,52 @@ class Image(Base):
     storage_key: Mapped[str] = mapped_column(Text)
     parent_image_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     provenance: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Run(Base):
+    """One classifier training and evaluation: a point of an experiment's grid (an experiment
+    is a job of kind `experiment`; run `index` is its chunk `index`)."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        UniqueConstraint("job_id", "index", name="uq_runs_job_index"),
+        Index("ix_runs_owner_config_key", "owner_id", "config_key"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    # queued -> running -> succeeded | failed | canceled
+    status: Mapped[str] = mapped_column(String(16))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # sha256 of the config and the data it reads: a run with the same key is not redone
+    config_key: Mapped[str] = mapped_column(String(64))
+    split: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    history: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    best_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    predictions_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reused_from: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class FeatureCache(Base):
+    """A frozen backbone's pooled features of one image under one transform, computed once:
+    a grid of runs then trains only heads (issue 6)."""
+
+    __tablename__ = "feature_cache"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # backbone name and the first 16 hex digits of its weights' sha256
+    backbone: Mapped[str] = mapped_column(String(160), primary_key=True)
+    transform: Mapped[str] = mapped_column(String(64), primary_key=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,284 @@
+"""/experiments and /runs: classifier runs on real and synthetic mixtures, their metrics,
+predictions and plots (PAPER.md section 4)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from functools import partial
+
+from fastapi import APIRouter, BackgroundTasks, Query, Response, status
+
+from app import jobs, plots
+from app import runs as service
+from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
+from app.api.jobs import dispatch_after_commit, job_out
+from app.config import Settings
+from app.db.tables import Job, Run
+from app.errors import InvalidField, NotFound
+from app.reports import build_report
+from app.schemas import (
+    ExperimentCreate,
+    ExperimentList,
+    ExperimentOut,
+    JobStatus,
+    RunCreate,
+    RunList,
+    RunOut,
+    RunProgress,
+)
+from app.storage import ObjectNotFound, ObjectStore
+
+router = APIRouter(tags=["experiments"])
+PREDICTION_COLUMNS = (
+    "image_id",
+    "sha256",
+    "true_label",
+    "skin_tone",
+    "fitzpatrick_group",
+    "correct",
+    "top1_label",
+    "top1_probability",
+    "top2_label",
+    "top2_probability",
+    "top3_label",
+    "top3_probability",
+)
+
+
+def run_out(run: Run) -> RunOut:
+    # the per-image correctness strings are for the report, not for reading
+    metrics = {
+        k: v
+        for k, v in (run.metrics or {}).items()
+        if k not in ("test_correct_top1", "test_correct_top3", "test_image_ids", "test_groups")
+    }
+    return RunOut(
+        id=run.id,
+        experiment_id=run.job_id,
+        index=run.index,
+        status=JobStatus(run.status),
+        config=run.config,
+        split=run.split,
+        progress=RunProgress(epoch=run.epoch, max_epochs=int(run.config.get("max_epochs", 0))),
+        history=run.history or [],
+        best_epoch=run.best_epoch,
+        metrics=metrics or None,
+        reused_from=run.reused_from,
+        timings=run.timings,
+        error=run.error,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+    )
+
+
+def experiment_out(job: Job, runs: list[Run] | None = None, detail: bool = False) -> ExperimentOut:
+    base = job_out(job)
+    report = None
+    if runs is not None:
+        report = build_report(runs=runs, classes=list(job.params.get("classes", [])))
+    return ExperimentOut(
+        id=job.id,
+        name=str(job.params.get("name", "")),
+        status=base.status,
+        params=job.params,
+        progress=base.progress,
+        timings=base.timings,
+        error=job.error,
+        report=report,
+        plots=[f"/experiments/{job.id}/plots/{name}.png" for name in plots.EXPERIMENT_PLOTS],
+        runs=[run_out(r) for r in runs] if detail and runs is not None else None,
+    )
+
+
+def _dispatch(background: BackgroundTasks, settings: Settings, job_id: str) -> None:
+    # Commit first, enqueue after: a fast worker must find the rows it reads.
+    background.add_task(partial(dispatch_after_commit, settings, job_id, "experiment"))
+
+
+@router.post("/experiments", status_code=status.HTTP_202_ACCEPTED, response_model=ExperimentOut)
+def create_experiment(
+    body: ExperimentCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    background: BackgroundTasks,
+    response: Response,
+) -> ExperimentOut:
+    """Queue a grid of runs on the `train` queue."""
+    job, created = service.create_experiment(
+        session=session, settings=settings, params=body, owner=caller
+    )
+    session.commit()
+    response.headers["Location"] = f"/experiments/{job.id}"
+    if created:
+        _dispatch(background, settings, job.id)
+    else:
+        response.status_code = status.HTTP_200_OK
+    return experiment_out(job, service.runs_of(session=session, experiment_id=job.id))
+
+
+@router.get("/experiments", response_model=ExperimentList)
+def list_experiments(
+    session: SessionDep,
+    caller: CallerDep,
+    limit: int = Query(50, ge=1, le=1000),
+    cursor: str | None = None,
+) -> ExperimentList:
+    """The caller's experiments (single runs included), newest first, without reports."""
+    rows, next_cursor = jobs.list_jobs(
+        session=session,
+        owner=caller,
+        status=None,
+        limit=limit,
+        cursor=cursor,
+        kind=service.EXPERIMENT_KIND,
+    )
+    return ExperimentList(items=[experiment_out(j) for j in rows], next_cursor=next_cursor)
+
+
+@router.get("/experiments/{experiment_id}", response_model=ExperimentOut)
+def get_experiment(
+    experiment_id: str,
+    session: SessionDep,
+    caller: CallerDep,
+    runs: bool = Query(True, description="Include every run (config, curve, metrics)."),
+) -> ExperimentOut:
+    """Status, progress, the report (per setting over seeds, per skin tone, differences from
+    real-only with bootstrap CIs) and the runs."""
+    job = service.get_experiment(session=session, experiment_id=experiment_id, owner=caller)
+    return experiment_out(job, service.runs_of(session=session, experiment_id=job.id), detail=runs)
+
+
+@router.post("/experiments/{experiment_id}/cancel", response_model=ExperimentOut)
+def cancel_experiment(experiment_id: str, session: SessionDep, caller: CallerDep) -> ExperimentOut:
+    """Cancel: queued runs never start, a running one stops at its next epoch; finished runs
+    keep their results."""
+    job = service.cancel_experiment(session=session, experiment_id=experiment_id, owner=caller)
+    session.commit()
+    return experiment_out(job, service.runs_of(session=session, experiment_id=job.id))
+
+
+@router.post("/experiments/{experiment_id}/resume", response_model=ExperimentOut)
+def resume_experiment(
+    experiment_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    background: BackgroundTasks,
+) -> ExperimentOut:
+    """Queue again what a canceled or failed experiment did not finish; finished runs are
+    not redone."""
+    job = service.resume_experiment(session=session, experiment_id=experiment_id, owner=caller)
+    session.commit()
+    _dispatch(background, settings, job.id)
+    return experiment_out(job, service.runs_of(session=session, experiment_id=job.id))
+
+
+@router.get("/experiments/{experiment_id}/plots/{filename}")
+def experiment_plot(
+    experiment_id: str, filename: str, session: SessionDep, caller: CallerDep
+) -> Response:
+    """A figure as PNG or SVG: accuracy-vs-n-real, dose-response, skin-tone, training-curves."""
+    name, _, fmt = filename.rpartition(".")
+    if fmt not in plots.FORMATS:
+        raise NotFound(f"no plot {filename!r}; ask for NAME.png or NAME.svg")
+    job = service.get_experiment(session=session, experiment_id=experiment_id, owner=caller)
+    runs = service.runs_of(session=session, experiment_id=job.id)
+    report = build_report(runs=runs, classes=list(job.params.get("classes", [])))
+    body = plots.experiment_plot(name=name, fmt=fmt, report=report, runs=runs)
+    return Response(body, media_type=plots.FORMATS[fmt])
+
+
+@router.post("/runs", status_code=status.HTTP_202_ACCEPTED, response_model=RunOut)
+def create_run(
+    body: RunCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    background: BackgroundTasks,
+    response: Response,
+) -> RunOut:
+    """Queue one training run (an experiment of one grid point)."""
+    job, created = service.create_run(session=session, settings=settings, params=body, owner=caller)
+    session.commit()
+    run = service.runs_of(session=session, experiment_id=job.id)[0]
+    response.headers["Location"] = f"/runs/{run.id}"
+    if created:
+        _dispatch(background, settings, job.id)
+    else:
+        response.status_code = status.HTTP_200_OK
+    return run_out(run)
+
+
+@router.get("/runs", response_model=RunList)
+def list_runs(
+    session: SessionDep,
+    caller: CallerDep,
+    limit: int = Query(50, ge=1, le=1000),
+    cursor: str | None = None,
+) -> RunList:
+    """The caller's runs, newest first."""
+    rows, next_cursor = service.list_runs(session=session, owner=caller, limit=limit, cursor=cursor)
+    return RunList(items=[run_out(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/runs/{run_id}", response_model=RunOut)
+def get_run(run_id: str, session: SessionDep, caller: CallerDep) -> RunOut:
+    """A run's config, split counts, per-epoch curve, and test metrics (overall and per
+    Fitzpatrick group)."""
+    return run_out(service.get_run(session=session, run_id=run_id, owner=caller))
+
+
+@router.get("/runs/{run_id}/predictions")
+def run_predictions(
+    run_id: str,
+    session: SessionDep,
+    store: StoreDep,
+    caller: CallerDep,
+    format: str = Query("jsonl", description="jsonl or csv"),
+) -> Response:
+    """Per test image: id, true label, Fitzpatrick group, the top-3 labels and probabilities."""
+    run = service.get_run(session=session, run_id=run_id, owner=caller)
+    if format not in ("jsonl", "csv"):
+        raise InvalidField(f"format: {format!r} is not one of jsonl, csv", field="format")
+    if run.predictions_key is None:
+        raise NotFound(f"run {run.id} has no predictions yet (it is {run.status})")
+    data = _read(store, run.predictions_key)
+    if format == "jsonl":
+        return Response(data, media_type="application/x-ndjson")
+    return Response(_as_csv(data), media_type="text/csv")
+
+
+@router.get("/runs/{run_id}/plots/{filename}")
+def run_plot(run_id: str, filename: str, session: SessionDep, caller: CallerDep) -> Response:
+    """The run's training curve: training-curves.png or training-curves.svg."""
+    name, _, fmt = filename.rpartition(".")
+    if name != "training-curves" or fmt not in plots.FORMATS:
+        raise NotFound(f"no plot {filename!r}; runs have training-curves.png and .svg")
+    run = service.get_run(session=session, run_id=run_id, owner=caller)
+    return Response(plots.run_plot(run=run, fmt=fmt), media_type=plots.FORMATS[fmt])
+
+
+def _read(store: ObjectStore, key: str) -> bytes:
+    try:
+        return store.get_bytes(key)
+    except ObjectNotFound:
+        raise NotFound(f"the predictions file {key} is missing from the store") from None
+
+
+def _as_csv(jsonl: bytes) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(PREDICTION_COLUMNS)
+    for line in jsonl.decode().splitlines():
+        row = json.loads(line)
+        top = row["predictions"] + [{"label": "", "probability": ""}] * 3
+        writer.writerow(
+            [row["image_id"], row["sha256"], row["true_label"], row["skin_tone"] or "",
+             row["fitzpatrick_group"], row["correct"]]
+            + [v for p in top[:3] for v in (p["label"], p["probability"])]
+        )  # fmt: skip
+    return out.getvalue()

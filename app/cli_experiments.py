@@ -1,0 +1,180 @@
+"""`synthderm experiments ...`: classifier experiments through the REST API (submit, follow,
+report with its plots). A client only: no database, no torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+experiments_cli = typer.Typer(
+    help="Classifier experiments (through the REST API).", no_args_is_help=True
+)
+PLOT_FORMATS = ("png", "svg")
+
+
+def _ints(text: str | None) -> list[int | None] | None:
+    """ "1,8,all" -> [1, 8, None]."""
+    if text is None:
+        return None
+    return [
+        None if part.strip() == "all" else int(part) for part in text.split(",") if part.strip()
+    ]
+
+
+def _flags(text: str | None) -> list[bool] | None:
+    """ "off,on" -> [False, True]."""
+    if text is None:
+        return None
+    values = {"off": False, "false": False, "no": False, "on": True, "true": True, "yes": True}
+    try:
+        return [values[part.strip().lower()] for part in text.split(",") if part.strip()]
+    except KeyError as exc:
+        raise typer.BadParameter(f"--augmentation: {exc.args[0]!r} is not on or off") from None
+
+
+def _strings(text: str | None) -> list[str] | None:
+    return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
+
+
+@experiments_cli.command("submit")
+def submit(
+    dataset: Annotated[str, typer.Option(help="Real dataset id (training pool and test).")],
+    n_real: Annotated[
+        str | None, typer.Option(help="Real images per class, e.g. 1,8,16,all.")
+    ] = None,
+    k: Annotated[str | None, typer.Option(help="Synthetic per real image, e.g. 0,10.")] = None,
+    synthetic: Annotated[
+        str | None, typer.Option(help="Synthetic dataset ids, comma list.")
+    ] = None,
+    strategies: Annotated[
+        str | None, typer.Option(help="inpaint, inpaint-outpaint, text-to-image, ...")
+    ] = None,
+    augmentation: Annotated[str | None, typer.Option(help="off, on or off,on.")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 1,2,3.")] = None,
+    test_split: Annotated[str | None, typer.Option(help="Split that is the test set.")] = None,
+    test_dataset: Annotated[str | None, typer.Option(help="A held-out real dataset.")] = None,
+    top_n: Annotated[int | None, typer.Option(help="Keep the N commonest classes.")] = None,
+    conditions: Annotated[str | None, typer.Option(help="The classes, comma list.")] = None,
+    validation_per_class: Annotated[int | None, typer.Option()] = None,
+    max_epochs: Annotated[int | None, typer.Option()] = None,
+    backbone: Annotated[str | None, typer.Option()] = None,
+    name: Annotated[str | None, typer.Option()] = None,
+    wait: Annotated[bool, typer.Option(help="Follow it with a progress bar.")] = False,
+) -> None:
+    """Submit a grid of classifier runs."""
+    from app.cli import _client, _finish, _wait_with_bar
+
+    body: dict[str, Any] = {
+        "dataset": dataset,
+        "n_real_per_class": _ints(n_real),
+        "synthetic_per_real": _ints(k),
+        "synthetic_datasets": _strings(synthetic),
+        "strategies": _strings(strategies),
+        "augmentation": _flags(augmentation),
+        "seeds": _ints(seeds),
+        "test_split": test_split,
+        "test_dataset": test_dataset,
+        "top_n_classes": top_n,
+        "conditions": _strings(conditions),
+        "validation_per_class": validation_per_class,
+        "max_epochs": max_epochs,
+        "backbone": backbone,
+        "name": name,
+    }
+    client = _client()
+    experiment = client.post("/experiments", {k: v for k, v in body.items() if v is not None})
+    if not wait:
+        typer.echo(json.dumps(_summary(experiment), indent=2))
+        return
+    state = {"id": experiment["id"], "count": experiment["progress"]["total"],
+             "status": experiment["status"]}  # fmt: skip
+    final = _wait_with_bar(client, state, f"experiment {experiment['id'][:8]}")
+    experiment = client.get(f"/experiments/{experiment['id']}", runs="false")
+    print_report(experiment)
+    _finish({**_summary(experiment), "status": final["status"]})
+
+
+def _summary(experiment: dict[str, Any]) -> dict[str, Any]:
+    return {k: experiment[k] for k in ("id", "name", "status", "progress", "error", "plots")}
+
+
+def print_report(experiment: dict[str, Any]) -> None:
+    from app.reports import report_rows
+
+    report = experiment.get("report")
+    if not report or not report["settings"]:
+        console.print(
+            f"experiment {experiment['id']}: no finished runs yet ({experiment['status']})"
+        )
+        return
+    header, rows = report_rows(report)
+    table = Table(title=f"{experiment['name']} ({experiment['id']})", show_lines=False)
+    for column in header:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"classes: {', '.join(report['classes'])}; runs: {report['runs']}")
+
+
+@experiments_cli.command("report")
+def report(
+    experiment_id: str,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for report.md, report.json and the plots.")
+    ] = None,
+) -> None:
+    """Print an experiment's table and save its report and plots (PNG and SVG)."""
+    from app.cli import _client
+    from app.reports import report_markdown
+
+    client = _client()
+    experiment = client.get(f"/experiments/{experiment_id}", runs="false")
+    print_report(experiment)
+    folder = out or Path(f"experiment-{experiment_id[:8]}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(experiment, indent=2) + "\n")
+    if experiment.get("report"):
+        (folder / "report.md").write_text(report_markdown(experiment["report"]))
+    for path in experiment["plots"]:
+        stem = path.rsplit("/", 1)[1].rsplit(".", 1)[0]
+        for fmt in PLOT_FORMATS:
+            data = client.get_bytes(f"/experiments/{experiment_id}/plots/{stem}.{fmt}")
+            (folder / f"{stem}.{fmt}").write_bytes(data)
+    console.print(f"saved to {folder}/")
+
+
+@experiments_cli.command("list")
+def list_experiments() -> None:
+    """Your experiments, newest first."""
+    from app.cli import _client
+
+    for item in _client().get("/experiments")["items"]:
+        done, total = item["progress"]["done"], item["progress"]["total"]
+        typer.echo(f"{item['id']}  {item['status']:<9}  {done}/{total}  {item['name']}")
+
+
+@experiments_cli.command("cancel")
+def cancel(experiment_id: str) -> None:
+    """Cancel an experiment (finished runs keep their results)."""
+    from app.cli import _client
+
+    typer.echo(
+        json.dumps(_summary(_client().post(f"/experiments/{experiment_id}/cancel")), indent=2)
+    )
+
+
+@experiments_cli.command("resume")
+def resume(experiment_id: str) -> None:
+    """Queue again what a canceled or failed experiment did not finish."""
+    from app.cli import _client
+
+    typer.echo(
+        json.dumps(_summary(_client().post(f"/experiments/{experiment_id}/resume")), indent=2)
+    )

@@ -1,0 +1,70 @@
+"""The backbone feature cache: every query on `feature_cache`.
+
+A frozen backbone maps an image (by its bytes' sha256) under a transform to the same vector
+every time, so it is computed once and shared by every run and every worker. No torch here:
+vectors travel as float32 bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from app.db.tables import FeatureCache, utcnow
+
+# sha256 values per IN list.
+LOOKUP_BATCH = 500
+
+
+def cached_features(
+    *, session: Session, backbone: str, transform: str, sha256s: Sequence[str]
+) -> dict[str, bytes]:
+    """The stored vectors of those images under (backbone, transform), by sha256."""
+    found: dict[str, bytes] = {}
+    unique = sorted(set(sha256s))
+    for start in range(0, len(unique), LOOKUP_BATCH):
+        rows = session.execute(
+            select(FeatureCache.sha256, FeatureCache.vector).where(
+                FeatureCache.backbone == backbone,
+                FeatureCache.transform == transform,
+                FeatureCache.sha256.in_(unique[start : start + LOOKUP_BATCH]),
+            )
+        )
+        found.update({sha: bytes(vector) for sha, vector in rows})
+    return found
+
+
+def store_features(
+    *,
+    session: Session,
+    backbone: str,
+    transform: str,
+    dim: int,
+    vectors: Iterable[tuple[str, bytes]],
+) -> None:
+    """Insert vectors; one another worker stored meanwhile wins (the values are equal).
+    Commits."""
+    now = utcnow()
+    rows = [
+        {"sha256": sha, "backbone": backbone, "transform": transform, "dim": dim,
+         "vector": vector, "created_at": now}
+        for sha, vector in vectors
+    ]  # fmt: skip
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    for start in range(0, len(rows), LOOKUP_BATCH):
+        statement = insert_fn(FeatureCache).values(rows[start : start + LOOKUP_BATCH])
+        session.execute(statement.on_conflict_do_nothing())
+    session.commit()
+
+
+def count_features(*, session: Session, backbone: str | None = None) -> int:
+    query = select(func.count()).select_from(FeatureCache)
+    if backbone is not None:
+        query = query.where(FeatureCache.backbone == backbone)
+    return int(session.scalar(query) or 0)

@@ -1,0 +1,201 @@
+"""An experiment's figures, drawn from its report and runs: accuracy against n_real for each k
+(the paper's figure), the dose-response curve, per-skin-tone bars with confidence intervals,
+and the training curves. PNG or SVG bytes; matplotlib's Agg backend, no display, no torch.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import defaultdict
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
+
+from app.db.tables import Run
+from app.errors import InvalidField, NotFound
+from app.metrics import FITZPATRICK_GROUPS
+from app.reports import setting_label
+
+EXPERIMENT_PLOTS = ("accuracy-vs-n-real", "dose-response", "skin-tone", "training-curves")
+FORMATS = {"png": "image/png", "svg": "image/svg+xml"}
+# pyplot keeps global state: one figure at a time per process
+_lock = threading.Lock()
+
+
+def _n_real_x(entry: dict[str, Any]) -> float:
+    """n_real per class; `all` is drawn at the mean real images per class it had."""
+    n = entry["setting"]["n_real_per_class"]
+    if n is not None:
+        return float(n)
+    classes = max(len(entry.get("classes") or []), 1)
+    return (entry["train_real_images"]["mean"] or 0.0) / classes
+
+
+def _series_label(setting: dict[str, Any], without: str) -> str:
+    label = setting_label({**setting, without: None if without == "n_real_per_class" else 0})
+    parts = label.split()
+    return " ".join(
+        p for p in parts if not p.startswith("n=" if without == "n_real_per_class" else "k=")
+    )
+
+
+def _errorbar_lines(ax: Any, series: dict[str, list[tuple[float, float, float]]]) -> None:
+    for label, points in sorted(series.items()):
+        points.sort()
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        errors = [p[2] for p in points]
+        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
+
+
+def accuracy_vs_n_real(report: dict[str, Any]) -> Figure:
+    """Top-1 accuracy (mean +- sd over seeds) against real images per class, a line per k."""
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    for entry in report["settings"]:
+        mean = entry["top1"]["mean"]
+        if mean is None:
+            continue
+        label = _series_label(entry["setting"], "n_real_per_class")
+        entry = {**entry, "classes": report.get("classes")}
+        series[label].append((_n_real_x(entry), mean, entry["top1"]["sd"] or 0.0))
+    _errorbar_lines(ax, series)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("real training images per class (n_real)")
+    ax.set_ylabel("test top-1 accuracy (mean ± sd over seeds)")
+    ax.set_title("Accuracy against real data, per synthetic:real ratio k")
+    return figure
+
+
+def dose_response(report: dict[str, Any]) -> Figure:
+    """Top-1 accuracy against k, a line per n_real (k = 0 is the real-only setting)."""
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    real_only = [e for e in report["settings"] if not e["setting"]["synthetic_per_real"]]
+    for entry in report["settings"]:
+        setting, mean = entry["setting"], entry["top1"]["mean"]
+        if mean is None or not setting["synthetic_per_real"]:
+            continue
+        label = _series_label(setting, "synthetic_per_real")
+        series[label].append(
+            (float(setting["synthetic_per_real"]), mean, entry["top1"]["sd"] or 0.0)
+        )
+        for control in real_only:
+            same = all(
+                control["setting"][f] == setting[f] for f in ("n_real_per_class", "augmentation")
+            )
+            if (
+                same
+                and control["top1"]["mean"] is not None
+                and not any(p[0] == 0.0 for p in series[label])
+            ):
+                series[label].append((0.0, control["top1"]["mean"], control["top1"]["sd"] or 0.0))
+    if not series:  # real-only experiments: one point per n_real at k = 0
+        for entry in real_only:
+            if entry["top1"]["mean"] is not None:
+                label = setting_label(entry["setting"])
+                series[label].append((0.0, entry["top1"]["mean"], entry["top1"]["sd"] or 0.0))
+    _errorbar_lines(ax, series)
+    ax.set_xlabel("synthetic images per real image (k)")
+    ax.set_ylabel("test top-1 accuracy (mean ± sd over seeds)")
+    ax.set_title("Dose-response: accuracy against the synthetic:real ratio")
+    return figure
+
+
+def skin_tone_bars(report: dict[str, Any], limit: int = 8) -> Figure:
+    """Top-1 accuracy per Fitzpatrick group (pooled over seeds, Wilson 95% CI), a bar per
+    setting."""
+    entries = report["settings"][:limit]
+    figure, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(len(entries), 1)
+    for i, entry in enumerate(entries):
+        xs, ys, low, high = [], [], [], []
+        for g, group in enumerate(FITZPATRICK_GROUPS):
+            pooled = entry["by_skin_tone"][group]["pooled"]
+            if pooled["value"] is None:
+                continue
+            lo, hi = pooled["ci_wilson"]
+            xs.append(g + (i - (len(entries) - 1) / 2) * width)
+            ys.append(pooled["value"])
+            low.append(pooled["value"] - lo)
+            high.append(hi - pooled["value"])
+        ax.bar(
+            xs, ys, width=width, yerr=[low, high], capsize=2, label=setting_label(entry["setting"])
+        )
+    counts = [
+        max((e["by_skin_tone"][g]["pooled"]["n"] // max(len(e["seeds"]), 1)) for e in entries)
+        if entries
+        else 0
+        for g in FITZPATRICK_GROUPS
+    ]
+    ax.set_xticks(range(len(FITZPATRICK_GROUPS)))
+    ax.set_xticklabels([f"{g}\n(n={n})" for g, n in zip(FITZPATRICK_GROUPS, counts, strict=True)])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test top-1 accuracy (95% Wilson CI)")
+    ax.set_title("Accuracy per Fitzpatrick skin type group")
+    return figure
+
+
+def training_curves(runs: list[Run]) -> Figure:
+    """Validation loss (solid) and training loss (dotted) per epoch, a colour per setting."""
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    colours: dict[str, Any] = {}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for run in runs:
+        history = run.history or []
+        if not history:
+            continue
+        from app.runs import SETTING_FIELDS
+
+        label = setting_label({f: run.config.get(f) for f in SETTING_FIELDS})
+        colour = colours.setdefault(label, cycle[len(colours) % len(cycle)])
+        epochs = [h["epoch"] for h in history]
+        first = label not in {line.get_label() for line in ax.get_lines()}
+        ax.plot(epochs, [h["val_loss"] for h in history], color=colour,
+                label=label if first else None)  # fmt: skip
+        ax.plot(epochs, [h["train_loss"] for h in history], color=colour, linestyle=":")
+        if run.best_epoch:
+            ax.plot([run.best_epoch], [history[run.best_epoch - 1]["val_loss"]], "o", color=colour)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy (solid: validation, dotted: training)")
+    ax.set_title("Training curves (dot: the restored best epoch)")
+    return figure
+
+
+def render(figure: Figure, fmt: str) -> bytes:
+    if fmt not in FORMATS:
+        raise InvalidField(f"format: {fmt!r} is not one of {', '.join(FORMATS)}", field="format")
+    handles, _labels = figure.axes[0].get_legend_handles_labels()
+    if handles:
+        figure.axes[0].legend(fontsize=8)
+    figure.axes[0].grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=fmt, dpi=120)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def experiment_plot(*, name: str, fmt: str, report: dict[str, Any], runs: list[Run]) -> bytes:
+    """One of EXPERIMENT_PLOTS as PNG or SVG bytes."""
+    builders = {
+        "accuracy-vs-n-real": lambda: accuracy_vs_n_real(report),
+        "dose-response": lambda: dose_response(report),
+        "skin-tone": lambda: skin_tone_bars(report),
+        "training-curves": lambda: training_curves(runs),
+    }
+    if name not in builders:
+        raise NotFound(f"no plot {name!r}; plots: {', '.join(EXPERIMENT_PLOTS)}")
+    with _lock:
+        return render(builders[name](), fmt)
+
+
+def run_plot(*, run: Run, fmt: str) -> bytes:
+    """A run's training curve."""
+    with _lock:
+        return render(training_curves([run]), fmt)

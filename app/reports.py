@@ -1,0 +1,191 @@
+"""An experiment's report: its runs grouped by setting, mean and sd over seeds, per
+Fitzpatrick group, and the paired difference of each real+synthetic setting from the
+real-only setting with the same n_real and augmentation. No torch here (the API builds it).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from app import metrics
+from app.db.tables import Run
+from app.runs import SETTING_FIELDS, setting_of
+from app.schemas import JobStatus
+
+HEADLINE = ("top1", "top3", "balanced_accuracy", "macro_auroc")
+
+
+def _value(run_metrics: dict[str, Any], name: str) -> float | None:
+    value = run_metrics.get(name)
+    return value.get("value") if isinstance(value, dict) else value
+
+
+def _skin_tone(finished: list[Run]) -> dict[str, Any]:
+    """Per group: top-1 mean and sd over seeds, and pooled over seeds with a Wilson CI."""
+    out: dict[str, Any] = {}
+    for group in metrics.FITZPATRICK_GROUPS:
+        per_seed, correct, n = [], 0, 0
+        for run in finished:
+            stats = (run.metrics or {}).get("by_skin_tone", {}).get("groups", {}).get(group, {})
+            per_seed.append((stats.get("top1") or {}).get("value"))
+            correct += (stats.get("top1") or {}).get("correct") or 0
+            n += stats.get("n") or 0
+        out[group] = {
+            "top1": metrics.summarize(per_seed),
+            "pooled": {
+                "correct": correct,
+                "n": n,
+                "value": correct / n if n else None,
+                "ci_wilson": metrics.proportion_ci(successes=correct, n=n, method="wilson"),
+            },
+        }
+    return out
+
+
+def _correctness(finished: list[Run], name: str) -> tuple[np.ndarray, list[str]] | None:
+    """(seeds, test images) correctness matrix, when every run scored the same test images."""
+    ids = [(run.metrics or {}).get("test_image_ids") for run in finished]
+    strings = [(run.metrics or {}).get(name) for run in finished]
+    if not finished or any(i is None or i != ids[0] for i in ids) or None in strings:
+        return None
+    matrix = np.stack([metrics.parse_correctness(s) for s in strings if s is not None])
+    return matrix, list(ids[0] or [])
+
+
+def build_report(*, runs: list[Run], classes: list[str]) -> dict[str, Any]:
+    """The report of an experiment's runs (finished ones count; the others are tallied)."""
+    tally = {status.value: 0 for status in JobStatus}
+    groups: dict[tuple[Any, ...], list[Run]] = defaultdict(list)
+    for run in runs:
+        tally[run.status] = tally.get(run.status, 0) + 1
+        if run.status == JobStatus.SUCCEEDED.value and run.metrics:
+            groups[setting_of(run.config)].append(run)
+
+    settings: list[dict[str, Any]] = []
+    for key in sorted(groups, key=lambda k: tuple((v is None, str(v)) for v in k)):
+        finished = sorted(groups[key], key=lambda r: r.config["seed"])
+        setting = dict(zip(SETTING_FIELDS, key, strict=True))
+        real_counts = [sum((r.split or {}).get("train_real", {}).values()) for r in finished]
+        synthetic_counts = [
+            sum((r.split or {}).get("train_synthetic", {}).values()) for r in finished
+        ]
+        entry: dict[str, Any] = {
+            "setting": setting,
+            "seeds": [r.config["seed"] for r in finished],
+            "runs": [r.id for r in finished],
+            "train_real_images": metrics.summarize([float(c) for c in real_counts]),
+            "train_synthetic_images": metrics.summarize([float(c) for c in synthetic_counts]),
+            "epochs": metrics.summarize([float(r.best_epoch or 0) for r in finished]),
+        }
+        for name in HEADLINE:
+            entry[name] = metrics.summarize([_value(r.metrics or {}, name) for r in finished])
+        entry["by_skin_tone"] = _skin_tone(finished)
+        entry["skin_tone_gap_top1"] = metrics.summarize(
+            [
+                (((r.metrics or {}).get("by_skin_tone") or {}).get("gap") or {})
+                .get("top1", {})
+                .get("value")
+                for r in finished
+            ]
+        )
+        settings.append(entry)
+
+    # the paired difference from real-only (same n_real and augmentation), per setting
+    by_key = {tuple(e["setting"][f] for f in SETTING_FIELDS): e for e in settings}
+    for entry in settings:
+        setting = entry["setting"]
+        entry["versus_real_only"] = None
+        if not setting["synthetic_per_real"]:
+            continue
+        control_key = (setting["n_real_per_class"], 0, None, None, setting["augmentation"])
+        control = by_key.get(control_key)
+        if control is None:
+            continue
+        comparison: dict[str, Any] = {"control": control["setting"]}
+        for name in ("test_correct_top1", "test_correct_top3"):
+            treated = _correctness(groups[tuple(setting[f] for f in SETTING_FIELDS)], name)
+            baseline = _correctness(groups[control_key], name)
+            if treated is None or baseline is None or treated[1] != baseline[1]:
+                comparison[name.removeprefix("test_correct_")] = None
+                continue
+            comparison[name.removeprefix("test_correct_")] = metrics.paired_bootstrap_difference(
+                treated=treated[0], control=baseline[0]
+            )
+        entry["versus_real_only"] = comparison
+    return {"classes": classes, "runs": tally, "settings": settings}
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    """A short human name of a setting, e.g. `n=16 k=10 inpaint aug`."""
+    n = setting["n_real_per_class"]
+    parts = [f"n={'all' if n is None else n}", f"k={setting['synthetic_per_real']}"]
+    if setting["synthetic_per_real"]:
+        parts.append(setting["strategy"] or "any")
+    if setting["augmentation"]:
+        parts.append("aug")
+    return " ".join(parts)
+
+
+def _mean_sd(summary: dict[str, Any], percent: bool = True) -> str:
+    mean, sd = summary.get("mean"), summary.get("sd")
+    if mean is None:
+        return "-"
+    scale = 100 if percent else 1
+    text = f"{mean * scale:.1f}" if percent else f"{mean:.3f}"
+    if sd is not None:
+        text += f" ± {sd * scale:.1f}" if percent else f" ± {sd:.3f}"
+    return text
+
+
+def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The report as a table (header, rows): a row per setting, accuracies in percent as
+    mean ± sd over seeds, per Fitzpatrick group pooled over seeds, and the paired
+    difference in top-1 from real-only with its bootstrap 95% CI."""
+    header = [
+        "setting", "seeds", "real/class", "synthetic", "top-1 %", "top-3 %", "balanced %",
+        "AUROC", *(f"top-1 {g} %" for g in metrics.FITZPATRICK_GROUPS), "gap (pts)",
+        "Δ top-1 vs real-only (pts, 95% CI)",
+    ]  # fmt: skip
+    rows = []
+    classes = max(len(report.get("classes") or []), 1)
+    for entry in report["settings"]:
+        groups = []
+        for group in metrics.FITZPATRICK_GROUPS:
+            pooled = entry["by_skin_tone"][group]["pooled"]
+            groups.append(
+                "-" if pooled["value"] is None else f"{pooled['value'] * 100:.1f} (n={pooled['n']})"
+            )
+        versus = (entry.get("versus_real_only") or {}).get("top1")
+        difference = "-"
+        if versus:
+            lo, hi = versus["ci"]
+            difference = f"{versus['difference'] * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+        real = entry["train_real_images"]["mean"]
+        synthetic = entry["train_synthetic_images"]["mean"]
+        rows.append(
+            [
+                setting_label(entry["setting"]),
+                str(len(entry["seeds"])),
+                "-" if real is None else f"{real / classes:.0f}",
+                "-" if synthetic is None else f"{synthetic:.0f}",
+                _mean_sd(entry["top1"]),
+                _mean_sd(entry["top3"]),
+                _mean_sd(entry["balanced_accuracy"]),
+                _mean_sd(entry["macro_auroc"], percent=False),
+                *groups,
+                _mean_sd(entry["skin_tone_gap_top1"]),
+                difference,
+            ]
+        )
+    return header, rows
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report table in Markdown."""
+    header, rows = report_rows(report)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

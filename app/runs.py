@@ -1,0 +1,415 @@
+"""Classifier runs and experiments: every query on `runs`, and the grid an experiment expands.
+
+An experiment is a job of kind `experiment` whose chunk i is run i, so dispatch, recovery,
+cancel and progress are the jobs' own. No torch here: the training is in workers/train.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from app import jobs
+from app.config import Settings
+from app.db.tables import ApiKey, Job, JobChunk, Run, utcnow
+from app.errors import Conflict, InvalidField, NotFound
+from app.ids import new_id
+from app.mixtures import check_datasets, choose_classes, data_fingerprint, pool_counts
+from app.schemas import ExperimentCreate, JobStatus, RunCreate
+
+EXPERIMENT_KIND = "experiment"
+MAX_RUNS = 2000
+# Fields of a request that every run of it shares (data and training options).
+SHARED_FIELDS = (
+    "dataset",
+    "test_split",
+    "test_dataset",
+    "validation_per_class",
+    "conditions",
+    "top_n_classes",
+    "backbone",
+    "max_epochs",
+    "patience",
+    "learning_rate",
+    "weight_decay",
+    "batch_size",
+    "image_size",
+    "cache_features",
+)
+# What makes runs of one setting (the seeds vary within it).
+SETTING_FIELDS = (
+    "n_real_per_class",
+    "synthetic_per_real",
+    "strategy",
+    "synthetic_dataset",
+    "augmentation",
+)
+
+
+def expand_grid(params: ExperimentCreate) -> list[dict[str, Any]]:
+    """The experiment's runs, one config each. Real-only runs (k = 0) do not depend on a
+    strategy or a synthetic dataset, so they are made once per n_real, augmentation, seed."""
+    ks = sorted(set(params.synthetic_per_real))
+    if any(k > 0 for k in ks) and not params.synthetic_datasets:
+        raise InvalidField(
+            "synthetic_datasets: synthetic_per_real > 0 needs at least one synthetic dataset",
+            field="synthetic_datasets",
+        )
+    configs: list[dict[str, Any]] = []
+    for n_real, augmentation, k in itertools.product(
+        list(dict.fromkeys(params.n_real_per_class)), list(dict.fromkeys(params.augmentation)), ks
+    ):
+        sources: list[tuple[str | None, str | None]] = [(None, None)]
+        if k > 0:
+            sources = [
+                (dataset, strategy.value if strategy else None)
+                for dataset, strategy in itertools.product(
+                    list(dict.fromkeys(params.synthetic_datasets)),
+                    list(dict.fromkeys(params.strategies)),
+                )
+            ]
+        for (dataset, strategy), seed in itertools.product(
+            sources, list(dict.fromkeys(params.seeds))
+        ):
+            configs.append(
+                {
+                    "n_real_per_class": n_real,
+                    "synthetic_per_real": k,
+                    "strategy": strategy,
+                    "synthetic_dataset": dataset,
+                    "augmentation": augmentation,
+                    "seed": seed,
+                }
+            )
+    if len(configs) > MAX_RUNS:
+        raise InvalidField(
+            f"seeds: the grid has {len(configs)} runs, more than {MAX_RUNS}; split it",
+            field="seeds",
+        )
+    return configs
+
+
+def setting_of(config: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(config.get(name) for name in SETTING_FIELDS)
+
+
+def _config_key(*, shared: dict[str, Any], config: dict[str, Any], fingerprint: Any) -> str:
+    text = json.dumps([shared, config, fingerprint], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_classes(*, session: Session, shared: dict[str, Any]) -> list[str]:
+    counts, test_count = pool_counts(
+        session=session,
+        dataset_id=shared["dataset"],
+        test_split=shared["test_split"],
+        test_dataset=shared["test_dataset"],
+    )
+    if test_count == 0:
+        where = (
+            f"dataset {shared['test_dataset']}"
+            if shared["test_dataset"]
+            else f"split {shared['test_split']!r} of dataset {shared['dataset']}"
+        )
+        field = "test_dataset" if shared["test_dataset"] else "test_split"
+        raise InvalidField(f"{field}: no test images in {where}", field=field)
+    return choose_classes(
+        counts=counts,
+        conditions=shared["conditions"],
+        top_n=shared["top_n_classes"],
+        validation_per_class=shared["validation_per_class"],
+    )
+
+
+def create_experiment(
+    *,
+    session: Session,
+    settings: Settings,
+    params: ExperimentCreate,
+    owner: ApiKey,
+    name: str | None = None,
+) -> tuple[Job, bool]:
+    """Validate a grid and insert its job, chunks and runs; (job, created). Not committed."""
+    # 1. idempotency: the same key returns the experiment it made before
+    if params.idempotency_key:
+        existing = session.scalar(
+            select(Job).where(
+                Job.owner_id == owner.id, Job.idempotency_key == params.idempotency_key
+            )
+        )
+        if existing is not None:
+            return existing, False
+
+    # 2. the data: datasets, classes, the grid
+    check_datasets(
+        session=session,
+        owner_id=owner.id,
+        dataset=params.dataset,
+        test_dataset=params.test_dataset,
+        synthetic_datasets=params.synthetic_datasets,
+    )
+    shared = {name: getattr(params, name) for name in SHARED_FIELDS}
+    shared["backbone"] = shared["backbone"] or settings.classifier_backbone
+    classes = _check_classes(session=session, shared=shared)
+    configs = expand_grid(params)
+    fingerprint = data_fingerprint(
+        session=session,
+        dataset_ids=[params.dataset, *params.synthetic_datasets]
+        + ([params.test_dataset] if params.test_dataset else []),
+    )
+
+    # 3. the job, one chunk and one run per grid point
+    now = utcnow()
+    job = Job(
+        id=new_id(),
+        owner_id=owner.id,
+        dataset_id=params.dataset,
+        kind=EXPERIMENT_KIND,
+        status=JobStatus.QUEUED.value,
+        count=len(configs),
+        seed=params.seeds[0] if isinstance(params.seeds, list) else 0,
+        chunk_size=1,
+        params={
+            **params.model_dump(mode="json", exclude={"idempotency_key"}),
+            **shared,
+            "name": name or params.name or f"experiment on {params.dataset}",
+            "classes": classes,
+        },
+        done=0,
+        idempotency_key=params.idempotency_key,
+        created_at=now,
+    )
+    session.add(job)
+    session.flush()
+    session.execute(
+        insert(JobChunk),
+        [
+            {"job_id": job.id, "index": i, "start": i, "stop": i + 1, "status": "pending",
+             "done": 0, "attempts": 0, "dispatches": 0}
+            for i in range(len(configs))
+        ],
+    )  # fmt: skip
+    session.execute(
+        insert(Run),
+        [
+            {
+                "id": new_id(),
+                "owner_id": owner.id,
+                "job_id": job.id,
+                "index": i,
+                "status": JobStatus.QUEUED.value,
+                "config": {**shared, **config},
+                "config_key": _config_key(shared=shared, config=config, fingerprint=fingerprint),
+                "epoch": 0,
+                "created_at": now,
+            }
+            for i, config in enumerate(configs)
+        ],
+    )
+    return job, True
+
+
+def create_run(
+    *, session: Session, settings: Settings, params: RunCreate, owner: ApiKey
+) -> tuple[Job, bool]:
+    """One run: an experiment of a single grid point. Not committed."""
+    if params.synthetic_per_real > 0 and len(params.synthetic_datasets) != 1:
+        raise InvalidField(
+            "synthetic_datasets: a run with synthetic_per_real > 0 takes exactly one "
+            "synthetic dataset (an experiment takes several)",
+            field="synthetic_datasets",
+        )
+    grid = ExperimentCreate(
+        **params.model_dump(
+            exclude={
+                "n_real_per_class",
+                "synthetic_per_real",
+                "strategy",
+                "augmentation",
+                "seed",
+                "synthetic_datasets",
+            }
+        ),
+        n_real_per_class=[params.n_real_per_class],
+        synthetic_per_real=[params.synthetic_per_real],
+        synthetic_datasets=params.synthetic_datasets if params.synthetic_per_real else [],
+        strategies=[params.strategy],
+        augmentation=[params.augmentation],
+        seeds=[params.seed],
+    )
+    return create_experiment(
+        session=session, settings=settings, params=grid, owner=owner, name=params.name or "run"
+    )
+
+
+def get_experiment(*, session: Session, experiment_id: str, owner: ApiKey) -> Job:
+    job = session.get(Job, experiment_id)
+    if job is None or job.owner_id != owner.id or job.kind != EXPERIMENT_KIND:
+        raise NotFound(f"no experiment {experiment_id!r}")
+    return job
+
+
+def runs_of(*, session: Session, experiment_id: str) -> list[Run]:
+    return list(session.scalars(select(Run).where(Run.job_id == experiment_id).order_by(Run.index)))
+
+
+def get_run(*, session: Session, run_id: str, owner: ApiKey) -> Run:
+    run = session.get(Run, run_id)
+    if run is None or run.owner_id != owner.id:
+        raise NotFound(f"no run {run_id!r}")
+    return run
+
+
+def list_runs(
+    *, session: Session, owner: ApiKey, limit: int, cursor: str | None
+) -> tuple[list[Run], str | None]:
+    """The caller's runs, newest first, keyset-paged on (created_at, id)."""
+    query = select(Run).where(Run.owner_id == owner.id)
+    if cursor:
+        anchor = session.get(Run, cursor)
+        if anchor is None or anchor.owner_id != owner.id:
+            raise InvalidField("cursor: unknown cursor", field="cursor")
+        query = query.where(
+            (Run.created_at < anchor.created_at)
+            | ((Run.created_at == anchor.created_at) & (Run.id <= anchor.id))
+        )
+    rows = list(
+        session.scalars(
+            query.order_by(Run.created_at.desc(), Run.index.desc(), Run.id.desc()).limit(limit + 1)
+        )
+    )
+    next_cursor = rows[limit].id if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def cancel_experiment(*, session: Session, experiment_id: str, owner: ApiKey) -> Job:
+    """Cancel an experiment: queued runs never start, a running one stops at its next epoch.
+    Not committed."""
+    job = get_experiment(session=session, experiment_id=experiment_id, owner=owner)
+    jobs.cancel_job(session=session, job_id=job.id, owner=owner)
+    session.execute(
+        update(Run)
+        .where(Run.job_id == job.id, Run.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.CANCELED.value, finished_at=utcnow())
+    )
+    return job
+
+
+def resume_experiment(*, session: Session, experiment_id: str, owner: ApiKey) -> Job:
+    """Queue again the runs of a canceled or failed experiment that did not finish; finished
+    runs are not redone. Not committed; the caller dispatches after the commit."""
+    job = get_experiment(session=session, experiment_id=experiment_id, owner=owner)
+    if job.status not in (JobStatus.CANCELED.value, JobStatus.FAILED.value):
+        raise Conflict(f"experiment {job.id} is {job.status}; only canceled or failed ones resume")
+    unfinished = ("pending", "running", "failed", "canceled")
+    session.execute(
+        update(JobChunk)
+        .where(JobChunk.job_id == job.id, JobChunk.status.in_(unfinished))
+        .values(status="pending", dispatched_at=None, worker=None, error=None, attempts=0)
+    )
+    session.execute(
+        update(Run)
+        .where(Run.job_id == job.id, Run.status != JobStatus.SUCCEEDED.value)
+        .values(status=JobStatus.QUEUED.value, error=None, epoch=0, finished_at=None)
+    )
+    job.status = JobStatus.QUEUED.value
+    job.error = None
+    job.canceled_at = None
+    job.finished_at = None
+    return job
+
+
+# --- the worker's side --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunClaim:
+    """What a worker needs to train one run."""
+
+    run_id: str
+    experiment_id: str
+    index: int
+    config: dict[str, Any]
+    config_key: str
+    owner_id: str
+
+
+def run_of_chunk(*, session: Session, job_id: str, index: int) -> RunClaim:
+    run = session.scalar(select(Run).where(Run.job_id == job_id, Run.index == index))
+    if run is None:
+        raise LookupError(f"experiment {job_id} has no run {index}")
+    return RunClaim(
+        run_id=run.id,
+        experiment_id=job_id,
+        index=index,
+        config=dict(run.config),
+        config_key=run.config_key,
+        owner_id=run.owner_id,
+    )
+
+
+def finished_twin(*, session: Session, claim: RunClaim) -> Run | None:
+    """A succeeded run of the same owner, config and data: its results are reused."""
+    return session.scalar(
+        select(Run)
+        .where(
+            Run.owner_id == claim.owner_id,
+            Run.config_key == claim.config_key,
+            Run.status == JobStatus.SUCCEEDED.value,
+            Run.id != claim.run_id,
+        )
+        .order_by(Run.finished_at)
+        .limit(1)
+    )
+
+
+def start_run(*, session: Session, run_id: str) -> None:
+    """Mark a run running (a retry starts over). Commits."""
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id)
+        .values(status=JobStatus.RUNNING.value, started_at=utcnow(), epoch=0, history=[],
+                error=None)
+    )  # fmt: skip
+    session.commit()
+
+
+def record_epoch(
+    *, session: Session, run_id: str, epoch: int, history: list[dict[str, Any]], split: Any
+) -> None:
+    """A finished epoch: the run's curve so far. Commits."""
+    session.execute(
+        update(Run).where(Run.id == run_id).values(epoch=epoch, history=history, split=split)
+    )
+    session.commit()
+
+
+def finish_run(*, session: Session, run_id: str, status: str, **values: Any) -> None:
+    """Close a run with its results (metrics, history, split, ...) or its error. Commits."""
+    session.execute(
+        update(Run).where(Run.id == run_id).values(status=status, finished_at=utcnow(), **values)
+    )
+    session.commit()
+
+
+def copy_results(*, session: Session, run_id: str, twin: Run) -> None:
+    """Reuse a finished twin's results instead of training again. Commits."""
+    finish_run(
+        session=session,
+        run_id=run_id,
+        status=JobStatus.SUCCEEDED.value,
+        split=twin.split,
+        history=twin.history,
+        epoch=twin.epoch,
+        best_epoch=twin.best_epoch,
+        metrics=twin.metrics,
+        predictions_key=twin.predictions_key,
+        timings=twin.timings,
+        reused_from=twin.reused_from or twin.id,
+    )

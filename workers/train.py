@@ -1,0 +1,397 @@
+"""Classifier runs: the task that trains and evaluates one run of an experiment (`train` queue).
+
+Thin: the mixture comes from app/mixtures.py, the model and its loop from models/, the
+metrics from app/metrics.py. A run whose twin (same owner, config and data) already succeeded
+copies its results instead of training again; a canceled experiment stops its run at the next
+epoch. Features of the frozen backbone are cached in the database by (sha256, backbone,
+transform) unless the run asks for the uncached path (the paper's: every epoch through the body).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from celery import Task
+
+from app import features as feature_cache
+from app import jobs, metrics, runs
+from app.broker import TRAIN_TASK
+from app.config import Settings, get_settings
+from app.db.session import session_factory
+from app.mixtures import Example, ImageRef, build_split, paper_batch_size, real_pool
+from app.mixtures import synthetic_children as load_children
+from app.schemas import JobStatus
+from app.storage import ObjectStore
+from models.backbones import Backbone, load_backbone
+from models.classifier import HeadConfig, TrainOptions, predict, train_head
+from models.pipelines import resolve_device
+from models.transforms import (
+    augment,
+    augmented_view,
+    augmented_view_id,
+    decode_image,
+    eval_transform_id,
+    resize_crop,
+)
+from workers.celery_app import app
+from workers.generate import heartbeat, object_store, worker_name
+
+log = logging.getLogger(__name__)
+DOWNLOAD_THREADS = 8
+TOP_K_PREDICTIONS = 3
+
+
+class Canceled(Exception):
+    """The experiment was canceled while the run trained."""
+
+
+def predictions_key(run_id: str) -> str:
+    return f"runs/{run_id}/predictions.jsonl"
+
+
+def load_pixels(
+    store: ObjectStore, images: Sequence[ImageRef], *, size: int, pool: ThreadPoolExecutor
+) -> torch.Tensor:
+    """(N, 3, size, size) float in [0, 1]: each image decoded, short side resized, centre
+    cropped (fastai's Resize in crop mode)."""
+
+    def one(image: ImageRef) -> torch.Tensor:
+        return resize_crop(decode_image(store.get_bytes(image.storage_key)), size=size)
+
+    if not images:
+        return torch.zeros(0, 3, size, size)
+    return torch.stack(list(pool.map(one, images)))
+
+
+def batched_features(backbone: Backbone, pixels: torch.Tensor, batch: int) -> torch.Tensor:
+    """(N, 3, S, S) -> (N, 2 x channels), `batch` images per forward pass."""
+    if len(pixels) == 0:
+        return torch.zeros(0, 2 * backbone.feature_dim)
+    parts = [backbone.features(pixels[i : i + batch]).clone() for i in range(0, len(pixels), batch)]
+    return torch.cat(parts)
+
+
+class FeatureBank:
+    """Backbone features by (image, transform), from the cache or computed once and stored."""
+
+    def __init__(
+        self, settings: Settings, backbone: Backbone, *, size: int, check: Callable[[], None]
+    ) -> None:
+        self.settings = settings
+        self.backbone = backbone
+        self.size = size
+        self.check = check
+        self.key = f"{backbone.name}@{backbone.weights_id[:16]}"
+        self.computed = 0
+        self.reused = 0
+
+    def transformed(self, pixels: torch.Tensor, image: ImageRef, transform: str) -> torch.Tensor:
+        if transform == eval_transform_id(size=self.size):
+            return pixels
+        view = int(transform.rsplit("-v", 1)[1])
+        return augmented_view(pixels, image_sha256=image.sha256, view=view)
+
+    def get(self, images: Sequence[ImageRef], transforms: list[str]) -> dict[str, torch.Tensor]:
+        """transform -> (len(images), dim) float32, rows in the order of `images`."""
+        make_session = session_factory(self.settings.database_url)
+        dim = 2 * self.backbone.feature_dim
+        unique = {image.sha256: image for image in images}
+        # 1. what the cache has
+        found: dict[str, dict[str, bytes]] = {}
+        with make_session() as session:
+            for transform in transforms:
+                found[transform] = feature_cache.cached_features(
+                    session=session, backbone=self.key, transform=transform, sha256s=list(unique)
+                )
+        missing = [
+            image for sha, image in unique.items() if any(sha not in found[t] for t in transforms)
+        ]
+        self.reused += sum(len(f) for f in found.values())
+        # 2. the rest: each image decoded once, run through the body once per transform
+        store = object_store(self.settings)
+        batch = self.settings.classifier_feature_batch
+        with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+            for start in range(0, len(missing), batch):
+                self.check()
+                part = missing[start : start + batch]
+                pixels = load_pixels(store, part, size=self.size, pool=pool)
+                for transform in transforms:
+                    rows = [
+                        i for i, image in enumerate(part) if image.sha256 not in found[transform]
+                    ]
+                    if not rows:
+                        continue
+                    inputs = torch.stack(
+                        [self.transformed(pixels[i], part[i], transform) for i in rows]
+                    )
+                    vectors = self.backbone.features(inputs).float().cpu().numpy()
+                    new = [
+                        (part[i].sha256, vectors[j].astype("<f4").tobytes())
+                        for j, i in enumerate(rows)
+                    ]
+                    found[transform].update(new)
+                    self.computed += len(new)
+                    with make_session() as session:
+                        feature_cache.store_features(
+                            session=session, backbone=self.key, transform=transform, dim=dim,
+                            vectors=new,
+                        )  # fmt: skip
+        # 3. tensors in the callers' order
+        return {
+            t: torch.from_numpy(
+                np.stack([np.frombuffer(found[t][i.sha256], dtype="<f4") for i in images])
+                if images
+                else np.zeros((0, dim), dtype="<f4")
+            ).float()
+            for t in transforms
+        }
+
+
+def _labels(examples: Sequence[Example]) -> torch.Tensor:
+    return torch.tensor([e.label for e in examples], dtype=torch.long)
+
+
+def evaluate(
+    *, probs: torch.Tensor, test: Sequence[Example], classes: list[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Test metrics, overall and per Fitzpatrick group, and the per-image predictions."""
+    y_true = np.array([e.label for e in test], dtype=np.int64)
+    p = probs.double().numpy()
+    groups = [
+        metrics.fitzpatrick_group(
+            skin_tone=e.image.skin_tone, skin_tone_group=e.image.skin_tone_group
+        )
+        for e in test
+    ]
+    overall = metrics.classification_metrics(y_true=y_true, probs=p, class_names=classes)
+    by_group = metrics.group_metrics(y_true=y_true, probs=p, groups=groups, class_names=classes)
+    top1 = metrics.top_k_correct(y_true=y_true, probs=p, k=1)
+    top3 = metrics.top_k_correct(y_true=y_true, probs=p, k=min(3, len(classes)))
+    result = {
+        **overall,
+        "by_skin_tone": by_group,
+        "test_image_ids": [e.image.id for e in test],
+        "test_groups": groups,
+        "test_correct_top1": metrics.correctness_string(top1),
+        "test_correct_top3": metrics.correctness_string(top3),
+    }
+    rows = []
+    order = np.argsort(-p, axis=1, kind="stable")[:, :TOP_K_PREDICTIONS]
+    for i, example in enumerate(test):
+        rows.append(
+            {
+                "image_id": example.image.id,
+                "sha256": example.image.sha256,
+                "true_label": classes[example.label],
+                "skin_tone": example.image.skin_tone,
+                "fitzpatrick_group": groups[i],
+                "correct": bool(top1[i]),
+                "predictions": [
+                    {"label": classes[j], "probability": round(float(p[i, j]), 6)} for j in order[i]
+                ],
+            }
+        )
+    return result, rows
+
+
+def run_training(
+    settings: Settings, claim: runs.RunClaim, *, chunk: jobs.ChunkClaim, worker: str
+) -> dict[str, Any]:
+    """Train and evaluate one run; returns the values its row is closed with."""
+    config = claim.config
+    make_session = session_factory(settings.database_url)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def check() -> None:
+        with make_session() as session:
+            if jobs.job_status(session=session, job_id=claim.experiment_id) == "canceled":
+                raise Canceled()
+
+    # 1. the mixture
+    with make_session() as session:
+        pool, test = real_pool(
+            session=session,
+            dataset_id=config["dataset"],
+            test_split=config["test_split"],
+            test_dataset=config["test_dataset"],
+        )
+        k = int(config["synthetic_per_real"])
+        children, parent_sha = load_children(
+            session=session,
+            dataset_ids=[config["synthetic_dataset"]] if k and config["synthetic_dataset"] else [],
+            strategy=config["strategy"],
+        )
+    classes = list(chunk.params["classes"])
+    split = build_split(
+        pool=pool,
+        test=test,
+        children=children,
+        parent_sha256=parent_sha,
+        classes=classes,
+        validation_per_class=int(config["validation_per_class"]),
+        n_real_per_class=config["n_real_per_class"],
+        synthetic_per_real=k,
+        seed=int(config["seed"]),
+    )
+    batch_size = config["batch_size"] or paper_batch_size(len(split.train))
+    split.summary["batch_size"] = batch_size
+    timings["data_s"] = time.perf_counter() - clock
+
+    # 2. features: cached vectors, or a function that runs the body every epoch
+    clock = time.perf_counter()
+    size = int(config["image_size"])
+    backbone = load_backbone(config["backbone"], device=resolve_device(settings.device))
+    augmentation = bool(config["augmentation"])
+    train_images = [e.image for e in split.train]
+    bank = FeatureBank(settings, backbone, size=size, check=check)
+    eval_id = eval_transform_id(size=size)
+    if config["cache_features"]:
+        views = [
+            augmented_view_id(v, size=size) for v in range(settings.classifier_augmented_views)
+        ]
+        train_views = list(bank.get(train_images, views if augmentation else [eval_id]).values())
+        val = bank.get([e.image for e in split.validation], [eval_id])[eval_id]
+        test_features = bank.get([e.image for e in split.test], [eval_id])[eval_id]
+
+        def train_features(epoch: int, rows: torch.Tensor) -> torch.Tensor:
+            return train_views[(epoch - 1) % len(train_views)][rows]
+
+        def val_features() -> torch.Tensor:
+            return val
+
+    else:
+        # the paper's path: every batch of every epoch through the frozen body
+        batch = settings.classifier_feature_batch
+        store = object_store(settings)
+        with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool_threads:
+            train_pixels = load_pixels(store, train_images, size=size, pool=pool_threads)
+            val_pixels = load_pixels(
+                store, [e.image for e in split.validation], size=size, pool=pool_threads
+            )
+            test_pixels = load_pixels(
+                store, [e.image for e in split.test], size=size, pool=pool_threads
+            )
+        augment_generator = torch.Generator().manual_seed(int(config["seed"]))
+
+        def train_features(epoch: int, rows: torch.Tensor) -> torch.Tensor:
+            pixels = train_pixels[rows]
+            if augmentation:
+                pixels = augment(pixels, generator=augment_generator)
+            return batched_features(backbone, pixels, batch)
+
+        def val_features() -> torch.Tensor:
+            return batched_features(backbone, val_pixels, batch)
+
+        test_features = batched_features(backbone, test_pixels, batch)
+    timings["features_s"] = time.perf_counter() - clock
+
+    # 3. the head, with early stopping; progress and cancel at every epoch
+    clock = time.perf_counter()
+    max_epochs = int(config["max_epochs"])
+
+    def on_epoch(epoch: int, history: list[dict[str, Any]]) -> None:
+        with make_session() as session:
+            runs.record_epoch(
+                session=session, run_id=claim.run_id, epoch=epoch, history=history,
+                split=split.summary,
+            )  # fmt: skip
+            jobs.record_step(
+                session=session, job_id=claim.experiment_id, index=claim.index, step=epoch,
+                steps=max_epochs,
+            )  # fmt: skip
+        check()
+
+    trained = train_head(
+        train_features=train_features,
+        train_labels=_labels(split.train),
+        val_features=val_features,
+        val_labels=_labels(split.validation),
+        config=HeadConfig(in_features=2 * backbone.feature_dim, n_classes=len(classes)),
+        options=TrainOptions(
+            max_epochs=max_epochs,
+            patience=int(config["patience"]),
+            learning_rate=float(config["learning_rate"]),
+            weight_decay=float(config["weight_decay"]),
+            batch_size=batch_size,
+            seed=int(config["seed"]),
+        ),
+        on_epoch=on_epoch,
+    )
+    timings["train_s"] = time.perf_counter() - clock
+
+    # 4. the test set: metrics and per-image predictions
+    clock = time.perf_counter()
+    result, rows = evaluate(
+        probs=predict(trained.head, test_features), test=split.test, classes=classes
+    )
+    result["best_val_loss"] = trained.best_val_loss
+    key = predictions_key(claim.run_id)
+    body = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    object_store(settings).put_bytes(key, body, content_type="application/x-ndjson")
+    timings["evaluate_s"] = time.perf_counter() - clock
+    timings["features_computed"] = bank.computed
+    timings["features_reused"] = bank.reused
+    return {
+        "split": split.summary,
+        "history": trained.history,
+        "epoch": len(trained.history),
+        "best_epoch": trained.best_epoch,
+        "metrics": result,
+        "predictions_key": key,
+        "timings": {**timings, "worker": worker, "device": str(resolve_device(settings.device))},
+    }
+
+
+@app.task(name=TRAIN_TASK, bind=True, acks_late=True, ignore_result=True)
+def train_run(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
+    """Train and evaluate run `chunk_index` of experiment `job_id`."""
+    settings = get_settings()
+    make_session = session_factory(settings.database_url)
+    worker = worker_name(self)
+    with make_session() as session:
+        chunk = jobs.claim_chunk(
+            session=session, settings=settings, job_id=job_id, index=chunk_index, worker=worker
+        )
+        if chunk is None:
+            return {"job_id": job_id, "skipped": True}
+        claim = runs.run_of_chunk(session=session, job_id=job_id, index=chunk_index)
+        twin = runs.finished_twin(session=session, claim=claim)
+        if twin is not None:
+            runs.copy_results(session=session, run_id=claim.run_id, twin=twin)
+            jobs.finish_chunk(
+                session=session, job_id=job_id, index=chunk_index, status="succeeded", done=1,
+                fail_fast=False,
+            )  # fmt: skip
+            log.info("run %s reuses the results of run %s", claim.run_id, twin.id)
+            return {"job_id": job_id, "status": "succeeded", "reused_from": twin.id}
+        runs.start_run(session=session, run_id=claim.run_id)
+    status, error, values = JobStatus.SUCCEEDED.value, None, {}
+    try:
+        with heartbeat(settings, job_id=job_id, index=chunk_index, worker=worker):
+            values = run_training(settings, claim, chunk=chunk, worker=worker)
+    except Canceled:
+        status = JobStatus.CANCELED.value
+    except Exception as exc:  # reported on the run; the other runs go on
+        log.exception("run %s failed", claim.run_id)
+        status, error = JobStatus.FAILED.value, f"{type(exc).__name__}: {exc}"[:4000]
+    with make_session() as session:
+        runs.finish_run(session=session, run_id=claim.run_id, status=status, error=error, **values)
+        jobs.finish_chunk(
+            session=session,
+            job_id=job_id,
+            index=chunk_index,
+            status=status,
+            done=1 if status == JobStatus.SUCCEEDED.value else 0,
+            error=error,
+            fail_fast=False,
+        )
+    log.info("run %s %s", claim.run_id, status)
+    return {"job_id": job_id, "status": status}
