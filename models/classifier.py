@@ -121,7 +121,7 @@ def train_head(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(rows)
+            total += loss.item() * len(rows)
             seen += len(rows)
 
         # 3. validation loss and accuracy
