@@ -127,7 +127,7 @@ class Settings(BaseSettings):
         "efficientnet-lite0", description="Frozen ImageNet backbone of classifier runs."
     )
     classifier_augmented_views: int = Field(
-        8,
+        4,
         ge=1,
         le=64,
         description="Cached augmented copies per training image (epoch e sees copy e mod N).",

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.datasets import count_job_images, parent_candidates
+from app.db.paging import newest_first
 from app.db.tables import ApiKey, Dataset, Job, JobChunk, JobParent, utcnow
 from app.errors import Conflict, InvalidField, NotFound
 from app.ids import new_id
@@ -300,19 +301,9 @@ def list_jobs(
         query = query.where(Job.kind == kind)
     if status is not None:
         query = query.where(Job.status == status.value)
-    if cursor:
-        anchor = session.get(Job, cursor)
-        if anchor is None or anchor.owner_id != owner.id:
-            raise InvalidField("cursor: unknown cursor", field="cursor")
-        query = query.where(
-            (Job.created_at < anchor.created_at)
-            | ((Job.created_at == anchor.created_at) & (Job.id <= anchor.id))
-        )
-    rows = list(
-        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+    return newest_first(
+        session=session, query=query, table=Job, owner_id=owner.id, limit=limit, cursor=cursor
     )
-    next_cursor = rows[limit].id if len(rows) > limit else None
-    return rows[:limit], next_cursor
 
 
 def running_chunks(*, session: Session, job_id: str) -> list[JobChunk]:

@@ -65,7 +65,10 @@ def build_report(*, runs: list[Run], classes: list[str]) -> dict[str, Any]:
             groups[setting_of(run.config)].append(run)
 
     settings: list[dict[str, Any]] = []
-    for key in sorted(groups, key=lambda k: tuple((v is None, str(v)) for v in k)):
+    # numeric order, null (all real images; any strategy) last
+    for key in sorted(
+        groups, key=lambda k: tuple((v is None, v if v is not None else 0) for v in k)
+    ):
         finished = sorted(groups[key], key=lambda r: r.config["seed"])
         setting = dict(zip(SETTING_FIELDS, key, strict=True))
         real_counts = [sum((r.split or {}).get("train_real", {}).values()) for r in finished]

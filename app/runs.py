@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from app import jobs
 from app.config import Settings
+from app.db.paging import newest_first
 from app.db.tables import ApiKey, Job, JobChunk, Run, utcnow
 from app.errors import Conflict, InvalidField, NotFound
 from app.ids import new_id
@@ -271,21 +272,9 @@ def list_runs(
 ) -> tuple[list[Run], str | None]:
     """The caller's runs, newest first, keyset-paged on (created_at, id)."""
     query = select(Run).where(Run.owner_id == owner.id)
-    if cursor:
-        anchor = session.get(Run, cursor)
-        if anchor is None or anchor.owner_id != owner.id:
-            raise InvalidField("cursor: unknown cursor", field="cursor")
-        query = query.where(
-            (Run.created_at < anchor.created_at)
-            | ((Run.created_at == anchor.created_at) & (Run.id <= anchor.id))
-        )
-    rows = list(
-        session.scalars(
-            query.order_by(Run.created_at.desc(), Run.index.desc(), Run.id.desc()).limit(limit + 1)
-        )
+    return newest_first(
+        session=session, query=query, table=Run, owner_id=owner.id, limit=limit, cursor=cursor
     )
-    next_cursor = rows[limit].id if len(rows) > limit else None
-    return rows[:limit], next_cursor
 
 
 def cancel_experiment(*, session: Session, experiment_id: str, owner: ApiKey) -> Job:

@@ -92,3 +92,38 @@ def test_client_reports_api_errors(deployed: Stack, tmp_path: Path) -> None:
     assert "condition" in bad.stderr
     unauthorized = run_cli(deployed, "wrong-key", tmp_path, "datasets", "list")
     assert unauthorized.returncode != 0
+
+
+def test_experiments_submit_wait_and_report(deployed: Stack, tmp_path: Path) -> None:
+    from tests.factories import SEPARABLE, make_classification_data
+
+    key = deployed.new_key()
+    real, _synthetic = make_classification_data(
+        deployed, key, pool_per_class=12, test_per_class=4, children_per_parent=0
+    )
+    submitted = run_cli(
+        deployed, key, tmp_path, "experiments", "submit", "--dataset", real, "--n-real", "2,all",
+        "--seeds", "1,2", "--validation-per-class", "4", "--max-epochs", "5", "--wait",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    # the table: a row per setting, then the summary
+    assert "n=2 k=0" in submitted.stdout and "n=all k=0" in submitted.stdout
+    summary = last_json(submitted.stdout[submitted.stdout.rindex('{\n  "id"') :])
+    assert summary["status"] == "succeeded" and summary["progress"]["done"] == 4
+
+    out = tmp_path / "report"
+    reported = run_cli(deployed, key, tmp_path, "experiments", "report", summary["id"],
+                       "--out", str(out))  # fmt: skip
+    assert reported.returncode == 0, reported.stdout + reported.stderr
+    table = (out / "report.md").read_text()
+    assert table.startswith("| setting |") and table.count("\n") == 4  # header, rule, 2 rows
+    report = json.loads((out / "report.json").read_text())["report"]
+    assert report["classes"] == sorted(SEPARABLE)
+    for name in ("accuracy-vs-n-real", "dose-response", "skin-tone", "training-curves"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert b"<svg" in (out / f"{name}.svg").read_bytes()[:500]
+
+    # a refused grid: the API's sentence, exit 1
+    refused = run_cli(deployed, key, tmp_path, "experiments", "submit", "--dataset", real,
+                      "--k", "0,5")  # fmt: skip
+    assert refused.returncode == 1 and "synthetic_datasets" in refused.stdout + refused.stderr

@@ -25,7 +25,7 @@ from app import jobs, metrics, runs
 from app.broker import TRAIN_TASK
 from app.config import Settings, get_settings
 from app.db.session import session_factory
-from app.mixtures import Example, ImageRef, build_split, paper_batch_size, real_pool
+from app.mixtures import Example, ImageRef, Split, build_split, paper_batch_size, real_pool
 from app.mixtures import synthetic_children as load_children
 from app.schemas import JobStatus
 from app.storage import ObjectStore
@@ -207,7 +207,6 @@ def run_training(
     """Train and evaluate one run; returns the values its row is closed with."""
     config = claim.config
     make_session = session_factory(settings.database_url)
-    timings: dict[str, float] = {}
     clock = time.perf_counter()
 
     def check() -> None:
@@ -241,14 +240,48 @@ def run_training(
         synthetic_per_real=k,
         seed=int(config["seed"]),
     )
+    data_s = time.perf_counter() - clock
+
+    def on_epoch(epoch: int, history: list[dict[str, Any]]) -> None:
+        with make_session() as session:
+            runs.record_epoch(
+                session=session, run_id=claim.run_id, epoch=epoch, history=history,
+                split=split.summary,
+            )  # fmt: skip
+            jobs.record_step(
+                session=session, job_id=claim.experiment_id, index=claim.index, step=epoch,
+                steps=int(config["max_epochs"]),
+            )  # fmt: skip
+        check()
+
+    values, rows = fit_split(settings, split, config=config, check=check, on_epoch=on_epoch)
+    key = predictions_key(claim.run_id)
+    body = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    object_store(settings).put_bytes(key, body, content_type="application/x-ndjson")
+    values["predictions_key"] = key
+    values["timings"].update(data_s=data_s, worker=worker)
+    return values
+
+
+def fit_split(
+    settings: Settings,
+    split: Split,
+    *,
+    config: dict[str, Any],
+    check: Callable[[], None],
+    on_epoch: Callable[[int, list[dict[str, Any]]], None],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Features, head training and test evaluation of one mixture: the values a run is
+    closed with, and its per-image predictions."""
+    timings: dict[str, Any] = {}
     batch_size = config["batch_size"] or paper_batch_size(len(split.train))
     split.summary["batch_size"] = batch_size
-    timings["data_s"] = time.perf_counter() - clock
 
-    # 2. features: cached vectors, or a function that runs the body every epoch
+    # 1. features: cached vectors, or a function that runs the body every epoch
     clock = time.perf_counter()
     size = int(config["image_size"])
-    backbone = load_backbone(config["backbone"], device=resolve_device(settings.device))
+    device = resolve_device(settings.device)
+    backbone = load_backbone(config["backbone"], device=device)
     augmentation = bool(config["augmentation"])
     train_images = [e.image for e in split.train]
     bank = FeatureBank(settings, backbone, size=size, check=check)
@@ -293,30 +326,16 @@ def run_training(
         test_features = batched_features(backbone, test_pixels, batch)
     timings["features_s"] = time.perf_counter() - clock
 
-    # 3. the head, with early stopping; progress and cancel at every epoch
+    # 2. the head, with early stopping; progress and cancel at every epoch
     clock = time.perf_counter()
-    max_epochs = int(config["max_epochs"])
-
-    def on_epoch(epoch: int, history: list[dict[str, Any]]) -> None:
-        with make_session() as session:
-            runs.record_epoch(
-                session=session, run_id=claim.run_id, epoch=epoch, history=history,
-                split=split.summary,
-            )  # fmt: skip
-            jobs.record_step(
-                session=session, job_id=claim.experiment_id, index=claim.index, step=epoch,
-                steps=max_epochs,
-            )  # fmt: skip
-        check()
-
     trained = train_head(
         train_features=train_features,
         train_labels=_labels(split.train),
         val_features=val_features,
         val_labels=_labels(split.validation),
-        config=HeadConfig(in_features=2 * backbone.feature_dim, n_classes=len(classes)),
+        config=HeadConfig(in_features=2 * backbone.feature_dim, n_classes=len(split.classes)),
         options=TrainOptions(
-            max_epochs=max_epochs,
+            max_epochs=int(config["max_epochs"]),
             patience=int(config["patience"]),
             learning_rate=float(config["learning_rate"]),
             weight_decay=float(config["weight_decay"]),
@@ -327,27 +346,25 @@ def run_training(
     )
     timings["train_s"] = time.perf_counter() - clock
 
-    # 4. the test set: metrics and per-image predictions
+    # 3. the test set: metrics and per-image predictions
     clock = time.perf_counter()
     result, rows = evaluate(
-        probs=predict(trained.head, test_features), test=split.test, classes=classes
+        probs=predict(trained.head, test_features), test=split.test, classes=split.classes
     )
     result["best_val_loss"] = trained.best_val_loss
-    key = predictions_key(claim.run_id)
-    body = "".join(json.dumps(row) + "\n" for row in rows).encode()
-    object_store(settings).put_bytes(key, body, content_type="application/x-ndjson")
     timings["evaluate_s"] = time.perf_counter() - clock
     timings["features_computed"] = bank.computed
     timings["features_reused"] = bank.reused
-    return {
+    timings["device"] = str(device)
+    values = {
         "split": split.summary,
         "history": trained.history,
         "epoch": len(trained.history),
         "best_epoch": trained.best_epoch,
         "metrics": result,
-        "predictions_key": key,
-        "timings": {**timings, "worker": worker, "device": str(resolve_device(settings.device))},
+        "timings": timings,
     }
+    return values, rows
 
 
 @app.task(name=TRAIN_TASK, bind=True, acks_late=True, ignore_result=True)

@@ -10,6 +10,7 @@ from functools import partial
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 
 from app import jobs as service
+from app import runs
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.broker import send_chunk
 from app.config import Settings
@@ -134,8 +135,12 @@ def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobOut:
 def cancel_job(job_id: str, session: SessionDep, store: StoreDep, caller: CallerDep) -> JobOut:
     """Cancel a queued or running job. Images already generated stay in their dataset; a
     canceled upload keeps nothing."""
-    was_queued = service.get_job(session=session, job_id=job_id, owner=caller).status == "queued"
-    job = service.cancel_job(session=session, job_id=job_id, owner=caller)
+    found = service.get_job(session=session, job_id=job_id, owner=caller)
+    was_queued = found.status == "queued"
+    if found.kind == "experiment":  # its queued runs are canceled with it
+        job = runs.cancel_experiment(session=session, experiment_id=job_id, owner=caller)
+    else:
+        job = service.cancel_job(session=session, job_id=job_id, owner=caller)
     if job.kind == "ingest" and was_queued and job.dataset_id:
         # no worker has touched it: drop the dataset and the staged upload here
         discard_upload(session=session, job_id=job.id, dataset_id=job.dataset_id)

@@ -44,6 +44,12 @@ PROTECTED = {
     ("GET", "/models"),
     ("GET", "/conditions"),
     ("GET", "/metrics"),
+    ("POST", "/experiments"),
+    ("GET", "/experiments/{experiment_id}"),
+    ("GET", "/experiments/{experiment_id}/plots/{filename}"),
+    ("POST", "/runs"),
+    ("GET", "/runs/{run_id}"),
+    ("GET", "/runs/{run_id}/predictions"),
 }
 
 JOB_BODY = {"condition": "psoriasis", "skin_tone": 5, "count": 2}
