@@ -110,7 +110,10 @@ def dose_response(report: dict[str, Any]) -> Figure:
 def skin_tone_bars(report: dict[str, Any], limit: int = 8) -> Figure:
     """Top-1 accuracy per Fitzpatrick group (pooled over seeds, Wilson 95% CI), a bar per
     setting."""
-    entries = report["settings"][:limit]
+    entries = report["settings"]
+    if len(entries) > limit:  # evenly spread over the settings, the first and the last kept
+        picks = sorted({round(i * (len(entries) - 1) / (limit - 1)) for i in range(limit)})
+        entries = [entries[i] for i in picks]
     figure, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / max(len(entries), 1)
     for i, entry in enumerate(entries):
@@ -128,15 +131,13 @@ def skin_tone_bars(report: dict[str, Any], limit: int = 8) -> Figure:
             xs, ys, width=width, yerr=[low, high], capsize=2, label=setting_label(entry["setting"])
         )
     counts = [
-        max((e["by_skin_tone"][g]["pooled"]["n"] // max(len(e["seeds"]), 1)) for e in entries)
-        if entries
-        else 0
+        max(e["by_skin_tone"][g]["pooled"]["n"] for e in entries) if entries else 0
         for g in FITZPATRICK_GROUPS
     ]
     ax.set_xticks(range(len(FITZPATRICK_GROUPS)))
     ax.set_xticklabels([f"{g}\n(n={n})" for g, n in zip(FITZPATRICK_GROUPS, counts, strict=True)])
     ax.set_ylim(0, 1)
-    ax.set_ylabel("test top-1 accuracy (95% Wilson CI)")
+    ax.set_ylabel("test top-1 accuracy, mean over seeds (95% Wilson CI)")
     ax.set_title("Accuracy per Fitzpatrick skin type group")
     return figure
 

@@ -24,7 +24,8 @@ def _value(run_metrics: dict[str, Any], name: str) -> float | None:
 
 
 def _skin_tone(finished: list[Run]) -> dict[str, Any]:
-    """Per group: top-1 mean and sd over seeds, and pooled over seeds with a Wilson CI."""
+    """Per group: top-1 mean and sd over seeds, and the mean over seeds with the Wilson CI of
+    one test set of the group's size."""
     out: dict[str, Any] = {}
     for group in metrics.FITZPATRICK_GROUPS:
         per_seed, correct, n = [], 0, 0
@@ -33,13 +34,20 @@ def _skin_tone(finished: list[Run]) -> dict[str, Any]:
             per_seed.append((stats.get("top1") or {}).get("value"))
             correct += (stats.get("top1") or {}).get("correct") or 0
             n += stats.get("n") or 0
+        # the seeds score the same test images: the interval is that of one test set of the
+        # group's size at the seeds' mean accuracy, not of n x seeds independent images
+        images = n // len(finished) if finished else 0
+        value = correct / n if n else None
         out[group] = {
             "top1": metrics.summarize(per_seed),
             "pooled": {
                 "correct": correct,
-                "n": n,
-                "value": correct / n if n else None,
-                "ci_wilson": metrics.proportion_ci(successes=correct, n=n, method="wilson"),
+                "n": images,
+                "seeds": len(finished),
+                "value": value,
+                "ci_wilson": metrics.proportion_ci(
+                    successes=round((value or 0.0) * images), n=images, method="wilson"
+                ),
             },
         }
     return out
@@ -145,7 +153,7 @@ def _mean_sd(summary: dict[str, Any], percent: bool = True) -> str:
 
 def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The report as a table (header, rows): a row per setting, accuracies in percent as
-    mean ± sd over seeds, per Fitzpatrick group pooled over seeds, and the paired
+    mean ± sd over seeds, per Fitzpatrick group the mean over seeds, and the paired
     difference in top-1 from real-only with its bootstrap 95% CI."""
     header = [
         "setting", "seeds", "real/class", "synthetic", "top-1 %", "top-3 %", "balanced %",
