@@ -269,6 +269,25 @@ def augmented_view(pixels: torch.Tensor, *, image_sha256: str, view: int) -> tor
     return augment(pixels[None], generator=generator)[0]
 
 
+def augmented_views(pixels: torch.Tensor, *, image_sha256s: list[str], view: int) -> torch.Tensor:
+    """(B, 3, S, S) -> the view-th augmented copy of each image in one batched pass: each
+    image's parameters drawn as `augmented_view` draws them (pixels agree to float rounding)."""
+    if pixels.ndim != 4 or len(image_sha256s) != pixels.shape[0]:
+        raise ValueError("pixels must be (B, 3, S, S) with one sha256 per image")
+    drawn = []
+    for sha in image_sha256s:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(view_seed(image_sha256=sha, view=view))
+        drawn.append(draw_augment_params(1, generator=generator))
+    params = AugmentParams(
+        **{
+            name: torch.cat([getattr(p, name) for p in drawn])
+            for name in AugmentParams.__dataclass_fields__
+        }
+    )
+    return apply_augment(pixels, params)
+
+
 def _check_batch(batch: torch.Tensor) -> None:
     """Raise an actionable ValueError unless batch is (B, 3, H, W) floating point."""
     if batch.ndim != 4 or batch.shape[1] != 3:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -34,8 +35,8 @@ from models.classifier import HeadConfig, TrainOptions, predict, train_head
 from models.pipelines import resolve_device
 from models.transforms import (
     augment,
-    augmented_view,
     augmented_view_id,
+    augmented_views,
     decode_image,
     eval_transform_id,
     resize_crop,
@@ -70,14 +71,6 @@ def load_pixels(
     return torch.stack(list(pool.map(one, images)))
 
 
-def batched_features(backbone: Backbone, pixels: torch.Tensor, batch: int) -> torch.Tensor:
-    """(N, 3, S, S) -> (N, 2 x channels), `batch` images per forward pass."""
-    if len(pixels) == 0:
-        return torch.zeros(0, 2 * backbone.feature_dim)
-    parts = [backbone.features(pixels[i : i + batch]).clone() for i in range(0, len(pixels), batch)]
-    return torch.cat(parts)
-
-
 class FeatureBank:
     """Backbone features by (image, transform), from the cache or computed once and stored."""
 
@@ -92,11 +85,14 @@ class FeatureBank:
         self.computed = 0
         self.reused = 0
 
-    def transformed(self, pixels: torch.Tensor, image: ImageRef, transform: str) -> torch.Tensor:
+    def transformed(
+        self, pixels: torch.Tensor, images: list[ImageRef], transform: str
+    ) -> torch.Tensor:
+        """(B, 3, S, S) -> the batch under `transform` (one of eval, or an augmented view)."""
         if transform == eval_transform_id(size=self.size):
             return pixels
         view = int(transform.rsplit("-v", 1)[1])
-        return augmented_view(pixels, image_sha256=image.sha256, view=view)
+        return augmented_views(pixels, image_sha256s=[i.sha256 for i in images], view=view)
 
     def get(self, images: Sequence[ImageRef], transforms: list[str]) -> dict[str, torch.Tensor]:
         """transform -> (len(images), dim) float32, rows in the order of `images`."""
@@ -128,9 +124,7 @@ class FeatureBank:
                     ]
                     if not rows:
                         continue
-                    inputs = torch.stack(
-                        [self.transformed(pixels[i], part[i], transform) for i in rows]
-                    )
+                    inputs = self.transformed(pixels[rows], [part[i] for i in rows], transform)
                     vectors = self.backbone.features(inputs).float().cpu().numpy()
                     new = [
                         (part[i].sha256, vectors[j].astype("<f4").tobytes())
@@ -273,6 +267,19 @@ def fit_split(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Features, head training and test evaluation of one mixture: the values a run is
     closed with, and its per-image predictions."""
+    with ExitStack() as stack:
+        return _fit(settings, split, config=config, check=check, on_epoch=on_epoch, stack=stack)
+
+
+def _fit(
+    settings: Settings,
+    split: Split,
+    *,
+    config: dict[str, Any],
+    check: Callable[[], None],
+    on_epoch: Callable[[int, list[dict[str, Any]]], None],
+    stack: ExitStack,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     timings: dict[str, Any] = {}
     batch_size = config["batch_size"] or paper_batch_size(len(split.train))
     split.summary["batch_size"] = batch_size
@@ -301,29 +308,29 @@ def fit_split(
             return val
 
     else:
-        # the paper's path: every batch of every epoch through the frozen body
+        # the paper's path, as its data loader does: every batch of every epoch read from the
+        # store, decoded, resized and run through the frozen body (nothing held in memory)
         batch = settings.classifier_feature_batch
         store = object_store(settings)
-        with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool_threads:
-            train_pixels = load_pixels(store, train_images, size=size, pool=pool_threads)
-            val_pixels = load_pixels(
-                store, [e.image for e in split.validation], size=size, pool=pool_threads
-            )
-            test_pixels = load_pixels(
-                store, [e.image for e in split.test], size=size, pool=pool_threads
-            )
+        threads = stack.enter_context(ThreadPoolExecutor(DOWNLOAD_THREADS))
         augment_generator = torch.Generator().manual_seed(int(config["seed"]))
 
+        def streamed(images: Sequence[ImageRef], augmented: bool = False) -> torch.Tensor:
+            parts = [torch.zeros(0, 2 * backbone.feature_dim)]
+            for start in range(0, len(images), batch):
+                pixels = load_pixels(store, images[start : start + batch], size=size, pool=threads)
+                if augmented:
+                    pixels = augment(pixels, generator=augment_generator)
+                parts.append(backbone.features(pixels))
+            return torch.cat(parts)
+
         def train_features(epoch: int, rows: torch.Tensor) -> torch.Tensor:
-            pixels = train_pixels[rows]
-            if augmentation:
-                pixels = augment(pixels, generator=augment_generator)
-            return batched_features(backbone, pixels, batch)
+            return streamed([train_images[i] for i in rows.tolist()], augmented=augmentation)
 
         def val_features() -> torch.Tensor:
-            return batched_features(backbone, val_pixels, batch)
+            return streamed([e.image for e in split.validation])
 
-        test_features = batched_features(backbone, test_pixels, batch)
+        test_features = streamed([e.image for e in split.test])
     timings["features_s"] = time.perf_counter() - clock
 
     # 2. the head, with early stopping; progress and cancel at every epoch

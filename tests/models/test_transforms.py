@@ -280,3 +280,16 @@ def test_augmented_view_rejects_bad_keys() -> None:
         augmented_view(pixels, image_sha256=SHA, view=-1)
     with pytest.raises(ValueError, match=r"\(3, S, S\)"):
         augmented_view(pixels[None], image_sha256=SHA, view=0)
+
+
+def test_batched_views_match_single_views() -> None:
+    from models.transforms import augmented_view, augmented_views
+
+    generator = torch.Generator().manual_seed(3)
+    pixels = torch.rand(3, 3, 32, 32, generator=generator)
+    shas = [hashlib.sha256(bytes([i])).hexdigest() for i in range(3)]
+    batched = augmented_views(pixels, image_sha256s=shas, view=2)
+    for i, sha in enumerate(shas):
+        single = augmented_view(pixels[i], image_sha256=sha, view=2)
+        assert torch.allclose(batched[i], single, atol=1e-5)
+    assert not torch.allclose(batched, augmented_views(pixels, image_sha256s=shas, view=3))
