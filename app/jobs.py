@@ -138,20 +138,22 @@ def _select_parents(
     return candidates[: -(-count // k)], count
 
 
+def job_with_key(*, session: Session, owner: ApiKey, key: str | None) -> Job | None:
+    """The caller's job made with this idempotency key, if any."""
+    if not key:
+        return None
+    return session.scalar(select(Job).where(Job.owner_id == owner.id, Job.idempotency_key == key))
+
+
 def create_job(
     *, session: Session, settings: Settings, params: JobCreate, owner: ApiKey
 ) -> tuple[Job, bool]:
     """Validate and insert a job, its dataset, its parents and its chunks; (job, created).
     Not committed."""
     # 1. idempotency: the same key returns the job it made before
-    if params.idempotency_key:
-        existing = session.scalar(
-            select(Job).where(
-                Job.owner_id == owner.id, Job.idempotency_key == params.idempotency_key
-            )
-        )
-        if existing is not None:
-            return existing, False
+    existing = job_with_key(session=session, owner=owner, key=params.idempotency_key)
+    if existing is not None:
+        return existing, False
 
     # 2. vocabulary, model, parents
     if get_condition(session=session, slug=params.condition) is None:

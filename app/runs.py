@@ -138,14 +138,9 @@ def create_experiment(
 ) -> tuple[Job, bool]:
     """Validate a grid and insert its job, chunks and runs; (job, created). Not committed."""
     # 1. idempotency: the same key returns the experiment it made before
-    if params.idempotency_key:
-        existing = session.scalar(
-            select(Job).where(
-                Job.owner_id == owner.id, Job.idempotency_key == params.idempotency_key
-            )
-        )
-        if existing is not None:
-            return existing, False
+    existing = jobs.job_with_key(session=session, owner=owner, key=params.idempotency_key)
+    if existing is not None:
+        return existing, False
 
     # 2. the data: datasets, classes, the grid
     check_datasets(

@@ -253,3 +253,11 @@ def test_bad_requests_name_the_field(deployed: Stack) -> None:
     # nothing was queued by the refused requests
     assert client.get("/experiments").json()["items"] == []
     assert client.get("/runs/nope").status_code == 404
+    # the same idempotency key returns the experiment it made, once
+    body = {"dataset": real, "validation_per_class": 2, "n_real_per_class": [1], "seeds": [1],
+            "max_epochs": 1, "image_size": 64, "idempotency_key": "grid-1"}  # fmt: skip
+    first = client.post("/experiments", json=body)
+    again = client.post("/experiments", json=body)
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert first.json()["id"] == again.json()["id"]
+    assert len(client.get("/experiments").json()["items"]) == 1
