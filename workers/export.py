@@ -25,14 +25,14 @@ from celery import Task
 
 from app import exports, jobs
 from app.broker import EXPORT_TASK
-from app.config import Settings, get_settings
+from app.config import Settings
 from app.db.session import session_factory
 from app.db.tables import Image
 from app.schemas import JobStatus
 from app.storage import ObjectNotFound, ObjectStore
 from app.vocabulary import list_conditions
 from workers.celery_app import app
-from workers.generate import heartbeat, object_store, worker_name
+from workers.generate import claim_task_chunk, heartbeat, object_store
 
 log = logging.getLogger(__name__)
 
@@ -242,13 +242,8 @@ def run_export(
 @app.task(name=EXPORT_TASK, bind=True, acks_late=True, ignore_result=True)
 def export_dataset(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
     """Run an export job (the database says what and whether)."""
-    settings = get_settings()
+    settings, worker, claim = claim_task_chunk(self, job_id, chunk_index)
     make_session = session_factory(settings.database_url)
-    worker = worker_name(self)
-    with make_session() as session:
-        claim = jobs.claim_chunk(
-            session=session, settings=settings, job_id=job_id, index=chunk_index, worker=worker
-        )
     if claim is None:
         return {"job_id": job_id, "skipped": True}
     assert claim.dataset_id is not None

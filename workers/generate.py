@@ -82,6 +82,20 @@ def worker_name(task: Task) -> str:
     return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
 
 
+def claim_task_chunk(
+    task: Task, job_id: str, chunk_index: int
+) -> tuple[Settings, str, jobs.ChunkClaim | None]:
+    """Every task's prologue: the settings, this worker's name, and the chunk claimed for it
+    (None: the job is over, the chunk is done or another live worker holds it)."""
+    settings = get_settings()
+    worker = worker_name(task)
+    with session_factory(settings.database_url)() as session:
+        claim = jobs.claim_chunk(
+            session=session, settings=settings, job_id=job_id, index=chunk_index, worker=worker
+        )
+    return settings, worker, claim
+
+
 @contextmanager
 def heartbeat(settings: Settings, *, job_id: str, index: int, worker: str) -> Iterator[None]:
     """Touch the chunk's heartbeat every `heartbeat_interval_s` while the body runs."""
@@ -418,13 +432,8 @@ def _job_running(settings: Settings, job_id: str) -> bool:
 @app.task(name=GENERATE_TASK, bind=True, acks_late=True, ignore_result=True)
 def generate_chunk(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
     """Run one chunk of a generation job (the database says what and whether)."""
-    settings = get_settings()
+    settings, worker, claim = claim_task_chunk(self, job_id, chunk_index)
     make_session = session_factory(settings.database_url)
-    worker = worker_name(self)
-    with make_session() as session:
-        claim = jobs.claim_chunk(
-            session=session, settings=settings, job_id=job_id, index=chunk_index, worker=worker
-        )
     if claim is None:
         return {"job_id": job_id, "chunk": chunk_index, "skipped": True}
     log.info(

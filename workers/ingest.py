@@ -19,7 +19,7 @@ from celery import Task
 
 from app import jobs
 from app.broker import INGEST_TASK
-from app.config import Settings, get_settings
+from app.config import Settings
 from app.datasets import upsert_image
 from app.db.session import session_factory
 from app.db.tables import Condition, utcnow
@@ -39,7 +39,7 @@ from app.ingest import (
 from app.schemas import JobStatus
 from app.storage import ObjectNotFound, image_key, upload_key
 from workers.celery_app import app
-from workers.generate import heartbeat, object_store, worker_name
+from workers.generate import claim_task_chunk, heartbeat, object_store
 
 log = logging.getLogger(__name__)
 _IMAGE_NAMESPACE = uuid.UUID("8b1f2c55-0e55-4a8a-8f57-0a86a3c5c0de")
@@ -252,13 +252,8 @@ def _discard_dataset(settings: Settings, job_id: str, dataset_id: str | None) ->
 @app.task(name=INGEST_TASK, bind=True, acks_late=True, ignore_result=True)
 def ingest_dataset(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
     """Ingest one uploaded dataset (the database says which and how)."""
-    settings = get_settings()
+    settings, worker, claim = claim_task_chunk(self, job_id, chunk_index)
     make_session = session_factory(settings.database_url)
-    worker = worker_name(self)
-    with make_session() as session:
-        claim = jobs.claim_chunk(
-            session=session, settings=settings, job_id=job_id, index=chunk_index, worker=worker
-        )
     if claim is None:
         return {"job_id": job_id, "skipped": True}
     status, done, error, result = "succeeded", 0, None, None

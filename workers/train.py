@@ -24,7 +24,7 @@ from celery import Task
 from app import features as feature_cache
 from app import jobs, metrics, runs
 from app.broker import TRAIN_TASK
-from app.config import Settings, get_settings
+from app.config import Settings
 from app.db.session import session_factory
 from app.mixtures import Example, ImageRef, Split, build_split, paper_batch_size, real_pool
 from app.mixtures import synthetic_children as load_children
@@ -42,7 +42,7 @@ from models.transforms import (
     resize_crop,
 )
 from workers.celery_app import app
-from workers.generate import heartbeat, object_store, worker_name
+from workers.generate import claim_task_chunk, heartbeat, object_store
 
 log = logging.getLogger(__name__)
 DOWNLOAD_THREADS = 8
@@ -377,15 +377,11 @@ def _fit(
 @app.task(name=TRAIN_TASK, bind=True, acks_late=True, ignore_result=True)
 def train_run(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
     """Train and evaluate run `chunk_index` of experiment `job_id`."""
-    settings = get_settings()
+    settings, worker, chunk = claim_task_chunk(self, job_id, chunk_index)
+    if chunk is None:
+        return {"job_id": job_id, "skipped": True}
     make_session = session_factory(settings.database_url)
-    worker = worker_name(self)
     with make_session() as session:
-        chunk = jobs.claim_chunk(
-            session=session, settings=settings, job_id=job_id, index=chunk_index, worker=worker
-        )
-        if chunk is None:
-            return {"job_id": job_id, "skipped": True}
         claim = runs.run_of_chunk(session=session, job_id=job_id, index=chunk_index)
         twin = runs.finished_twin(session=session, claim=claim)
         if twin is not None:
