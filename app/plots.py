@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from app.db.tables import Run
 from app.errors import InvalidField, NotFound
 from app.metrics import FITZPATRICK_GROUPS
-from app.reports import setting_label
+from app.reports import build_report, setting_label
+from app.runs import SETTING_FIELDS
 
 EXPERIMENT_PLOTS = ("accuracy-vs-n-real", "dose-response", "skin-tone", "training-curves")
 FORMATS = {"png": "image/png", "svg": "image/svg+xml"}
@@ -151,8 +152,6 @@ def training_curves(runs: list[Run]) -> Figure:
         history = run.history or []
         if not history:
             continue
-        from app.runs import SETTING_FIELDS
-
         label = setting_label({f: run.config.get(f) for f in SETTING_FIELDS})
         colour = colours.setdefault(label, cycle[len(colours) % len(cycle)])
         epochs = [h["epoch"] for h in history]
@@ -182,18 +181,22 @@ def render(figure: Figure, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def experiment_plot(*, name: str, fmt: str, report: dict[str, Any], runs: list[Run]) -> bytes:
-    """One of EXPERIMENT_PLOTS as PNG or SVG bytes."""
-    builders = {
-        "accuracy-vs-n-real": lambda: accuracy_vs_n_real(report),
-        "dose-response": lambda: dose_response(report),
-        "skin-tone": lambda: skin_tone_bars(report),
-        "training-curves": lambda: training_curves(runs),
-    }
-    if name not in builders:
+def experiment_plot(*, name: str, fmt: str, runs: list[Run], classes: list[str]) -> bytes:
+    """One of EXPERIMENT_PLOTS as PNG or SVG bytes (the report is built only for the figures
+    drawn from it)."""
+    if name not in EXPERIMENT_PLOTS:
         raise NotFound(f"no plot {name!r}; plots: {', '.join(EXPERIMENT_PLOTS)}")
+    if name == "training-curves":
+        builder = lambda: training_curves(runs)  # noqa: E731
+    else:
+        report = build_report(runs=runs, classes=classes)
+        builder = {
+            "accuracy-vs-n-real": lambda: accuracy_vs_n_real(report),
+            "dose-response": lambda: dose_response(report),
+            "skin-tone": lambda: skin_tone_bars(report),
+        }[name]
     with _lock:
-        return render(builders[name](), fmt)
+        return render(builder(), fmt)
 
 
 def run_plot(*, run: Run, fmt: str) -> bytes:

@@ -169,7 +169,7 @@ def create_experiment(
         kind=EXPERIMENT_KIND,
         status=JobStatus.QUEUED.value,
         count=len(configs),
-        seed=params.seeds[0] if isinstance(params.seeds, list) else 0,
+        seed=params.seeds[0],
         chunk_size=1,
         params={
             **params.model_dump(mode="json", exclude={"idempotency_key"}),

@@ -187,8 +187,8 @@ def experiment_plot(
         raise NotFound(f"no plot {filename!r}; ask for NAME.png or NAME.svg")
     job = service.get_experiment(session=session, experiment_id=experiment_id, owner=caller)
     runs = service.runs_of(session=session, experiment_id=job.id)
-    report = build_report(runs=runs, classes=list(job.params.get("classes", [])))
-    body = plots.experiment_plot(name=name, fmt=fmt, report=report, runs=runs)
+    classes = list(job.params.get("classes", []))
+    body = plots.experiment_plot(name=name, fmt=fmt, runs=runs, classes=classes)
     return Response(body, media_type=plots.FORMATS[fmt])
 
 
