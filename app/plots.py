@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import matplotlib
@@ -19,7 +20,7 @@ from matplotlib.figure import Figure
 from app.db.tables import Run
 from app.errors import InvalidField, NotFound
 from app.metrics import FITZPATRICK_GROUPS
-from app.reports import build_report, setting_label
+from app.reports import build_report, setting_label, shown_datasets
 from app.runs import SETTING_FIELDS
 
 EXPERIMENT_PLOTS = ("accuracy-vs-n-real", "dose-response", "skin-tone", "training-curves")
@@ -37,12 +38,9 @@ def _n_real_x(entry: dict[str, Any]) -> float:
     return (entry["train_real_images"]["mean"] or 0.0) / classes
 
 
-def _series_label(setting: dict[str, Any], without: str) -> str:
-    label = setting_label({**setting, without: None if without == "n_real_per_class" else 0})
-    parts = label.split()
-    return " ".join(
-        p for p in parts if not p.startswith("n=" if without == "n_real_per_class" else "k=")
-    )
+def _series_label(report: dict[str, Any], setting: dict[str, Any], axis: str) -> str:
+    """A line's label: the setting without the field on the x axis."""
+    return setting_label(setting, omit=(axis,), datasets=report.get("synthetic_datasets"))
 
 
 def _errorbar_lines(ax: Any, series: dict[str, list[tuple[float, float, float]]]) -> None:
@@ -62,7 +60,7 @@ def accuracy_vs_n_real(report: dict[str, Any]) -> Figure:
         mean = entry["top1"]["mean"]
         if mean is None:
             continue
-        label = _series_label(entry["setting"], "n_real_per_class")
+        label = _series_label(report, entry["setting"], "n_real_per_class")
         entry = {**entry, "classes": report.get("classes")}
         series[label].append((_n_real_x(entry), mean, entry["top1"]["sd"] or 0.0))
     _errorbar_lines(ax, series)
@@ -82,7 +80,7 @@ def dose_response(report: dict[str, Any]) -> Figure:
         setting, mean = entry["setting"], entry["top1"]["mean"]
         if mean is None or not setting["synthetic_per_real"]:
             continue
-        label = _series_label(setting, "synthetic_per_real")
+        label = _series_label(report, setting, "synthetic_per_real")
         series[label].append(
             (float(setting["synthetic_per_real"]), mean, entry["top1"]["sd"] or 0.0)
         )
@@ -99,7 +97,7 @@ def dose_response(report: dict[str, Any]) -> Figure:
     if not series:  # real-only experiments: one point per n_real at k = 0
         for entry in real_only:
             if entry["top1"]["mean"] is not None:
-                label = setting_label(entry["setting"])
+                label = entry["label"]
                 series[label].append((0.0, entry["top1"]["mean"], entry["top1"]["sd"] or 0.0))
     _errorbar_lines(ax, series)
     ax.set_xlabel("synthetic images per real image (k)")
@@ -128,9 +126,7 @@ def skin_tone_bars(report: dict[str, Any], limit: int = 8) -> Figure:
             ys.append(pooled["value"])
             low.append(pooled["value"] - lo)
             high.append(hi - pooled["value"])
-        ax.bar(
-            xs, ys, width=width, yerr=[low, high], capsize=2, label=setting_label(entry["setting"])
-        )
+        ax.bar(xs, ys, width=width, yerr=[low, high], capsize=2, label=entry["label"])
     counts = [
         max(e["by_skin_tone"][g]["pooled"]["n"] for e in entries) if entries else 0
         for g in FITZPATRICK_GROUPS
@@ -143,16 +139,17 @@ def skin_tone_bars(report: dict[str, Any], limit: int = 8) -> Figure:
     return figure
 
 
-def training_curves(runs: list[Run]) -> Figure:
+def training_curves(runs: list[Run], dataset_names: Mapping[str, str] | None = None) -> Figure:
     """Validation loss (solid) and training loss (dotted) per epoch, a colour per setting."""
     figure, ax = plt.subplots(figsize=(7, 4.5))
+    shown = shown_datasets((run.config for run in runs), dataset_names or {})
     colours: dict[str, Any] = {}
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for run in runs:
         history = run.history or []
         if not history:
             continue
-        label = setting_label({f: run.config.get(f) for f in SETTING_FIELDS})
+        label = setting_label({f: run.config.get(f) for f in SETTING_FIELDS}, datasets=shown)
         colour = colours.setdefault(label, cycle[len(colours) % len(cycle)])
         epochs = [h["epoch"] for h in history]
         first = label not in {line.get_label() for line in ax.get_lines()}
@@ -181,15 +178,22 @@ def render(figure: Figure, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def experiment_plot(*, name: str, fmt: str, runs: list[Run], classes: list[str]) -> bytes:
+def experiment_plot(
+    *,
+    name: str,
+    fmt: str,
+    runs: list[Run],
+    classes: list[str],
+    dataset_names: Mapping[str, str] | None = None,
+) -> bytes:
     """One of EXPERIMENT_PLOTS as PNG or SVG bytes (the report is built only for the figures
     drawn from it)."""
     if name not in EXPERIMENT_PLOTS:
         raise NotFound(f"no plot {name!r}; plots: {', '.join(EXPERIMENT_PLOTS)}")
     if name == "training-curves":
-        builder = lambda: training_curves(runs)  # noqa: E731
+        builder = lambda: training_curves(runs, dataset_names)  # noqa: E731
     else:
-        report = build_report(runs=runs, classes=classes)
+        report = build_report(runs=runs, classes=classes, dataset_names=dataset_names)
         builder = {
             "accuracy-vs-n-real": lambda: accuracy_vs_n_real(report),
             "dose-response": lambda: dose_response(report),

@@ -6,6 +6,7 @@ real-only setting with the same n_real and augmentation. No torch here (the API 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -63,9 +64,13 @@ def _correctness(finished: list[Run], name: str) -> tuple[np.ndarray, list[str]]
     return matrix, list(ids[0] or [])
 
 
-def build_report(*, runs: list[Run], classes: list[str]) -> dict[str, Any]:
-    """The report of an experiment's runs (finished ones count; the others are tallied)."""
+def build_report(
+    *, runs: list[Run], classes: list[str], dataset_names: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The report of an experiment's runs (finished ones count; the others are tallied).
+    `dataset_names` (id -> name) names the synthetic datasets in the labels."""
     tally = {status.value: 0 for status in JobStatus}
+    shown = shown_datasets((run.config for run in runs), dataset_names or {})
     groups: dict[tuple[Any, ...], list[Run]] = defaultdict(list)
     for run in runs:
         tally[run.status] = tally.get(run.status, 0) + 1
@@ -85,6 +90,7 @@ def build_report(*, runs: list[Run], classes: list[str]) -> dict[str, Any]:
         ]
         entry: dict[str, Any] = {
             "setting": setting,
+            "label": setting_label(setting, datasets=shown),
             "seeds": [r.config["seed"] for r in finished],
             "runs": [r.id for r in finished],
             "train_real_images": metrics.summarize([float(c) for c in real_counts]),
@@ -126,15 +132,35 @@ def build_report(*, runs: list[Run], classes: list[str]) -> dict[str, Any]:
                 treated=treated[0], control=baseline[0]
             )
         entry["versus_real_only"] = comparison
-    return {"classes": classes, "runs": tally, "settings": settings}
+    return {"classes": classes, "runs": tally, "synthetic_datasets": shown, "settings": settings}
 
 
-def setting_label(setting: dict[str, Any]) -> str:
-    """A short human name of a setting, e.g. `n=16 k=10 inpaint aug`."""
-    n = setting["n_real_per_class"]
-    parts = [f"n={'all' if n is None else n}", f"k={setting['synthetic_per_real']}"]
-    if setting["synthetic_per_real"]:
-        parts.append(setting["strategy"] or "any")
+def shown_datasets(configs: Iterable[dict[str, Any]], names: Mapping[str, str]) -> dict[str, str]:
+    """id -> display name of the synthetic datasets, when the configs use more than one (with
+    one, the labels leave it out); an unnamed dataset shows the start of its id."""
+    used = sorted({c["synthetic_dataset"] for c in configs if c.get("synthetic_dataset")})
+    if len(used) < 2:
+        return {}
+    return {i: names.get(i) or i[:8] for i in used}
+
+
+def setting_label(
+    setting: dict[str, Any], *, omit: Iterable[str] = (), datasets: Mapping[str, str] | None = None
+) -> str:
+    """A short human name of a setting, e.g. `n=16 k=10 inpaint aug`, without the fields in
+    `omit` (a plot's axis); the synthetic dataset's name when it is in `datasets`."""
+    omitted = set(omit)
+    parts = []
+    if "n_real_per_class" not in omitted:
+        n = setting["n_real_per_class"]
+        parts.append(f"n={'all' if n is None else n}")
+    if "synthetic_per_real" not in omitted:
+        parts.append(f"k={setting['synthetic_per_real']}")
+    if setting["synthetic_per_real"] or setting.get("strategy"):
+        parts.append(setting.get("strategy") or "any")
+    dataset = setting.get("synthetic_dataset")
+    if dataset and datasets and dataset in datasets:
+        parts.append(datasets[dataset])
     if setting["augmentation"]:
         parts.append("aug")
     return " ".join(parts)
@@ -178,7 +204,7 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         synthetic = entry["train_synthetic_images"]["mean"]
         rows.append(
             [
-                setting_label(entry["setting"]),
+                entry["label"],
                 str(len(entry["seeds"])),
                 "-" if real is None else f"{real / classes:.0f}",
                 "-" if synthetic is None else f"{synthetic:.0f}",

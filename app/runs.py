@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from app import jobs
 from app.config import Settings
 from app.db.paging import newest_first
-from app.db.tables import ApiKey, Job, JobChunk, Run, utcnow
+from app.db.tables import ApiKey, Dataset, Job, JobChunk, Run, utcnow
 from app.errors import Conflict, InvalidField, NotFound
 from app.ids import new_id
 from app.mixtures import check_datasets, choose_classes, data_fingerprint, pool_counts
@@ -253,6 +253,15 @@ def get_experiment(*, session: Session, experiment_id: str, owner: ApiKey) -> Jo
 
 def runs_of(*, session: Session, experiment_id: str) -> list[Run]:
     return list(session.scalars(select(Run).where(Run.job_id == experiment_id).order_by(Run.index)))
+
+
+def synthetic_dataset_names(*, session: Session, job: Job) -> dict[str, str]:
+    """id -> name of the synthetic datasets an experiment draws from (for its labels)."""
+    ids = list(job.params.get("synthetic_datasets") or [])
+    if not ids:
+        return {}
+    rows = session.execute(select(Dataset.id, Dataset.name).where(Dataset.id.in_(ids)))
+    return {dataset_id: name for dataset_id, name in rows}
 
 
 def get_run(*, session: Session, run_id: str, owner: ApiKey) -> Run:

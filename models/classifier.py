@@ -33,19 +33,43 @@ class HeadConfig:
     dropout: float = 0.5  # fastai's ps: half of it before the first linear layer
 
 
+class SeededDropout(nn.Module):
+    """Inverted dropout (zero each element with probability p, scale the rest by 1/(1-p)) with
+    masks drawn from its own generator. The same distribution as nn.Dropout, but torch's CPU
+    dropout draws one Bernoulli per element (1.3 ms for a 32x2560 batch on this project's CPU,
+    more than the linear layer after it); a uniform draw compared with p takes a quarter of
+    that. Its own generator also keeps a run's masks independent of the global RNG."""
+
+    def __init__(self, p: float, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        uniform = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        return x * (uniform >= self.p) * (1 / (1 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class ClassifierHead(nn.Module):
     """fastai's default head after its concat pool: BN, dropout, linear, ReLU, BN, dropout,
     linear."""
 
-    def __init__(self, config: HeadConfig) -> None:
+    def __init__(self, config: HeadConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.layers = nn.Sequential(
             nn.BatchNorm1d(config.in_features),
-            nn.Dropout(config.dropout / 2),
+            SeededDropout(config.dropout / 2, generator),
             nn.Linear(config.in_features, config.hidden, bias=False),
             nn.ReLU(inplace=True),
             nn.BatchNorm1d(config.hidden),
-            nn.Dropout(config.dropout),
+            SeededDropout(config.dropout, generator),
             nn.Linear(config.hidden, config.n_classes, bias=False),
         )
 
@@ -89,13 +113,18 @@ def train_head(
     config: HeadConfig,
     options: TrainOptions,
     on_epoch: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
-    """Train a head with early stopping on validation loss; returns it with the best epoch's
-    weights restored, and the per-epoch curve."""
-    # 1. seeded init, order and dropout
+    """Train a head on `device` with early stopping on validation loss; returns it with the
+    best epoch's weights restored, and the per-epoch curve. Features may arrive on any device;
+    they are moved to the head's."""
+    # 1. seeded init (on the CPU, so a seed gives the same head everywhere), order and dropout
+    device = torch.device(device)
     torch.manual_seed(options.seed)
     order_generator = torch.Generator().manual_seed(options.seed)
-    head = ClassifierHead(config)
+    dropout_generator = torch.Generator(device=device).manual_seed(options.seed)
+    head = ClassifierHead(config, generator=dropout_generator).to(device)
+    train_labels, val_labels = train_labels.to(device), val_labels.to(device)
     # fastai's Adam: decoupled weight decay (true_wd), betas (0.9, 0.99), eps 1e-5
     optimizer = torch.optim.AdamW(
         head.parameters(),
@@ -115,26 +144,26 @@ def train_head(
     for epoch in range(1, options.max_epochs + 1):
         # 2. one pass over the training rows
         head.train()
-        total, seen = 0.0, 0
+        total, seen = torch.zeros((), device=device), 0  # summed on the device: no sync a step
         for rows in _batches(torch.randperm(n, generator=order_generator), options.batch_size):
-            features = train_features(epoch, rows)  # (B, in_features)
-            loss = F.cross_entropy(head(features), train_labels[rows])
+            features = train_features(epoch, rows).to(device)  # (B, in_features)
+            loss = F.cross_entropy(head(features), train_labels[rows.to(device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(rows)
+            total += loss.detach() * len(rows)
             seen += len(rows)
 
         # 3. validation loss and accuracy
         head.eval()
         with torch.inference_mode():
-            logits = head(val_features())
+            logits = head(val_features().to(device))
             val_loss = float(F.cross_entropy(logits, val_labels))
             val_accuracy = float((logits.argmax(1) == val_labels).float().mean())
         result.history.append(
             {
                 "epoch": epoch,
-                "train_loss": total / max(seen, 1),
+                "train_loss": float(total) / max(seen, 1),
                 "val_loss": val_loss,
                 "val_accuracy": val_accuracy,
             }
@@ -157,7 +186,8 @@ def train_head(
 
 
 def predict(head: ClassifierHead, features: torch.Tensor) -> torch.Tensor:
-    """(N, in_features) -> (N, n_classes) probabilities."""
+    """(N, in_features) -> (N, n_classes) probabilities, on the CPU."""
     head.eval()
+    device = next(head.parameters()).device
     with torch.inference_mode():
-        return F.softmax(head(features), dim=1)
+        return F.softmax(head(features.to(device)), dim=1).cpu()

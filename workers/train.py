@@ -297,8 +297,12 @@ def _fit(
         views = [
             augmented_view_id(v, size=size) for v in range(settings.classifier_augmented_views)
         ]
-        train_views = list(bank.get(train_images, views if augmentation else [eval_id]).values())
-        val = bank.get([e.image for e in split.validation], [eval_id])[eval_id]
+        # moved once to where the head trains
+        train_views = [
+            v.to(device)
+            for v in bank.get(train_images, views if augmentation else [eval_id]).values()
+        ]
+        val = bank.get([e.image for e in split.validation], [eval_id])[eval_id].to(device)
         test_features = bank.get([e.image for e in split.test], [eval_id])[eval_id]
 
         def train_features(epoch: int, rows: torch.Tensor) -> torch.Tensor:
@@ -316,7 +320,7 @@ def _fit(
         augment_generator = torch.Generator().manual_seed(int(config["seed"]))
 
         def streamed(images: Sequence[ImageRef], augmented: bool = False) -> torch.Tensor:
-            parts = [torch.zeros(0, 2 * backbone.feature_dim)]
+            parts = [torch.zeros(0, 2 * backbone.feature_dim, device=backbone.device)]
             for start in range(0, len(images), batch):
                 pixels = load_pixels(store, images[start : start + batch], size=size, pool=threads)
                 if augmented:
@@ -350,6 +354,7 @@ def _fit(
             seed=int(config["seed"]),
         ),
         on_epoch=on_epoch,
+        device=device,
     )
     timings["train_s"] = time.perf_counter() - clock
 

@@ -9,6 +9,7 @@ import json
 from functools import partial
 
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
+from sqlalchemy.orm import Session
 
 from app import jobs, plots
 from app import runs as service
@@ -74,11 +75,18 @@ def run_out(run: Run) -> RunOut:
     )
 
 
-def experiment_out(job: Job, runs: list[Run] | None = None, detail: bool = False) -> ExperimentOut:
+def experiment_out(
+    job: Job,
+    runs: list[Run] | None = None,
+    detail: bool = False,
+    dataset_names: dict[str, str] | None = None,
+) -> ExperimentOut:
     base = job_out(job)
     report = None
     if runs is not None:
-        report = build_report(runs=runs, classes=list(job.params.get("classes", [])))
+        report = build_report(
+            runs=runs, classes=list(job.params.get("classes", [])), dataset_names=dataset_names
+        )
     return ExperimentOut(
         id=job.id,
         name=str(job.params.get("name", "")),
@@ -90,6 +98,16 @@ def experiment_out(job: Job, runs: list[Run] | None = None, detail: bool = False
         report=report,
         plots=[f"/experiments/{job.id}/plots/{name}.png" for name in plots.EXPERIMENT_PLOTS],
         runs=[run_out(r) for r in runs] if detail and runs is not None else None,
+    )
+
+
+def experiment_with_report(session: Session, job: Job, detail: bool = False) -> ExperimentOut:
+    """An experiment with its report (and with detail, every run)."""
+    return experiment_out(
+        job,
+        service.runs_of(session=session, experiment_id=job.id),
+        detail=detail,
+        dataset_names=service.synthetic_dataset_names(session=session, job=job),
     )
 
 
@@ -117,7 +135,7 @@ def create_experiment(
         _dispatch(background, settings, job.id)
     else:
         response.status_code = status.HTTP_200_OK
-    return experiment_out(job, service.runs_of(session=session, experiment_id=job.id))
+    return experiment_with_report(session, job)
 
 
 @router.get("/experiments", response_model=ExperimentList)
@@ -149,7 +167,7 @@ def get_experiment(
     """Status, progress, the report (per setting over seeds, per skin tone, differences from
     real-only with bootstrap CIs) and the runs."""
     job = service.get_experiment(session=session, experiment_id=experiment_id, owner=caller)
-    return experiment_out(job, service.runs_of(session=session, experiment_id=job.id), detail=runs)
+    return experiment_with_report(session, job, detail=runs)
 
 
 @router.post("/experiments/{experiment_id}/cancel", response_model=ExperimentOut)
@@ -158,7 +176,7 @@ def cancel_experiment(experiment_id: str, session: SessionDep, caller: CallerDep
     keep their results."""
     job = service.cancel_experiment(session=session, experiment_id=experiment_id, owner=caller)
     session.commit()
-    return experiment_out(job, service.runs_of(session=session, experiment_id=job.id))
+    return experiment_with_report(session, job)
 
 
 @router.post("/experiments/{experiment_id}/resume", response_model=ExperimentOut)
@@ -174,7 +192,7 @@ def resume_experiment(
     job = service.resume_experiment(session=session, experiment_id=experiment_id, owner=caller)
     session.commit()
     _dispatch(background, settings, job.id)
-    return experiment_out(job, service.runs_of(session=session, experiment_id=job.id))
+    return experiment_with_report(session, job)
 
 
 @router.get("/experiments/{experiment_id}/plots/{filename}")
@@ -188,7 +206,10 @@ def experiment_plot(
     job = service.get_experiment(session=session, experiment_id=experiment_id, owner=caller)
     runs = service.runs_of(session=session, experiment_id=job.id)
     classes = list(job.params.get("classes", []))
-    body = plots.experiment_plot(name=name, fmt=fmt, runs=runs, classes=classes)
+    names = service.synthetic_dataset_names(session=session, job=job)
+    body = plots.experiment_plot(
+        name=name, fmt=fmt, runs=runs, classes=classes, dataset_names=names
+    )
     return Response(body, media_type=plots.FORMATS[fmt])
 
 

@@ -1,0 +1,141 @@
+"""Report labels and the figures' series: settings that differ only by strategy or by
+synthetic dataset must stay apart in the table and in every plot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app import metrics, plots
+from app.db.tables import Run
+from app.reports import build_report, report_rows, setting_label
+
+CLASSES = ["a", "b", "c"]
+INPAINT_SET = "11111111-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
+TEXT_SET = "22222222-bbbb-4bbb-8bbb-bbbbbbbbbbbb"
+
+
+def finished_run(config: dict[str, Any], *, accuracy: float, seed: int) -> Run:
+    """A succeeded run whose metrics come from the metrics module, as a worker's do."""
+    rng = np.random.default_rng(seed)
+    y_true = np.arange(30) % 3
+    probs = rng.dirichlet(np.ones(3), size=30)
+    right = rng.random(30) < accuracy
+    probs[right, y_true[right]] += 2  # those rows predict their label
+    probs /= probs.sum(1, keepdims=True)
+    groups = [metrics.FITZPATRICK_GROUPS[i % 4] for i in range(30)]
+    values = {
+        **metrics.classification_metrics(y_true=y_true, probs=probs, class_names=CLASSES),
+        "by_skin_tone": metrics.group_metrics(
+            y_true=y_true, probs=probs, groups=groups, class_names=CLASSES
+        ),
+        "test_image_ids": [f"img-{i}" for i in range(30)],
+        "test_correct_top1": metrics.correctness_string(
+            metrics.top_k_correct(y_true=y_true, probs=probs, k=1)
+        ),
+        "test_correct_top3": metrics.correctness_string(
+            metrics.top_k_correct(y_true=y_true, probs=probs, k=3)
+        ),
+    }
+    return Run(
+        id=f"run-{seed}",
+        status="succeeded",
+        config={**config, "seed": seed},
+        metrics=values,
+        split={"train_real": dict.fromkeys(CLASSES, config["n_real_per_class"])},
+        history=[{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_accuracy": 0.5}],
+        best_epoch=1,
+    )
+
+
+def grid_runs(datasets: dict[str, str]) -> list[Run]:
+    """n_real 4 and 8, real-only and k 2 and 4 of each (strategy, dataset), two seeds."""
+    settings = [(0, None, None)] + [
+        (k, strategy, dataset) for k in (2, 4) for strategy, dataset in datasets.items()
+    ]
+    runs, seed = [], 0
+    for n in (4, 8):
+        for k, strategy, dataset in settings:
+            for _ in range(2):
+                seed += 1
+                config = {"n_real_per_class": n, "synthetic_per_real": k, "strategy": strategy,
+                          "synthetic_dataset": dataset, "augmentation": False}  # fmt: skip
+                runs.append(finished_run(config, accuracy=0.5 + 0.05 * k, seed=seed))
+    return runs
+
+
+def legend(figure: Any) -> list[str]:
+    labels = figure.axes[0].get_legend_handles_labels()[1]
+    plots.plt.close(figure)
+    return labels
+
+
+def test_labels_name_the_strategy_and_leave_out_an_only_dataset() -> None:
+    setting = {"n_real_per_class": 16, "synthetic_per_real": 10, "strategy": "inpaint",
+               "synthetic_dataset": INPAINT_SET, "augmentation": True}  # fmt: skip
+    assert setting_label(setting) == "n=16 k=10 inpaint aug"
+    assert setting_label(setting, omit=("synthetic_per_real",)) == "n=16 inpaint aug"
+    assert setting_label(setting, datasets={INPAINT_SET: "inpaint-v1"}) == (
+        "n=16 k=10 inpaint inpaint-v1 aug"
+    )
+    real_only = {**setting, "synthetic_per_real": 0, "strategy": None, "synthetic_dataset": None}
+    assert setting_label(real_only) == "n=16 k=0 aug"
+    assert setting_label({**real_only, "n_real_per_class": None}) == "n=all k=0 aug"
+
+    report = build_report(
+        runs=grid_runs({"inpaint": INPAINT_SET}), classes=CLASSES,
+        dataset_names={INPAINT_SET: "inpaint-v1"},
+    )  # fmt: skip
+    assert report["synthetic_datasets"] == {}  # one dataset: not in the labels
+    assert [e["label"] for e in report["settings"]] == [
+        "n=4 k=0", "n=4 k=2 inpaint", "n=4 k=4 inpaint", "n=8 k=0", "n=8 k=2 inpaint",
+        "n=8 k=4 inpaint",
+    ]  # fmt: skip
+
+
+def test_two_strategies_stay_apart_in_the_table_and_the_figures() -> None:
+    report = build_report(
+        runs=grid_runs({"inpaint": INPAINT_SET, "text-to-image": TEXT_SET}),
+        classes=CLASSES,
+        dataset_names={INPAINT_SET: "inpaint-v1", TEXT_SET: "t2i-v1"},
+    )
+    labels = [e["label"] for e in report["settings"]]
+    assert len(labels) == len(set(labels)) == 10
+    assert "n=4 k=2 inpaint inpaint-v1" in labels and "n=4 k=2 text-to-image t2i-v1" in labels
+    _header, rows = report_rows(report)
+    assert [row[0] for row in rows] == labels
+    # one dose-response line per (n_real, strategy), each from k = 0 (real-only) to k = 4
+    assert sorted(legend(plots.dose_response(report))) == [
+        "n=4 inpaint inpaint-v1", "n=4 text-to-image t2i-v1", "n=8 inpaint inpaint-v1",
+        "n=8 text-to-image t2i-v1",
+    ]  # fmt: skip
+    figure = plots.dose_response(report)
+    for line in figure.axes[0].lines:
+        if line.get_label().startswith("n="):
+            assert list(line.get_xdata()) == [0.0, 2.0, 4.0]
+    plots.plt.close(figure)
+    # one accuracy-vs-n_real line per (k, strategy, dataset), and real-only
+    assert sorted(legend(plots.accuracy_vs_n_real(report))) == [
+        "k=0", "k=2 inpaint inpaint-v1", "k=2 text-to-image t2i-v1", "k=4 inpaint inpaint-v1",
+        "k=4 text-to-image t2i-v1",
+    ]  # fmt: skip
+
+
+def test_a_dataset_without_a_name_shows_the_start_of_its_id() -> None:
+    report = build_report(
+        runs=grid_runs({"inpaint": INPAINT_SET, "text-to-image": TEXT_SET}), classes=CLASSES
+    )
+    assert report["synthetic_datasets"] == {INPAINT_SET: "11111111", TEXT_SET: "22222222"}
+    assert "n=8 k=4 text-to-image 22222222" in [e["label"] for e in report["settings"]]
+
+
+@pytest.mark.parametrize("name", plots.EXPERIMENT_PLOTS)
+def test_every_figure_draws_with_two_datasets(name: str) -> None:
+    runs = grid_runs({"inpaint": INPAINT_SET, "text-to-image": TEXT_SET})
+    png = plots.experiment_plot(
+        name=name, fmt="png", runs=runs, classes=CLASSES,
+        dataset_names={INPAINT_SET: "inpaint-v1", TEXT_SET: "t2i-v1"},
+    )  # fmt: skip
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
