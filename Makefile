@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run test install lint format typecheck deploy-check tiny-model serve worker keys clean \
-	bench-generation bench-classifier
+	bench-generation bench-classifier bench-report
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,9 @@ bench-generation: $(STAMP)
 
 bench-classifier: $(STAMP)
 	$(BIN)/python -m bench.classifier $(ARGS)
+
+bench-report: $(STAMP)
+	$(BIN)/python -m bench.report $(ARGS)
 
 ## Create an API key: make keys NAME=alice
 keys: $(STAMP)

@@ -5,6 +5,8 @@ Pure numpy (no torch, sklearn or scipy: app/ is the slim API image) and no datab
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from functools import lru_cache
 from statistics import NormalDist
 from typing import Any
 
@@ -19,7 +21,8 @@ GAP_METRICS = ("top1", "top3", "balanced_accuracy", "macro_auroc")
 CI_METHODS = ("normal", "wilson")
 
 _GROUP_OF_TONE = {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6: "V-VI"}
-# Bootstrap index blocks stay near 32 MiB of int64 whatever the test set's size.
+# Bootstrap blocks stay near 32 MiB whatever the test set's size; a resampling that fits in
+# one block is kept (a report compares many settings on the same test images).
 _BLOCK_ELEMENTS = 1 << 22
 
 
@@ -246,6 +249,34 @@ def _correctness_matrix(value: np.ndarray, *, name: str) -> np.ndarray:
     return matrix.astype(np.float64)
 
 
+def _draw_counts(rng: np.random.Generator, rows: int, n_images: int) -> np.ndarray:
+    """(rows, n_images) float64: how often each image is drawn in each of `rows` resamples of
+    n_images draws with replacement."""
+    indices = rng.integers(0, n_images, size=(rows, n_images))
+    flat = (np.arange(rows)[:, None] * n_images + indices).ravel()
+    return np.bincount(flat, minlength=rows * n_images).reshape(rows, n_images).astype(np.float64)
+
+
+@lru_cache(maxsize=4)
+def _one_block_of_counts(n_images: int, resamples: int, seed: int) -> np.ndarray:
+    counts = _draw_counts(np.random.default_rng(seed), resamples, n_images)
+    counts.setflags(write=False)
+    return counts
+
+
+def _resample_counts(n_images: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """The resamples' draw counts in blocks; the same seed gives the same resamples, so every
+    comparison over the same test images is resampled alike (and, when it fits one block,
+    the counts are drawn once)."""
+    if resamples * n_images <= _BLOCK_ELEMENTS:
+        yield _one_block_of_counts(n_images, resamples, seed)
+        return
+    rng = np.random.default_rng(seed)
+    block = max(1, _BLOCK_ELEMENTS // n_images)
+    for start in range(0, resamples, block):
+        yield _draw_counts(rng, min(block, resamples - start), n_images)
+
+
 def paired_bootstrap_difference(
     *,
     treated: np.ndarray,
@@ -269,15 +300,15 @@ def paired_bootstrap_difference(
 
     # Every run has the same N columns, so the statistic on any column multiset equals the mean
     # of per-image differences over those columns: resample one (N,) vector, not both matrices.
+    # The same draws for both arms: pairing removes between-image variance.
     per_image = treated_matrix.mean(axis=0) - control_matrix.mean(axis=0)  # (N,)
-    rng = np.random.default_rng(seed)
-    statistics = np.empty(resamples, dtype=np.float64)
-    block = max(1, _BLOCK_ELEMENTS // n_images)
-    for start in range(0, resamples, block):
-        stop = min(start + block, resamples)
-        # The same image indices for both arms: pairing removes between-image variance.
-        indices = rng.integers(0, n_images, size=(stop - start, n_images))
-        statistics[start:stop] = per_image[indices].mean(axis=1)
+    # In whole units (per image: correct treated runs x control runs - the other way round), a
+    # resample's sum is an exact integer: a resample that is 0 is exactly 0.
+    seeds_t, seeds_c = treated_matrix.shape[0], control_matrix.shape[0]
+    units = treated_matrix.sum(axis=0) * seeds_c - control_matrix.sum(axis=0) * seeds_t
+    statistics = np.concatenate(
+        [counts @ units for counts in _resample_counts(n_images, resamples, seed)]
+    ) / (n_images * seeds_t * seeds_c)
 
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(statistics, [tail, 1.0 - tail])

@@ -25,6 +25,7 @@ from app.runs import SETTING_FIELDS
 
 EXPERIMENT_PLOTS = ("accuracy-vs-n-real", "dose-response", "skin-tone", "training-curves")
 FORMATS = {"png": "image/png", "svg": "image/svg+xml"}
+LEGEND_INSIDE = 8  # more entries than this go beside the axes
 # pyplot keeps global state: one figure at a time per process
 _lock = threading.Lock()
 
@@ -43,8 +44,16 @@ def _series_label(report: dict[str, Any], setting: dict[str, Any], axis: str) ->
     return setting_label(setting, omit=(axis,), datasets=report.get("synthetic_datasets"))
 
 
+def _spread(items: list[Any], limit: int) -> list[Any]:
+    """At most `limit` items, evenly spread over the list, the first and the last kept."""
+    if len(items) <= limit:
+        return items
+    picks = sorted({round(i * (len(items) - 1) / (limit - 1)) for i in range(limit)})
+    return [items[i] for i in picks]
+
+
 def _errorbar_lines(ax: Any, series: dict[str, list[tuple[float, float, float]]]) -> None:
-    for label, points in sorted(series.items()):
+    for label, points in series.items():  # the report's order: numeric n_real and k
         points.sort()
         xs = [p[0] for p in points]
         ys = [p[1] for p in points]
@@ -109,10 +118,7 @@ def dose_response(report: dict[str, Any]) -> Figure:
 def skin_tone_bars(report: dict[str, Any], limit: int = 8) -> Figure:
     """Top-1 accuracy per Fitzpatrick group (pooled over seeds, Wilson 95% CI), a bar per
     setting."""
-    entries = report["settings"]
-    if len(entries) > limit:  # evenly spread over the settings, the first and the last kept
-        picks = sorted({round(i * (len(entries) - 1) / (limit - 1)) for i in range(limit)})
-        entries = [entries[i] for i in picks]
+    entries = _spread(report["settings"], limit)
     figure, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / max(len(entries), 1)
     for i, entry in enumerate(entries):
@@ -139,28 +145,37 @@ def skin_tone_bars(report: dict[str, Any], limit: int = 8) -> Figure:
     return figure
 
 
-def training_curves(runs: list[Run], dataset_names: Mapping[str, str] | None = None) -> Figure:
-    """Validation loss (solid) and training loss (dotted) per epoch, a colour per setting."""
+def training_curves(
+    runs: list[Run], dataset_names: Mapping[str, str] | None = None, limit: int = 10
+) -> Figure:
+    """Validation loss (solid) and training loss (dotted) per epoch, a colour per setting; at
+    most `limit` settings, evenly spread (every run has its own figure too)."""
     figure, ax = plt.subplots(figsize=(7, 4.5))
     shown = shown_datasets((run.config for run in runs), dataset_names or {})
-    colours: dict[str, Any] = {}
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    by_label: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
-        history = run.history or []
-        if not history:
-            continue
-        label = setting_label({f: run.config.get(f) for f in SETTING_FIELDS}, datasets=shown)
-        colour = colours.setdefault(label, cycle[len(colours) % len(cycle)])
-        epochs = [h["epoch"] for h in history]
-        first = label not in {line.get_label() for line in ax.get_lines()}
-        ax.plot(epochs, [h["val_loss"] for h in history], color=colour,
-                label=label if first else None)  # fmt: skip
-        ax.plot(epochs, [h["train_loss"] for h in history], color=colour, linestyle=":")
-        if run.best_epoch:
-            ax.plot([run.best_epoch], [history[run.best_epoch - 1]["val_loss"]], "o", color=colour)
+        if run.history:
+            setting = {f: run.config.get(f) for f in SETTING_FIELDS}
+            by_label[setting_label(setting, datasets=shown)].append(run)
+    labels = _spread(list(by_label), limit)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, label in enumerate(labels):
+        colour = cycle[i % len(cycle)]
+        for j, run in enumerate(by_label[label]):
+            history = run.history or []
+            epochs = [h["epoch"] for h in history]
+            ax.plot(epochs, [h["val_loss"] for h in history], color=colour,
+                    label=None if j else label)  # fmt: skip
+            ax.plot(epochs, [h["train_loss"] for h in history], color=colour, linestyle=":")
+            if run.best_epoch:
+                best = history[run.best_epoch - 1]["val_loss"]
+                ax.plot([run.best_epoch], [best], "o", color=colour)
     ax.set_xlabel("epoch")
     ax.set_ylabel("cross-entropy (solid: validation, dotted: training)")
-    ax.set_title("Training curves (dot: the restored best epoch)")
+    title = "Training curves (dot: the restored best epoch)"
+    if len(labels) < len(by_label):
+        title += f"\n{len(labels)} of {len(by_label)} settings"
+    ax.set_title(title)
     return figure
 
 
@@ -168,7 +183,11 @@ def render(figure: Figure, fmt: str) -> bytes:
     if fmt not in FORMATS:
         raise InvalidField(f"format: {fmt!r} is not one of {', '.join(FORMATS)}", field="format")
     handles, _labels = figure.axes[0].get_legend_handles_labels()
-    if handles:
+    if len(handles) > LEGEND_INSIDE:  # beside the axes, where it covers no data
+        width, height = figure.get_size_inches()
+        figure.set_size_inches(width + 2.5, height)
+        figure.axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif handles:
         figure.axes[0].legend(fontsize=8)
     figure.axes[0].grid(alpha=0.3)
     figure.tight_layout()

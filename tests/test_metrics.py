@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from app import metrics
 from app.metrics import (
     FITZPATRICK_GROUPS,
     classification_metrics,
@@ -471,6 +472,34 @@ def test_bootstrap_single_image_has_no_spread():
     )
     assert result["difference"] == 0.5
     assert result["ci"] == [0.5, 0.5]
+
+
+def test_bootstrap_in_blocks_equals_one_block(monkeypatch):
+    # A large test set is resampled in blocks (bounded memory); a small one in one cached
+    # block. Both draw the same resamples from the seed, so they agree exactly.
+    rng = np.random.default_rng(5)
+    treated, control = rng.random((5, 300)) < 0.7, rng.random((4, 300)) < 0.6
+    whole = paired_bootstrap_difference(treated=treated, control=control, seed=11)
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 1000)  # 3 resamples a block
+    blocked = paired_bootstrap_difference(treated=treated, control=control, seed=11)
+    assert blocked == whole
+    assert 0 < whole["ci"][0] < whole["difference"] < whole["ci"][1]
+
+
+def test_bootstrap_counts_are_shared_not_changed():
+    # The report compares many settings on the same test images: the resampling is drawn
+    # once and reused, and one comparison cannot alter the next.
+    first = paired_bootstrap_difference(
+        treated=np.array([[1, 0, 1, 1]]), control=np.array([[0, 0, 1, 0]]), resamples=100
+    )
+    paired_bootstrap_difference(
+        treated=np.array([[0, 0, 0, 1]]), control=np.array([[1, 1, 1, 1]]), resamples=100
+    )
+    again = paired_bootstrap_difference(
+        treated=np.array([[1, 0, 1, 1]]), control=np.array([[0, 0, 1, 0]]), resamples=100
+    )
+    assert first == again
+    assert first["difference"] == 0.5
 
 
 def test_bootstrap_is_deterministic_per_seed():

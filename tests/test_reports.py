@@ -139,3 +139,15 @@ def test_every_figure_draws_with_two_datasets(name: str) -> None:
         dataset_names={INPAINT_SET: "inpaint-v1", TEXT_SET: "t2i-v1"},
     )  # fmt: skip
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_curves_show_at_most_limit_settings() -> None:
+    runs = grid_runs({"inpaint": INPAINT_SET, "text-to-image": TEXT_SET})
+    figure = plots.training_curves(runs, {INPAINT_SET: "inpaint-v1"}, limit=4)
+    title = figure.axes[0].get_title()
+    labels = legend(figure)
+    assert len(labels) == 4
+    # evenly spread over the 10 settings: the first and the last are kept
+    assert labels[0] == "n=4 k=0" and labels[-1] == "n=8 k=4 text-to-image 22222222"
+    assert "4 of 10 settings" in title
+    assert len(legend(plots.training_curves(runs))) == 10
