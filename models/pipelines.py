@@ -17,19 +17,9 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
+from models.devices import dtype_for
+
 log = logging.getLogger(__name__)
-
-
-def resolve_device(setting: str) -> torch.device:
-    """`auto` picks CUDA when present, else the CPU."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
-def dtype_for(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (PAPER.md section 2), fp32 on the CPU."""
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def load_pipeline(

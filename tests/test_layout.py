@@ -38,6 +38,21 @@ def test_models_import_without_database_or_web() -> None:
     assert out.stdout.strip() == ""
 
 
+def test_a_worker_loads_diffusers_only_when_it_generates() -> None:
+    # the Celery app with every task module, as `celery -A workers.celery_app worker` loads
+    # it: a worker that only trains classifiers (or ingests, or exports) never needs diffusers
+    code = (
+        "import sys, workers.celery_app\n"
+        "for name in workers.celery_app.app.conf.include:\n"
+        "    __import__(name)\n"
+        "print(','.join(m for m in ('diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == ""
+
+
 def test_no_torch_import_statement_under_app() -> None:
     offenders = [
         str(path.relative_to(ROOT))

@@ -59,7 +59,8 @@ def pipeline_cache(settings: Settings) -> Any:
     global _pipelines
     with _state_lock:
         if _pipelines is None:
-            from models.pipelines import PipelineCache, resolve_device
+            from models.devices import resolve_device
+            from models.pipelines import PipelineCache
 
             _pipelines = PipelineCache(
                 device=resolve_device(settings.device),

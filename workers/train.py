@@ -32,7 +32,7 @@ from app.schemas import JobStatus
 from app.storage import ObjectStore
 from models.backbones import Backbone, load_backbone
 from models.classifier import HeadConfig, TrainOptions, predict, train_head
-from models.pipelines import resolve_device
+from models.devices import resolve_device
 from models.transforms import (
     augment,
     augmented_view_id,
