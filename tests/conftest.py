@@ -247,11 +247,20 @@ class Stack:
     ) -> dict[str, Any]:
         terminal = ("succeeded", "failed", "canceled")
 
+        seen: dict[str, Any] = {}
+
         def poll() -> dict[str, Any] | None:
-            body = client.get(f"/jobs/{job_id}").json()
+            body = seen["job"] = client.get(f"/jobs/{job_id}").json()
             return body if body["status"] in terminal or body["status"] in statuses else None
 
-        body = wait_for(poll, timeout=timeout, interval=0.2, what=f"job {job_id}")
+        try:
+            body = wait_for(poll, timeout=timeout, interval=0.2, what=f"job {job_id}")
+        except AssertionError as timeout_error:  # say what the job and the worker were doing
+            raise AssertionError(
+                f"{timeout_error}\njob: {seen.get('job')}\nworker alive: "
+                f"{self.worker.proc is not None and self.worker.proc.poll() is None}\n"
+                f"worker log (end):\n{self.worker.log()[-3000:]}"
+            ) from None
         assert body["status"] in statuses, (body, self.worker.log()[-3000:])
         return body
 
