@@ -9,48 +9,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def loaded_after(code: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of `modules` a fresh interpreter has loaded after running `code`."""
+    probe = f"{code}\nimport sys\nprint(','.join(m for m in {modules!r} if m in sys.modules))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return [name for name in out.stdout.strip().split(",") if name]
+
+
 def test_app_never_imports_torch_or_workers() -> None:
     code = (
-        "import importlib, pkgutil, sys, app\n"
+        "import importlib, pkgutil, app\n"
         "for m in pkgutil.walk_packages(app.__path__, 'app.'):\n"
         "    importlib.import_module(m.name)\n"
         "import app.main\n"
-        "app.main.create_app\n"
-        "bad = [m for m in ('torch', 'diffusers', 'transformers', 'workers', 'models')"
-        " if m in sys.modules]\n"
-        "print(','.join(bad))\n"
+        "app.main.create_app"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == ""
+    assert loaded_after(code, ("torch", "diffusers", "transformers", "workers", "models")) == []
 
 
 def test_models_import_without_database_or_web() -> None:
-    code = (
-        "import sys, models.pipelines, models.strategies, models.tiny_random\n"
-        "bad = [m for m in ('fastapi', 'sqlalchemy', 'celery', 'app') if m in sys.modules]\n"
-        "print(','.join(bad))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == ""
+    code = "import models.pipelines, models.strategies, models.tiny_random"
+    assert loaded_after(code, ("fastapi", "sqlalchemy", "celery", "app")) == []
 
 
 def test_a_worker_loads_diffusers_only_when_it_generates() -> None:
     # the Celery app with every task module, as `celery -A workers.celery_app worker` loads
     # it: a worker that only trains classifiers (or ingests, or exports) never needs diffusers
     code = (
-        "import sys, workers.celery_app\n"
+        "import workers.celery_app\n"
         "for name in workers.celery_app.app.conf.include:\n"
-        "    __import__(name)\n"
-        "print(','.join(m for m in ('diffusers', 'transformers') if m in sys.modules))\n"
+        "    __import__(name)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == ""
+    assert loaded_after(code, ("diffusers", "transformers")) == []
 
 
 def test_no_torch_import_statement_under_app() -> None:
