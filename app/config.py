@@ -132,8 +132,12 @@ class Settings(BaseSettings):
         le=64,
         description="Cached augmented copies per training image (epoch e sees copy e mod N).",
     )
-    classifier_feature_batch: int = Field(
-        32, ge=1, le=1024, description="Images per backbone forward pass."
+    classifier_feature_batch: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Images per backbone forward pass; unset: 8 on the CPU (larger batches "
+        "spill the CPU's caches and run slower), 64 on a GPU.",
     )
 
     @model_validator(mode="after")

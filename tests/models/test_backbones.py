@@ -20,7 +20,13 @@ from models.backbones import (
     file_sha256,
     load_backbone,
 )
-from models.efficientnet_lite import EfficientNetLite, lite0_weights_path
+from models.efficientnet_lite import (
+    EfficientNetLite,
+    FoldedEfficientNetLite,
+    fold_for_inference,
+    lite0_weights_path,
+    load_efficientnet_lite0,
+)
 from models.transforms import decode_image, resize_crop
 
 DATA = Path("/work/shared/data")
@@ -67,11 +73,47 @@ def test_lite0_recognises_grace_hoppers_uniform(
 
 
 def test_feature_map_is_7x7_at_224(lite0: Backbone, grace_hopper: torch.Tensor) -> None:
-    assert isinstance(lite0.module, EfficientNetLite)
+    assert isinstance(lite0.module, FoldedEfficientNetLite)
     with torch.inference_mode():
         feature_map = lite0.module.forward_features(grace_hopper)
 
     assert feature_map.shape == (1, 1280, 7, 7)
+
+
+def test_folded_network_computes_what_the_loaded_one_does(
+    lite0: Backbone, grace_hopper: torch.Tensor
+) -> None:
+    loaded = load_efficientnet_lite0()  # the strictly loaded network, BatchNorm unfolded
+    pixels = torch.cat(
+        [grace_hopper, torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))]
+    )
+    # an odd side exercises the symmetric stride-2 padding the convolution does by itself
+    odd = torch.rand(1, 3, 225, 199, generator=torch.Generator().manual_seed(4))
+    normalized = lite0._normalize(pixels)
+
+    with torch.inference_mode():
+        reference = loaded.forward_features(normalized)
+        folded = lite0.module.forward_features(normalized)
+        reference_logits, folded_logits = loaded(normalized), lite0.module(normalized)
+        odd_reference = loaded.forward_features(lite0._normalize(odd))
+        odd_folded = lite0.module.forward_features(lite0._normalize(odd))
+
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in lite0.module.modules())
+    assert folded.shape == reference.shape == (3, 1280, 7, 7)
+    assert odd_folded.shape == odd_reference.shape == (1, 1280, 8, 7)
+    # ReLU6 outputs in [0, 6]: equal up to float rounding
+    torch.testing.assert_close(folded, reference, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(odd_folded, odd_reference, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(folded_logits, reference_logits, atol=2e-4, rtol=1e-4)
+
+
+def test_folding_refuses_a_network_in_training_mode() -> None:
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_for_inference(EfficientNetLite().train())
+
+
+def test_feature_cache_key_names_the_weights_and_the_folded_computation(lite0: Backbone) -> None:
+    assert lite0.cache_key == f"efficientnet-lite0@{lite0.weights_id[:16]}+bn-folded"
 
 
 def test_features_are_concat_pooled_max_then_average_and_deterministic(lite0: Backbone) -> None:
@@ -179,3 +221,17 @@ def test_features_separate_dermoscopy_from_clinical_photos(lite0: Backbone) -> N
         correct += predicted == int(labels[i])
 
     assert correct / len(features) >= 0.9
+
+
+def test_feature_batch_is_the_setting_or_the_devices_default() -> None:
+    from app.config import Settings
+    from workers.train import CPU_FEATURE_BATCH, GPU_FEATURE_BATCH, feature_batch
+
+    assert feature_batch(Settings(), torch.device("cpu")) == CPU_FEATURE_BATCH == 8
+    assert feature_batch(Settings(), torch.device("cuda")) == GPU_FEATURE_BATCH == 64
+    chosen = Settings(classifier_feature_batch=20)
+    assert (
+        feature_batch(chosen, torch.device("cpu"))
+        == feature_batch(chosen, torch.device("cuda"))
+        == 20
+    )
