@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run test install lint format typecheck deploy-check tiny-model serve worker keys clean \
-	bench-generation bench-classifier bench-report
+	bench-generation bench-backbone bench-classifier bench-report
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,9 @@ worker: $(STAMP)
 ## Generation throughput: plain pipeline vs the worker path (see bench/RESULTS.md).
 bench-generation: $(STAMP)
 	$(BIN)/python -m bench.generation $(ARGS)
+
+bench-backbone: $(STAMP)
+	$(BIN)/python -m bench.backbone $(ARGS)
 
 bench-classifier: $(STAMP)
 	$(BIN)/python -m bench.classifier $(ARGS)
