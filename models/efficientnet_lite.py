@@ -56,17 +56,23 @@ class Conv2dSame(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The weights were trained in TF: symmetric padding shifts every stride-2 layer by half a
         # pixel and drops grace_hopper's top-1 ("military uniform") probability from 0.30 to 0.23.
-        height, width = x.shape[-2:]
-        pad_h = self._same_padding(height, dim=0)
-        pad_w = self._same_padding(width, dim=1)
+        pad_h, pad_w = same_padding(x, stride=self.stride, kernel_size=self.kernel_size)
         if pad_h or pad_w:
             x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
-    def _same_padding(self, size: int, *, dim: int) -> int:
-        """Total padding so that the output has ceil(size / stride) positions."""
-        stride, kernel = self.stride[dim], self.kernel_size[dim]
-        return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+
+def same_padding(
+    x: torch.Tensor, *, stride: tuple[int, ...], kernel_size: tuple[int, ...]
+) -> tuple[int, int]:
+    """TF "SAME" total padding (height, width) so that the output has ceil(size / stride)
+    positions along each of x's last two dimensions."""
+    height, width = x.shape[-2:]
+    pad_h, pad_w = (
+        max((math.ceil(size / stride[dim]) - 1) * stride[dim] + kernel_size[dim] - size, 0)
+        for dim, size in enumerate((height, width))
+    )
+    return pad_h, pad_w
 
 
 class MBConvBlock(nn.Module):
@@ -158,8 +164,9 @@ class FoldedConv(nn.Module):
 
     On the CPU the network's BN, padding and ReLU6 are memory-bound passes over the expanded
     (6x wider) activations and cost more than the convolutions themselves; folded, padded inside
-    the convolution, and clamped in place, Lite0's features run about 3x faster. Equal to the
-    unfolded layers up to float rounding (the folding; the padding is exact).
+    the convolution, and clamped in place, Lite0's features run 2-2.5x faster (`python -m
+    bench.backbone`). Equal to the unfolded layers up to float rounding (the folding; the
+    padding is exact).
     """
 
     def __init__(self, conv: Conv2dSame, batch_norm: nn.BatchNorm2d, *, relu6: bool) -> None:
@@ -178,11 +185,7 @@ class FoldedConv(nn.Module):
         self.relu6 = relu6
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for dim, size in enumerate(x.shape[-2:]):
-            stride, kernel = self.stride[dim], self.kernel_size[dim]
-            pads.append(max((math.ceil(size / stride) - 1) * stride + kernel - size, 0))
-        pad_h, pad_w = pads
+        pad_h, pad_w = same_padding(x, stride=self.stride, kernel_size=self.kernel_size)
         weight: torch.Tensor = self.weight
         if pad_h % 2 or pad_w % 2:
             # TF puts the odd pixel bottom/right (stride-2 layers on even sides). Padding the

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 DOWNLOAD_THREADS = 8
 TOP_K_PREDICTIONS = 3
 # Images per backbone pass when the setting is unset. On the CPU, Lite0's expanded activations
-# at batch 32 spill the caches: batch 8 runs ~1.4x faster (DEVELOPING.md, classifier notes).
+# at batch 32 spill the caches: batch 8 runs ~1.3x faster (bench/RESULTS.md, bench.backbone).
 CPU_FEATURE_BATCH = 8
 GPU_FEATURE_BATCH = 64
 
