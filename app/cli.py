@@ -321,14 +321,25 @@ def jobs_wait(job_id: str) -> None:
         raise _fail(exc) from exc
 
 
+def _print_listing(columns: list[str], rows: list[list[str]]) -> None:
+    """A table of ids and fields, never cut to the terminal's width: an id is what a user
+    copies into the next command, so a narrow terminal wraps the lines instead of rich putting
+    an ellipsis in the cells."""
+    from rich.table import Table
+
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    Console(width=max(console.width, natural)).print(table)
+
+
 @jobs_cli.command("list")
 def jobs_list(status: Annotated[str | None, typer.Option()] = None) -> None:
     """Your jobs, newest first."""
-    from rich.table import Table
-
-    table = Table("id", "kind", "status", "condition", "tone", "strategy", "done", "total")
-    for job in _client().get("/jobs", status=status)["items"]:
-        table.add_row(
+    rows = [
+        [
             job["id"],
             job["kind"],
             job["status"],
@@ -337,8 +348,11 @@ def jobs_list(status: Annotated[str | None, typer.Option()] = None) -> None:
             job["strategy"] or "",
             str(job["progress"]["done"]),
             str(job["progress"]["total"]),
-        )
-    Console().print(table)
+        ]
+        for job in _client().get("/jobs", status=status)["items"]
+    ]
+    columns = ["id", "kind", "status", "condition", "tone", "strategy", "done", "total"]
+    _print_listing(columns, rows)
 
 
 @jobs_cli.command("cancel")
@@ -355,18 +369,17 @@ def jobs_cancel(job_id: str) -> None:
 @datasets_cli.command("list")
 def datasets_list() -> None:
     """Your datasets with their image counts."""
-    from rich.table import Table
-
-    table = Table("id", "kind", "name", "images", "created")
-    for item in _client().get("/datasets")["items"]:
-        table.add_row(
+    rows = [
+        [
             item["id"],
             item["kind"],
             item["name"],
             str(item["image_count"]),
             item["created_at"][:19],
-        )
-    Console().print(table)
+        ]
+        for item in _client().get("/datasets")["items"]
+    ]
+    _print_listing(["id", "kind", "name", "images", "created"], rows)
 
 
 @datasets_cli.command("show")

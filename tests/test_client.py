@@ -14,13 +14,15 @@ from tests.conftest import ROOT, Stack
 from tests.workers.test_ingest import csv_text, make_zip, png
 
 
-def run_cli(stack: Stack, key: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    stack: Stack, key: str, tmp_path: Path, *args: str, columns: int = 120
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHDERM_")}
     env |= {
         "SYNTHDERM_API_URL": stack.base_url,
         "SYNTHDERM_API_KEY": key,
         "SYNTHDERM_CONFIG": str(tmp_path / "no-config.json"),
-        "COLUMNS": "120",
+        "COLUMNS": str(columns),
     }
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *args],
@@ -57,6 +59,16 @@ def test_upload_submit_download_verify(deployed: Stack, tmp_path: Path) -> None:
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job = last_json(submitted.stdout)
     assert job["status"] == "succeeded" and job["progress"]["done"] == 6
+
+    # listings on a narrow terminal: whole ids (to copy) and whole words, never an ellipsis
+    jobs = run_cli(deployed, key, tmp_path, "jobs", "list", columns=60)
+    assert jobs.returncode == 0, jobs.stdout + jobs.stderr
+    assert job["id"] in jobs.stdout and ingest["id"] in jobs.stdout
+    assert "image-to-image" in jobs.stdout and "succeeded" in jobs.stdout
+    datasets = run_cli(deployed, key, tmp_path, "datasets", "list", columns=60)
+    assert datasets.returncode == 0, datasets.stdout + datasets.stderr
+    assert real in datasets.stdout and job["dataset_id"] in datasets.stdout
+    assert "…" not in jobs.stdout + datasets.stdout
 
     folder = tmp_path / "out"
     first = run_cli(deployed, key, tmp_path, "datasets", "download", job["dataset_id"], str(folder))
