@@ -104,6 +104,31 @@ def _summary(experiment: dict[str, Any]) -> dict[str, Any]:
     return {k: experiment[k] for k in ("id", "name", "status", "progress", "error", "plots")}
 
 
+def _cells_width(cells: list[str]) -> int:
+    return max((len(cell) for cell in cells), default=1)
+
+
+def table_panels(header: list[str], rows: list[list[str]], *, width: int) -> list[list[int]]:
+    """The report's columns in panels that fit `width`, in order, each led by the setting
+    column: a narrow terminal gets several readable tables rather than one whose cells are
+    folded three characters wide."""
+
+    def need(i: int) -> int:  # the column unbroken, with its border and padding
+        return max(_cells_width([row[i] for row in rows]), len(header[i])) + 3
+
+    budget = width - 1 - need(0)
+    panels: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in range(1, len(header)):
+        if current and used + need(i) > budget:
+            panels.append([0, *current])
+            current, used = [], 0
+        current.append(i)
+        used += need(i)
+    return [*panels, [0, *current]] if current else panels
+
+
 def print_report(experiment: dict[str, Any]) -> None:
     from app.reports import report_rows
 
@@ -114,13 +139,16 @@ def print_report(experiment: dict[str, Any]) -> None:
         )
         return
     header, rows = report_rows(report)
-    table = Table(title=f"{experiment['name']} ({experiment['id']})", show_lines=False)
-    for column in header:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    console.print(f"classes: {', '.join(report['classes'])}; runs: {report['runs']}")
+    console.print(f"{experiment['name']} ({experiment['id']})", style="bold")
+    for panel in table_panels(header, rows, width=console.width):
+        table = Table(show_lines=False)
+        for i in panel:
+            table.add_column(header[i], no_wrap=True)
+        for row in rows:
+            table.add_row(*(row[i] for i in panel))
+        console.print(table)
+    runs = ", ".join(f"{n} {state}" for state, n in report["runs"].items() if n) or "none"
+    console.print(f"classes: {', '.join(report['classes'])}; runs: {runs}")
 
 
 @experiments_cli.command("report")

@@ -122,11 +122,20 @@ def test_experiments_submit_wait_and_report(deployed: Stack, tmp_path: Path) -> 
     assert "n=2" in submitted.stdout and "n=all" in submitted.stdout
     summary = last_json(submitted.stdout[submitted.stdout.rindex('{\n  "id"') :])
     assert summary["status"] == "succeeded" and summary["progress"]["done"] == 4
+    assert "runs: 4 succeeded" in submitted.stdout
 
     out = tmp_path / "report"
     reported = run_cli(deployed, key, tmp_path, "experiments", "report", summary["id"],
                        "--out", str(out))  # fmt: skip
     assert reported.returncode == 0, reported.stdout + reported.stderr
+    # an 80-column terminal: the table comes in panels, each led by the setting, none wider
+    narrow = run_cli(deployed, key, tmp_path, "experiments", "report", summary["id"],
+                     "--out", str(tmp_path / "again"), columns=80)  # fmt: skip
+    assert narrow.returncode == 0, narrow.stdout + narrow.stderr
+    assert max(map(len, narrow.stdout.splitlines())) <= 80
+    for column in ("top-1 %", "AUROC", "top-1 V-VI %", "Δ top-1 vs real-only (pts, 95% CI)"):
+        assert column in narrow.stdout
+    assert narrow.stdout.count("│ n=all k=0 ") == narrow.stdout.count("┃ setting ") > 1
     table = (out / "report.md").read_text()
     assert table.startswith("| setting |") and table.count("\n") == 4  # header, rule, 2 rows
     report = json.loads((out / "report.json").read_text())["report"]

@@ -151,3 +151,19 @@ def test_training_curves_show_at_most_limit_settings() -> None:
     assert labels[0] == "n=4 k=0" and labels[-1] == "n=8 k=4 text-to-image 22222222"
     assert "4 of 10 settings" in title
     assert len(legend(plots.training_curves(runs))) == 10
+
+
+def test_table_panels_fit_the_width_keep_the_order_and_lead_with_the_setting() -> None:
+    from app.cli_experiments import table_panels
+
+    header = ["setting", "a", "bb", "a long header", "d", "e"]
+    rows = [["n=8 k=10 inpaint", "1", "22", "x", "48.6 ± 1.9", "+2.3 [-4.1, +8.2]"]]
+    width = 50
+    panels = table_panels(header, rows, width=width)
+    assert all(panel[0] == 0 for panel in panels) and len(panels) > 1
+    assert [i for panel in panels for i in panel[1:]] == list(range(1, len(header)))
+    for panel in panels:  # each column at its widest cell or header, 3 for borders, 1 closing
+        assert sum(max(len(header[i]), len(rows[0][i])) + 3 for i in panel) + 1 <= width
+    # a terminal wider than the whole table: one panel; one narrower than a column: it alone
+    assert table_panels(header, rows, width=500) == [list(range(len(header)))]
+    assert table_panels(header, rows, width=10) == [[0, i] for i in range(1, len(header))]
