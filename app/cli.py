@@ -268,7 +268,11 @@ def jobs_submit(
     steps: Annotated[int | None, typer.Option(help="num_inference_steps")] = None,
     guidance: Annotated[float | None, typer.Option(help="guidance_scale")] = None,
     strength: Annotated[float | None, typer.Option()] = None,
+    negative_prompt: Annotated[str | None, typer.Option()] = None,
     dataset_id: Annotated[str | None, typer.Option(help="Append to this dataset.")] = None,
+    dataset_name: Annotated[
+        str | None, typer.Option(help="Name of the new synthetic dataset.")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Follow it with a progress bar.")] = False,
 ) -> None:
     """Submit a generation job."""
@@ -287,7 +291,9 @@ def jobs_submit(
         "num_inference_steps": steps,
         "guidance_scale": guidance,
         "strength": strength,
+        "negative_prompt": negative_prompt,
         "dataset_id": dataset_id,
+        "dataset_name": dataset_name,
     }
     try:
         job = client.submit_job(body)

@@ -54,7 +54,8 @@ def test_upload_submit_download_verify(deployed: Stack, tmp_path: Path) -> None:
     submitted = run_cli(
         deployed, key, tmp_path, "jobs", "submit", "--condition", "psoriasis",
         "--strategy", "image-to-image", "--source-dataset", real, "--k", "2",
-        "--strength", "0.5", "--steps", "4", "--wait",
+        "--strength", "0.5", "--steps", "4", "--negative-prompt", "blurry",
+        "--dataset-name", "psoriasis-variations", "--wait",
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job = last_json(submitted.stdout)
@@ -68,6 +69,8 @@ def test_upload_submit_download_verify(deployed: Stack, tmp_path: Path) -> None:
     datasets = run_cli(deployed, key, tmp_path, "datasets", "list", columns=60)
     assert datasets.returncode == 0, datasets.stdout + datasets.stderr
     assert real in datasets.stdout and job["dataset_id"] in datasets.stdout
+    assert "psoriasis-variations" in datasets.stdout
+    assert job["params"]["negative_prompt"] == "blurry", job
     assert "…" not in jobs.stdout + datasets.stdout
 
     folder = tmp_path / "out"
