@@ -27,6 +27,15 @@ def slugify(label: str) -> str:
     return _SLUG_RE.sub("-", label.strip().lower()).strip("-")
 
 
+def condition_name(label: str) -> str:
+    """The words a prompt uses for a label: 'Basal cell carcinoma' -> 'basal cell carcinoma',
+    and a label written as an identifier, 'acne-vulgaris' or 'Acne_Vulgaris', -> 'acne
+    vulgaris' (the paper's prompt has the condition with spaces). A label that already has
+    spaces keeps its hyphens ('t-cell lymphoma')."""
+    words = " ".join(label.strip().lower().split())
+    return words if " " in words else " ".join(re.split(r"[-_]+", words)).strip()
+
+
 def get_condition(*, session: Session, slug: str) -> Condition | None:
     return session.get(Condition, slug)
 

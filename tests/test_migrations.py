@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -31,6 +32,7 @@ TABLES = {
     "runs",
     "feature_cache",
 }
+NOW = datetime(2026, 12, 2, tzinfo=UTC)
 PAPER_SLUGS = [
     "allergic-contact-dermatitis",
     "basal-cell-carcinoma",
@@ -159,3 +161,25 @@ def test_comparison_notices_drift(database_url: str, engine: Engine) -> None:
         conn.execute(text("DROP INDEX ix_jobs_status"))
     diffs = drift(engine)
     assert any(d[0] == "add_index" and d[1].name == "ix_jobs_status" for d in diffs), diffs  # type: ignore[index]
+
+
+def test_condition_names_become_words(database_url: str, engine: Engine) -> None:
+    """0005: a condition ingested before it as 'acne-vulgaris' is named in words after it."""
+    config = alembic_config(database_url)
+    command.upgrade(config, "0004")
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO conditions (slug, name, created_at) VALUES (:s, :n, :t)"),
+            [
+                {"s": "acne-vulgaris", "n": "acne-vulgaris", "t": NOW},
+                {"s": "nail-fungus", "n": "nail_fungus", "t": NOW},
+                {"s": "t-cell-lymphoma", "n": "t-cell lymphoma", "t": NOW},  # a space: kept
+            ],
+        )
+    command.upgrade(config, "head")
+    with engine.connect() as conn:
+        names = dict(conn.execute(text("SELECT slug, name FROM conditions")).all())
+    assert names["acne-vulgaris"] == "acne vulgaris"
+    assert names["nail-fungus"] == "nail fungus"
+    assert names["t-cell-lymphoma"] == "t-cell lymphoma"
+    assert names["basal-cell-carcinoma"] == "basal cell carcinoma"

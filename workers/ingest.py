@@ -38,6 +38,7 @@ from app.ingest import (
 )
 from app.schemas import JobStatus
 from app.storage import ObjectNotFound, image_key, upload_key
+from app.vocabulary import condition_name
 from workers.celery_app import app
 from workers.generate import claim_task_chunk, heartbeat, object_store
 
@@ -210,7 +211,7 @@ def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict
         added = []
         for slug, label in conditions:
             if session.get(Condition, slug) is None:
-                session.add(Condition(slug=slug, name=label.strip().lower()))
+                session.add(Condition(slug=slug, name=condition_name(label)))
                 added.append(slug)
         session.flush()
         for values in accepted:

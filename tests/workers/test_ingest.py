@@ -87,7 +87,7 @@ def test_generic_zip_with_split_and_duplicates(stack: Stack) -> None:
         ["img/1.png", "Basal cell carcinoma", 2, "train"],
         ["img/2.png", "basal cell carcinoma", 5, "test"],
         ["3.png", "Psoriasis", "", "validation"],  # a base name is enough when unique
-        ["img/4.png", "Granuloma annulare", 6, "train"],
+        ["img/4.png", "Granuloma_Annulare", 6, "train"],  # an identifier: a name in words
         ["img/5.png", "psoriasis", 1, "train"],
         ["img/dup.png", "psoriasis", 1, "train"],
     ]
@@ -99,6 +99,8 @@ def test_generic_zip_with_split_and_duplicates(stack: Stack) -> None:
     assert result["duplicate_count"] == 1
     assert result["duplicates"] == [{"row": 8, "file": "img/dup.png", "duplicate_of_row": 2}]
     assert result["conditions_added"] == ["granuloma-annulare"]
+    names = {c["slug"]: c["name"] for c in client.get("/conditions").json()["items"]}
+    assert names["granuloma-annulare"] == "granuloma annulare"  # the prompt's words
     dataset_id = done["dataset_id"]
     assert counts(client, dataset_id) == {
         ("basal-cell-carcinoma", 2): 2,
@@ -319,3 +321,21 @@ def test_cancel_a_queued_upload_keeps_nothing(deployed: Stack) -> None:
         assert list(deployed.store.iter_keys(f"uploads/{job['id']}/")) == []
     finally:
         deployed.worker.start()
+
+
+@pytest.mark.parametrize(
+    ("label", "name"),
+    [
+        ("Basal cell carcinoma", "basal cell carcinoma"),
+        ("acne-vulgaris", "acne vulgaris"),  # the shared data's Fitzpatrick17k labels
+        ("Acne_Vulgaris", "acne vulgaris"),
+        ("  superficial-spreading--melanoma-ssm ", "superficial spreading melanoma ssm"),
+        ("T-cell  lymphoma", "t-cell lymphoma"),  # words already: hyphens are meant
+        ("eczema", "eczema"),
+    ],
+)
+def test_condition_name_is_the_prompts_words(label: str, name: str) -> None:
+    from app.vocabulary import condition_name, slugify
+
+    assert condition_name(label) == name
+    assert slugify(condition_name(label)) == slugify(label)  # the same condition either way
