@@ -152,6 +152,8 @@ def test_edit_jobs_are_deterministic_and_regenerate_bit_for_bit(deployed: Stack)
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "identical" in result.stdout
+    # the verdict alone: no loading bars, no advice to install torchvision (it breaks torch)
+    assert "Loading" not in result.stderr and "torchvision" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(
