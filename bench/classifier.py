@@ -6,6 +6,8 @@ Prints the wall time of each, the ratio, and the mean accuracy of each arm.
 
     python -m bench.classifier                       # CPU scale: 3 classes, n_real 4,8, k 1..4
     python -m bench.classifier --paper               # the paper's n_real 128,228, k 10,25,50,75
+    python -m bench.classifier --save-data .benchdata   # copy the grid's photos, for a GPU box
+    python -m bench.classifier --data .benchdata        # ... and read them from there
 
 Real images come from ../shared/data (Fitzpatrick17k); the synthetic children are perturbed
 copies of their parents (random crop, colour, flip): the benchmark times training, not
@@ -44,25 +46,50 @@ PHASES = ("features_s", "train_s", "evaluate_s")
 FITZPATRICK = Path(__file__).resolve().parents[2] / "shared" / "data" / "fitzpatrick17k_ajl21"
 
 
-def real_images(store: LocalStore, *, classes: int, per_class: int) -> list[ImageRef]:
-    """The commonest `classes` conditions of the Fitzpatrick17k photos, `per_class` each."""
-    with (FITZPATRICK / "metadata.csv").open() as handle:
+def chosen_rows(data: Path, *, classes: int, per_class: int) -> list[dict[str, str]]:
+    """The metadata rows of the commonest `classes` conditions, the first `per_class` of each
+    by path: the same rows from the full folder and from a copy --save-data made of them."""
+    with (data / "metadata.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["label"]] = counts.get(row["label"], 0) + 1
     chosen = sorted(counts, key=lambda c: (-counts[c], c))[:classes]
+    return [
+        row
+        for condition in sorted(chosen)
+        for row in sorted((r for r in rows if r["label"] == condition), key=lambda r: r["path"])[
+            :per_class
+        ]
+    ]
+
+
+def save_data(source: Path, target: Path, rows: list[dict[str, str]]) -> int:
+    """Copy the photos of `rows` and their metadata.csv to `target` (for a machine without
+    ../shared/data, e.g. a lent GPU: carry the folder); returns the bytes copied."""
+    copied = 0
+    for row in rows:
+        path = target / row["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        copied += path.write_bytes((source / row["path"]).read_bytes())
+    with (target / "metadata.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return copied
+
+
+def real_images(store: LocalStore, data: Path, *, classes: int, per_class: int) -> list[ImageRef]:
+    """The commonest `classes` conditions of the Fitzpatrick17k photos, `per_class` each."""
     images = []
-    for condition in chosen:
-        picked = sorted((r for r in rows if r["label"] == condition), key=lambda r: r["path"])
-        for row in picked[:per_class]:
-            data = (FITZPATRICK / row["path"]).read_bytes()
-            sha = hashlib.sha256(data).hexdigest()
-            key = f"bench/real/{sha}.jpg"
-            store.put_bytes(key, data, content_type="image/jpeg")
-            tone = int(row["fitzpatrick_scale"])
-            images.append(ImageRef(id=sha, sha256=sha, condition=condition, storage_key=key,
-                                   skin_tone=tone if tone > 0 else None))  # fmt: skip
+    for row in chosen_rows(data, classes=classes, per_class=per_class):
+        photo = (data / row["path"]).read_bytes()
+        sha = hashlib.sha256(photo).hexdigest()
+        key = f"bench/real/{sha}.jpg"
+        store.put_bytes(key, photo, content_type="image/jpeg")
+        tone = int(row["fitzpatrick_scale"])
+        images.append(ImageRef(id=sha, sha256=sha, condition=row["label"], storage_key=key,
+                               skin_tone=tone if tone > 0 else None))  # fmt: skip
     return images
 
 
@@ -162,9 +189,14 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=None, help="Cached augmented views.")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None, help="Also write the numbers here.")
+    parser.add_argument("--data", type=Path, default=FITZPATRICK, help="The photos' folder.")
+    parser.add_argument(
+        "--save-data", type=Path, default=None,
+        help="Only copy the photos this grid reads (and their metadata.csv) to this folder.",
+    )  # fmt: skip
     args = parser.parse_args()
-    if not (FITZPATRICK / "metadata.csv").is_file():
-        raise SystemExit(f"the benchmark reads real photos from {FITZPATRICK}; it is missing")
+    if not (args.data / "metadata.csv").is_file():
+        raise SystemExit(f"the benchmark reads real photos from {args.data}; it is missing")
 
     classes_n = args.classes or (9 if args.paper else 3)
     n_real = [int(v) for v in (args.n_real or ("128,228" if args.paper else "4,8")).split(",")]
@@ -182,11 +214,18 @@ def main() -> None:
         "validation_per_class": validation,
     }  # fmt: skip
 
+    per_class = max(n_real) + validation + test_per_class
+    if args.save_data:
+        rows = chosen_rows(args.data, classes=classes_n, per_class=per_class)
+        size = save_data(args.data, args.save_data, rows)
+        print(f"copied {len(rows)} photos ({size / 1e6:.1f} MB) to {args.save_data}; "
+              f"run with --data {args.save_data} and the same grid options")  # fmt: skip
+        return
+
     with tempfile.TemporaryDirectory(prefix="synthderm-bench-classifier-") as tmp:
         root = Path(tmp)
         store = LocalStore(root / "store", base_url="http://bench", secret="bench", expiry_s=60)
-        per_class = max(n_real) + validation + test_per_class
-        images = real_images(store, classes=classes_n, per_class=per_class)
+        images = real_images(store, args.data, classes=classes_n, per_class=per_class)
         classes = sorted({i.condition for i in images})
         rng = random.Random(0)
         test_ids = set()
