@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run test install lint format typecheck deploy-check tiny-model serve worker keys clean \
-	bench-generation bench-backbone bench-classifier bench-report
+	bench-generation bench-backbone bench-classifier bench-report bench-features
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,9 @@ bench-classifier: $(STAMP)
 
 bench-report: $(STAMP)
 	$(BIN)/python -m bench.report $(ARGS)
+
+bench-features: $(STAMP)
+	$(BIN)/python -m bench.features $(ARGS)
 
 ## Create an API key: make keys NAME=alice
 keys: $(STAMP)

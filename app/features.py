@@ -7,7 +7,8 @@ vectors travel as float32 bytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -19,12 +20,29 @@ from app.db.tables import FeatureCache, utcnow
 LOOKUP_BATCH = 500
 
 
-def cached_features(
-    *, session: Session, backbone: str, transform: str, sha256s: Sequence[str]
-) -> dict[str, bytes]:
-    """The stored vectors of those images under (backbone, transform), by sha256."""
-    found: dict[str, bytes] = {}
+def iter_cached_features(
+    *, session: Session, backbone: str, transform: str, sha256s: Iterable[str]
+) -> Iterator[tuple[str, bytes]]:
+    """The stored vectors of those images under (backbone, transform), as (sha256, float32
+    bytes), a batch of rows at a time: a caller can put each where it belongs without holding
+    all of them as bytes too (a paper-size run reads gigabytes). On PostgreSQL the rows come in
+    binary (bytea as text would be hex, twice the bytes to send and decode) with one array
+    parameter per batch."""
     unique = sorted(set(sha256s))
+    if session.get_bind().dialect.name == "postgresql":
+        raw: Any = session.connection().connection.dbapi_connection  # a psycopg Connection
+        cursor = raw.cursor(binary=True)
+        try:
+            for start in range(0, len(unique), LOOKUP_BATCH):
+                cursor.execute(
+                    "SELECT sha256, vector FROM feature_cache "
+                    "WHERE backbone = %s AND transform = %s AND sha256 = ANY(%s)",
+                    (backbone, transform, unique[start : start + LOOKUP_BATCH]),
+                )
+                yield from cursor
+        finally:
+            cursor.close()
+        return
     for start in range(0, len(unique), LOOKUP_BATCH):
         rows = session.execute(
             select(FeatureCache.sha256, FeatureCache.vector).where(
@@ -33,8 +51,7 @@ def cached_features(
                 FeatureCache.sha256.in_(unique[start : start + LOOKUP_BATCH]),
             )
         )
-        found.update({sha: bytes(vector) for sha, vector in rows})
-    return found
+        yield from rows.tuples()
 
 
 def store_features(

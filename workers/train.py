@@ -106,21 +106,37 @@ class FeatureBank:
         return augmented_views(pixels, image_sha256s=[i.sha256 for i in images], view=view)
 
     def get(self, images: Sequence[ImageRef], transforms: list[str]) -> dict[str, torch.Tensor]:
-        """transform -> (len(images), dim) float32, rows in the order of `images`."""
+        """transform -> (len(images), dim) float32, rows in the order of `images`. Each vector
+        goes straight into its rows, from the cache or from the body: memory holds the result
+        and one batch, not the result again as bytes."""
         make_session = session_factory(self.settings.database_url)
         dim = 2 * self.backbone.feature_dim
+        rows_of: dict[str, list[int]] = {}
+        for row, image in enumerate(images):
+            rows_of.setdefault(image.sha256, []).append(row)
         unique = {image.sha256: image for image in images}
+        out = {t: np.empty((len(images), dim), dtype=np.float32) for t in transforms}
+        have: dict[str, set[str]] = {t: set() for t in transforms}
+
+        def place(transform: str, sha: str, vector: np.ndarray) -> None:
+            rows = rows_of[sha]
+            if len(rows) == 1:  # a plain row index copies ~5x faster than a list of one
+                out[transform][rows[0]] = vector
+            else:
+                out[transform][rows] = vector
+            have[transform].add(sha)
+
         # 1. what the cache has
-        found: dict[str, dict[str, bytes]] = {}
         with make_session() as session:
             for transform in transforms:
-                found[transform] = feature_cache.cached_features(
-                    session=session, backbone=self.key, transform=transform, sha256s=list(unique)
-                )
+                for sha, vector in feature_cache.iter_cached_features(
+                    session=session, backbone=self.key, transform=transform, sha256s=unique
+                ):
+                    place(transform, sha, np.frombuffer(vector, dtype="<f4"))
+        self.reused += sum(len(h) for h in have.values())
         missing = [
-            image for sha, image in unique.items() if any(sha not in found[t] for t in transforms)
+            image for sha, image in unique.items() if any(sha not in have[t] for t in transforms)
         ]
-        self.reused += sum(len(f) for f in found.values())
         # 2. the rest: each image decoded once, run through the body once per transform
         store = object_store(self.settings)
         batch = feature_batch(self.settings, self.backbone.device)
@@ -130,33 +146,23 @@ class FeatureBank:
                 part = missing[start : start + batch]
                 pixels = load_pixels(store, part, size=self.size, pool=pool)
                 for transform in transforms:
-                    rows = [
-                        i for i, image in enumerate(part) if image.sha256 not in found[transform]
-                    ]
+                    done = have[transform]
+                    rows = [i for i, image in enumerate(part) if image.sha256 not in done]
                     if not rows:
                         continue
                     inputs = self.transformed(pixels[rows], [part[i] for i in rows], transform)
                     vectors = self.backbone.features(inputs).float().cpu().numpy()
-                    new = [
-                        (part[i].sha256, vectors[j].astype("<f4").tobytes())
-                        for j, i in enumerate(rows)
-                    ]
-                    found[transform].update(new)
+                    new = []
+                    for j, i in enumerate(rows):
+                        place(transform, part[i].sha256, vectors[j])
+                        new.append((part[i].sha256, vectors[j].astype("<f4").tobytes()))
                     self.computed += len(new)
                     with make_session() as session:
                         feature_cache.store_features(
                             session=session, backbone=self.key, transform=transform, dim=dim,
                             vectors=new,
                         )  # fmt: skip
-        # 3. tensors in the callers' order
-        return {
-            t: torch.from_numpy(
-                np.stack([np.frombuffer(found[t][i.sha256], dtype="<f4") for i in images])
-                if images
-                else np.zeros((0, dim), dtype="<f4")
-            ).float()
-            for t in transforms
-        }
+        return {t: torch.from_numpy(out[t]) for t in transforms}
 
 
 def _labels(examples: Sequence[Example]) -> torch.Tensor:

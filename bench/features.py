@@ -1,0 +1,194 @@
+"""Reading a run's features from a warm cache: the worker's `FeatureBank.get` (rows in binary,
+each vector put straight into its rows of the result) against the way it read them before (the
+ORM's IN queries, bytea as hex text, every vector kept as bytes in a dict per transform, then
+stacked), in one run. The cache is PostgreSQL, filled by
+the benchmark with random vectors of EfficientNet-Lite0's size (2 x 1280 float32); each arm runs
+in a fresh subprocess, so its peak memory is its own. Prints seconds, peak RSS above the arm's
+start, and the ratios.
+
+    python -m bench.features                      # 20,000 images x 4 augmented views (820 MB)
+    python -m bench.features --images 60000       # nearer a paper-size run (the paper's largest
+                                                  # k has 154k children x 4 views: 6.3 GB)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import psycopg
+import torch
+from sqlalchemy import select
+
+from app import features as feature_cache
+from app.config import Settings
+from app.db.session import make_engine, session_factory
+from app.db.tables import Base, FeatureCache
+from app.mixtures import ImageRef
+from bench.manifest import PG_ADMIN_DSN, create_database, drop_database
+
+ROOT = Path(__file__).resolve().parents[1]
+DIM = 2 * 1280
+BACKBONE = "bench-features"
+INSERT_ROWS = 500
+
+
+def transforms(views: int) -> list[str]:
+    return [f"bench-view-{v}" for v in range(views)]
+
+
+def image_refs(n: int) -> list[ImageRef]:
+    return [
+        ImageRef(id=str(i), sha256=f"{i:064x}", condition="c", storage_key=f"k/{i}")
+        for i in range(n)
+    ]
+
+
+def fill(database: str, *, images: int, views: int) -> None:
+    """images x views random vectors in feature_cache, inserted in batches."""
+    rng = np.random.default_rng(0)
+    dsn = f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{database}"
+    statement = (
+        "INSERT INTO feature_cache (sha256, backbone, transform, dim, vector, created_at) "
+        "VALUES (%s, %s, %s, %s, %s, now())"
+    )
+    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
+        for transform in transforms(views):
+            for start in range(0, images, INSERT_ROWS):
+                stop = min(start + INSERT_ROWS, images)
+                block = rng.standard_normal((stop - start, DIM), dtype=np.float32)
+                cursor.executemany(
+                    statement,
+                    [
+                        (f"{i:064x}", BACKBONE, transform, DIM, block[i - start].tobytes())
+                        for i in range(start, stop)
+                    ],
+                )
+            conn.commit()
+
+
+def naive_get(settings: Settings, images: list[ImageRef], names: list[str]) -> dict[str, Any]:
+    """The read as FeatureBank.get did it before: the ORM's IN queries (bytea as hex text on
+    PostgreSQL), every vector kept as bytes in a dict, then one stack per transform."""
+    make_session = session_factory(settings.database_url)
+    unique = sorted({i.sha256 for i in images})
+    found: dict[str, dict[str, bytes]] = {name: {} for name in names}
+    with make_session() as session:
+        for name in names:
+            for start in range(0, len(unique), feature_cache.LOOKUP_BATCH):
+                rows = session.execute(
+                    select(FeatureCache.sha256, FeatureCache.vector).where(
+                        FeatureCache.backbone == BACKBONE,
+                        FeatureCache.transform == name,
+                        FeatureCache.sha256.in_(unique[start : start + feature_cache.LOOKUP_BATCH]),
+                    )
+                )
+                found[name].update({sha: bytes(vector) for sha, vector in rows})
+    return {
+        name: torch.from_numpy(
+            np.stack([np.frombuffer(found[name][i.sha256], dtype="<f4") for i in images])
+        ).float()
+        for name in names
+    }
+
+
+def reset_peak() -> None:
+    """Start the kernel's peak-RSS count (VmHWM) from now (Linux 4.0+; else from the start)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def child(arm: str, database_url: str, images: int, views: int) -> None:
+    """One arm in this process: print its numbers as JSON."""
+    from workers.train import FeatureBank
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(
+            database_url=database_url, storage_backend="local", storage_dir=Path(tmp)
+        )
+        refs = image_refs(images)
+        names = transforms(views)
+        stand_in: Any = SimpleNamespace(
+            cache_key=BACKBONE, feature_dim=DIM // 2, device=torch.device("cpu")
+        )
+        bank = FeatureBank(settings, stand_in, size=224, check=lambda: None)
+        reset_peak()
+        start_mb = status_mb("VmRSS")
+        started = time.perf_counter()
+        read = bank.get if arm == "streaming" else partial(naive_get, settings)
+        result = read(refs, names)
+        seconds = time.perf_counter() - started
+        peak = status_mb("VmHWM") - start_mb
+        checksum = float(sum(t[:: max(1, images // 97)].double().sum() for t in result.values()))
+        shapes = [list(t.shape) for t in result.values()]
+    print(json.dumps({"seconds": seconds, "peak_mb": peak, "checksum": checksum,
+                      "shapes": shapes, "computed": bank.computed}))  # fmt: skip
+
+
+def run_arm(arm: str, database_url: str, images: int, views: int) -> dict[str, Any]:
+    command = [sys.executable, "-m", "bench.features", "--child", arm, "--database-url",
+               database_url, "--images", str(images), "--views", str(views)]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--views", type=int, default=4, help="Transforms per image.")
+    parser.add_argument("--json", type=Path, default=None, help="Also write the numbers here.")
+    parser.add_argument("--child", choices=["streaming", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.database_url, args.images, args.views)
+        return
+
+    name, url = create_database()
+    try:
+        Base.metadata.create_all(make_engine(url))
+        vectors_mb = args.images * args.views * DIM * 4 / 2**20
+        print(f"filling {args.images} images x {args.views} views ({vectors_mb:.0f} MB of "
+              f"float32 vectors) into a fresh PostgreSQL database ...", flush=True)  # fmt: skip
+        started = time.perf_counter()
+        fill(name, images=args.images, views=args.views)
+        print(f"filled in {time.perf_counter() - started:.0f} s", flush=True)
+        naive = run_arm("naive", url, args.images, args.views)
+        streaming = run_arm("streaming", url, args.images, args.views)
+    finally:
+        drop_database(name)
+    if naive["checksum"] != streaming["checksum"] or naive["shapes"] != streaming["shapes"]:
+        raise SystemExit(f"the arms disagree: {naive} vs {streaming}")
+    if streaming["computed"]:
+        raise SystemExit("the cache was not warm: the bank computed vectors")
+    for label, arm in (("before (bytes, then stack)", naive), ("FeatureBank.get", streaming)):
+        print(f"{label:>27}: {arm['seconds']:6.2f} s, peak {arm['peak_mb']:7.0f} MB above start")
+    print(f"memory: {naive['peak_mb'] / streaming['peak_mb']:.2f}x less; "
+          f"time: {naive['seconds'] / streaming['seconds']:.2f}x "
+          f"(the result itself: {vectors_mb:.0f} MB)")  # fmt: skip
+    if args.json:
+        record = {"images": args.images, "views": args.views, "vectors_mb": vectors_mb,
+                  "naive": naive, "streaming": streaming}  # fmt: skip
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
