@@ -3,12 +3,10 @@ seeded vocabulary, downgrade, upgrade again, and no drift from the ORM's metadat
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -18,7 +16,7 @@ from sqlalchemy import Engine, inspect, text
 
 from app.db.session import make_engine
 from app.db.tables import Base
-from tests.conftest import PG_ADMIN_DSN, ROOT
+from tests.conftest import ROOT, fresh_pg_database
 
 TABLES = {
     "api_keys",
@@ -52,15 +50,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{(tmp_path / 'fresh.sqlite').as_posix()}"
         return
-    name = f"synthderm_migrations_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_pg_database("synthderm_migrations") as url:
+        yield url
 
 
 @pytest.fixture

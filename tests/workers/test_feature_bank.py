@@ -3,13 +3,11 @@ has them and from the body only where it does not, once per (image, transform)."
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg
 import pytest
 import torch
 
@@ -20,7 +18,7 @@ from app.db.tables import Base
 from app.mixtures import ImageRef
 from app.storage import LocalStore
 from models.transforms import augmented_view_id, eval_transform_id
-from tests.conftest import PG_ADMIN_DSN
+from tests.conftest import fresh_pg_database
 from tests.workers.test_ingest import png
 from workers import train
 
@@ -53,15 +51,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'cache.sqlite'}"
         return
-    name = f"synthderm_features_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_pg_database("synthderm_features") as url:
+        yield url
 
 
 @pytest.fixture
