@@ -118,6 +118,16 @@ def fresh_pg_database(prefix: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(params=["postgresql", "sqlite"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each kind, for a test of its own (no stack, no migrations)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{(tmp_path / 'fresh.sqlite').as_posix()}"
+        return
+    with fresh_pg_database("synthderm_fresh") as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this run, dropped afterwards."""

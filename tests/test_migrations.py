@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from alembic import command
@@ -16,7 +15,7 @@ from sqlalchemy import Engine, inspect, text
 
 from app.db.session import make_engine
 from app.db.tables import Base
-from tests.conftest import ROOT, fresh_pg_database
+from tests.conftest import ROOT
 
 TABLES = {
     "api_keys",
@@ -43,15 +42,6 @@ PAPER_SLUGS = [
     "sarcoidosis",
     "squamous-cell-carcinoma",
 ]
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{(tmp_path / 'fresh.sqlite').as_posix()}"
-        return
-    with fresh_pg_database("synthderm_migrations") as url:
-        yield url
 
 
 @pytest.fixture

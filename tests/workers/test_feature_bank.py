@@ -3,7 +3,6 @@ has them and from the body only where it does not, once per (image, transform)."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from app.db.tables import Base
 from app.mixtures import ImageRef
 from app.storage import LocalStore
 from models.transforms import augmented_view_id, eval_transform_id
-from tests.conftest import fresh_pg_database
 from tests.workers.test_ingest import png
 from workers import train
 
@@ -43,16 +41,6 @@ class CountingBody:
             [pixels.mean((1, 2, 3)), pixels.amax((1, 2, 3)), pixels[:, 0].mean((1, 2)),
              pixels[:, 2].mean((1, 2))], dim=1,
         )  # fmt: skip
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh database of each kind (PostgreSQL reads the cache in binary, SQLite does not)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'cache.sqlite'}"
-        return
-    with fresh_pg_database("synthderm_features") as url:
-        yield url
 
 
 @pytest.fixture
