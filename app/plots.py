@@ -142,6 +142,9 @@ def skin_tone_bars(report: dict[str, Any], limit: int = 8) -> Figure:
     ax.set_ylim(0, 1)
     ax.set_ylabel("test top-1 accuracy, mean over seeds (95% Wilson CI)")
     ax.set_title("Accuracy per Fitzpatrick skin type group")
+    if entries:  # beside the axes: bars fill the whole plot, any place inside covers some
+        figure.set_size_inches(10.5, 4.5)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return figure
 
 
@@ -182,7 +185,8 @@ def training_curves(
 def render(figure: Figure, fmt: str) -> bytes:
     if fmt not in FORMATS:
         raise InvalidField(f"format: {fmt!r} is not one of {', '.join(FORMATS)}", field="format")
-    handles, _labels = figure.axes[0].get_legend_handles_labels()
+    # a figure that placed its own legend keeps it
+    handles = [] if figure.axes[0].get_legend() else figure.axes[0].get_legend_handles_labels()[0]
     if len(handles) > LEGEND_INSIDE:  # beside the axes, where it covers no data
         width, height = figure.get_size_inches()
         figure.set_size_inches(width + 2.5, height)

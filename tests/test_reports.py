@@ -167,3 +167,13 @@ def test_table_panels_fit_the_width_keep_the_order_and_lead_with_the_setting() -
     # a terminal wider than the whole table: one panel; one narrower than a column: it alone
     assert table_panels(header, rows, width=500) == [list(range(len(header)))]
     assert table_panels(header, rows, width=10) == [[0, i] for i in range(1, len(header))]
+
+
+def test_skin_tone_legend_sits_beside_the_bars() -> None:
+    """Bars fill the whole plot: a legend inside would hide some of them."""
+    report = build_report(runs=grid_runs({"inpaint": INPAINT_SET}), classes=CLASSES)
+    figure = plots.skin_tone_bars(report)
+    assert plots.render(figure, "png")[:4] == b"\x89PNG"  # render keeps the figure's legend
+    box = figure.axes[0].get_legend().get_window_extent()
+    assert box.x0 > figure.axes[0].get_window_extent().x1
+    assert len(legend(figure)) == len(report["settings"])
