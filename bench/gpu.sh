@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Every GPU measurement the open issues ask for, in one call on a lent GPU machine (see
 # docs/DEVELOPING.md, "When a GPU is lent"): generation at 50 and 20 steps on the
-# stable-diffusion-2-1-base architecture, then the classifier grid with and without the feature
-# cache, then the backbone alone. Most important first, each step under its own time limit, and
-# every number written under $OUT as soon as it exists, so a call cut short still returns what
-# finished. Wheels in .whl/ (what the device image lacks) are installed first; the classifier's
-# photos come from .benchdata/ (python -m bench.classifier --save-data .benchdata).
+# stable-diffusion-2-1-base architecture, the GPU tests (tests/gpu), the classifier grid with
+# and without the feature cache, then the backbone alone. Most important first, each step under
+# its own time limit, and every number written under $OUT as soon as it exists, so a call cut
+# short still returns what finished. Wheels in .whl/ (what the device image lacks) are
+# installed first; the classifier's photos come from .benchdata/ (python -m bench.classifier
+# --save-data .benchdata).
 #
 #   bash bench/gpu.sh                       # on the device: DEVICE=cuda
 #   DEVICE=cpu SMOKE=1 bash bench/gpu.sh    # a rehearsal here: tiny sizes, every step runs
 set -u
 OUT=${OUT:-var/gpu-bench}
 DEVICE=${DEVICE:-cuda}
+export SYNTHDERM_GPU_TEST_DEVICE=$DEVICE PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 LOG="$OUT/gpu-bench.log"
-export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
@@ -42,9 +43,10 @@ else
   CLS=(--seeds 1)
   BACKBONE=(--batch 8,64 --seconds 4)
 fi
-step gen50 240 python3 -m bench.generation --steps 50 "${GEN[@]}" --json "$OUT/gen50.json"
-step gen20 90 python3 -m bench.generation --steps 20 "${GEN[@]}" --json "$OUT/gen20.json"
-step classifier 180 python3 -m bench.classifier --data .benchdata --device "$DEVICE" \
+step gen50 230 python3 -m bench.generation --steps 50 "${GEN[@]}" --json "$OUT/gen50.json"
+step gen20 80 python3 -m bench.generation --steps 20 "${GEN[@]}" --json "$OUT/gen20.json"
+step gpu-tests 60 python3 -m pytest --noconftest tests/gpu
+step classifier 170 python3 -m bench.classifier --data .benchdata --device "$DEVICE" \
   "${CLS[@]}" --json "$OUT/classifier.json"
-step backbone 30 python3 -m bench.backbone --device "$DEVICE" "${BACKBONE[@]}" \
+step backbone 25 python3 -m bench.backbone --device "$DEVICE" "${BACKBONE[@]}" \
   --json "$OUT/backbone.json"
