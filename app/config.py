@@ -132,6 +132,12 @@ class Settings(BaseSettings):
         le=64,
         description="Cached augmented copies per training image (epoch e sees copy e mod N).",
     )
+    classifier_feature_memory_mb: int | None = Field(
+        None,
+        ge=0,
+        description="Cached features a train worker keeps in memory for its next runs (MB); "
+        "unset: a quarter of the machine's memory; 0: none (every run reads the database).",
+    )
     classifier_feature_batch: int | None = Field(
         None,
         ge=1,

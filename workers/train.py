@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -82,19 +85,87 @@ def load_pixels(
     return torch.stack(list(pool.map(one, images)))
 
 
+class FeatureMemo:
+    """The vectors this worker process has read or computed, kept for its next runs: a grid's
+    runs share most of their images, so later runs take them from memory instead of reading
+    them from the database again (at the paper's sizes a run reads gigabytes). Up to a byte
+    budget. When it is full, groups of other backbones go first (least recently used first);
+    vectors of the backbone in use are then simply not added: every run of a grid reads the
+    same groups in the same order, and evicting among them would make each run drop what the
+    next one needs. The values are the database's: a (sha256, backbone, transform) vector
+    never changes."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.used = 0
+        self._groups: OrderedDict[tuple[str, str], dict[str, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def held(self, backbone: str, transform: str) -> dict[str, np.ndarray]:
+        """sha256 -> vector of that group (read it, do not change it)."""
+        with self._lock:
+            group = self._groups.get((backbone, transform))
+            if group is None:
+                return {}
+            self._groups.move_to_end((backbone, transform))
+            return group
+
+    def add(self, backbone: str, transform: str, sha: str, vector: np.ndarray) -> None:
+        key = (backbone, transform)
+        with self._lock:
+            group = self._groups.setdefault(key, {})
+            self._groups.move_to_end(key)
+            if sha in group:
+                return
+            if self.used + vector.nbytes > self.budget:
+                for other in [k for k in self._groups if k[0] != backbone]:
+                    self.used -= sum(v.nbytes for v in self._groups.pop(other).values())
+                    if self.used + vector.nbytes <= self.budget:
+                        break
+            if self.used + vector.nbytes <= self.budget:
+                group[sha] = vector
+                self.used += vector.nbytes
+
+
+_memo: FeatureMemo | None = None
+_memo_lock = threading.Lock()
+
+
+def feature_memo(settings: Settings) -> FeatureMemo:
+    """This process's memo, sized by the setting (unset: a quarter of the machine's memory)."""
+    global _memo
+    with _memo_lock:
+        if _memo is None:
+            megabytes = settings.classifier_feature_memory_mb
+            if megabytes is None:
+                physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                megabytes = physical // 4 // 2**20
+            _memo = FeatureMemo(megabytes * 2**20)
+        return _memo
+
+
 class FeatureBank:
-    """Backbone features by (image, transform), from the cache or computed once and stored."""
+    """Backbone features by (image, transform): from this worker's memory, else the cache in
+    the database, else computed once and stored in both."""
 
     def __init__(
-        self, settings: Settings, backbone: Backbone, *, size: int, check: Callable[[], None]
+        self,
+        settings: Settings,
+        backbone: Backbone,
+        *,
+        size: int,
+        check: Callable[[], None],
+        memo: FeatureMemo | None = None,
     ) -> None:
         self.settings = settings
         self.backbone = backbone
         self.size = size
         self.check = check
         self.key = backbone.cache_key
+        self.memo = memo if memo is not None else feature_memo(settings)
         self.computed = 0
-        self.reused = 0
+        self.reused = 0  # from the database or this worker's memory
+        self.remembered = 0  # of those, from memory
 
     def transformed(
         self, pixels: torch.Tensor, images: list[ImageRef], transform: str
@@ -126,13 +197,22 @@ class FeatureBank:
                 out[transform][rows] = vector
             have[transform].add(sha)
 
-        # 1. what the cache has
+        # 1. what this worker holds, then what the database cache has
+        for transform in transforms:
+            held = self.memo.held(self.key, transform)
+            for sha in unique:
+                if sha in held:
+                    place(transform, sha, held[sha])
+        self.remembered += sum(len(h) for h in have.values())
         with make_session() as session:
             for transform in transforms:
+                wanted = [sha for sha in unique if sha not in have[transform]]
                 for sha, vector in feature_cache.iter_cached_features(
-                    session=session, backbone=self.key, transform=transform, sha256s=unique
+                    session=session, backbone=self.key, transform=transform, sha256s=wanted
                 ):
-                    place(transform, sha, np.frombuffer(vector, dtype="<f4"))
+                    array = np.frombuffer(vector, dtype="<f4")
+                    place(transform, sha, array)
+                    self.memo.add(self.key, transform, sha, array)
         self.reused += sum(len(h) for h in have.values())
         missing = [
             image for sha, image in unique.items() if any(sha not in have[t] for t in transforms)
@@ -155,6 +235,7 @@ class FeatureBank:
                     new = []
                     for j, i in enumerate(rows):
                         place(transform, part[i].sha256, vectors[j])
+                        self.memo.add(self.key, transform, part[i].sha256, vectors[j].copy())
                         new.append((part[i].sha256, vectors[j].astype("<f4").tobytes()))
                     self.computed += len(new)
                     with make_session() as session:
@@ -384,6 +465,7 @@ def _fit(
     timings["evaluate_s"] = time.perf_counter() - clock
     timings["features_computed"] = bank.computed
     timings["features_reused"] = bank.reused
+    timings["features_remembered"] = bank.remembered
     timings["device"] = str(device)
     values = {
         "split": split.summary,

@@ -1,5 +1,6 @@
 """FeatureBank.get: the rows of each transform in the callers' order, from the cache where it
-has them and from the body only where it does not, once per (image, transform)."""
+has them and from the body only where it does not, once per (image, transform); and the
+worker's memo of them, which spares later runs the database."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from app import features as feature_cache
 from app.config import Settings
 from app.db.session import make_engine, session_factory
-from app.db.tables import Base
+from app.db.tables import Base, FeatureCache
 from app.mixtures import ImageRef
 from app.storage import LocalStore
 from models.transforms import augmented_view_id, eval_transform_id
@@ -21,6 +22,7 @@ from tests.workers.test_ingest import png
 from workers import train
 
 SIZE = 32
+NO_MEMO = train.FeatureMemo(0)  # every read goes to the database
 EVAL = eval_transform_id(size=SIZE)
 VIEW = augmented_view_id(0, size=SIZE)
 
@@ -63,6 +65,12 @@ def bank_parts(
     return settings, images
 
 
+def make_bank(
+    settings: Settings, body: Any, memo: train.FeatureMemo = NO_MEMO
+) -> train.FeatureBank:
+    return train.FeatureBank(settings, body, size=SIZE, check=lambda: None, memo=memo)
+
+
 def stored(settings: Settings, transform: str, images: list[ImageRef]) -> dict[str, bytes]:
     with session_factory(settings.database_url)() as session:
         return dict(
@@ -78,7 +86,7 @@ def test_rows_follow_the_callers_order_and_each_vector_is_computed_once(
 ) -> None:
     settings, images = bank_parts
     body = CountingBody()
-    bank = train.FeatureBank(settings, body, size=SIZE, check=lambda: None)  # type: ignore[arg-type]
+    bank = make_bank(settings, body)
     # a repeated image (the same bytes twice, e.g. a parent in two roles) and a shuffled order
     asked = [images[3], images[0], images[3], images[1]]
     first = bank.get(asked, [EVAL, VIEW])
@@ -98,7 +106,7 @@ def test_rows_follow_the_callers_order_and_each_vector_is_computed_once(
             assert np.array_equal(vector, first[transform][row].numpy())
 
     # partly warm: images 0, 1, 3 are cached, 2 and 4 are not; only those go through the body
-    again = train.FeatureBank(settings, body, size=SIZE, check=lambda: None)  # type: ignore[arg-type]
+    again = make_bank(settings, body)
     body.images = 0
     second = again.get([images[4], images[0], images[2], images[1], images[3]], [EVAL, VIEW])
     assert body.images == 2 * 2 and again.computed == 4 and again.reused == 6
@@ -107,12 +115,70 @@ def test_rows_follow_the_callers_order_and_each_vector_is_computed_once(
         assert torch.equal(second[transform][4], first[transform][0])  # image 3
     # warm: nothing computed, the same tensors
     body.images = 0
-    third = train.FeatureBank(settings, body, size=SIZE, check=lambda: None)  # type: ignore[arg-type]
+    third = make_bank(settings, body)
     assert torch.equal(third.get(asked, [EVAL])[EVAL], first[EVAL]) and body.images == 0
 
 
 def test_no_images_give_empty_tensors(bank_parts: tuple[Settings, list[ImageRef]]) -> None:
     settings, _images = bank_parts
-    bank: Any = train.FeatureBank(settings, CountingBody(), size=SIZE, check=lambda: None)  # type: ignore[arg-type]
-    empty = bank.get([], [EVAL, VIEW])
+    empty = make_bank(settings, CountingBody()).get([], [EVAL, VIEW])
     assert [tuple(t.shape) for t in empty.values()] == [(0, 4), (0, 4)]
+
+
+def test_a_workers_memo_serves_the_next_run_without_the_database(
+    bank_parts: tuple[Settings, list[ImageRef]],
+) -> None:
+    settings, images = bank_parts
+    memo = train.FeatureMemo(2**20)
+    body = CountingBody()
+    first = make_bank(settings, body, memo)
+    computed = first.get(images[:3], [EVAL, VIEW])
+    assert first.computed == 6 and memo.used == 6 * 4 * 4  # six vectors of 4 float32
+    with session_factory(settings.database_url)() as session:  # the database forgets them
+        session.execute(FeatureCache.__table__.delete())
+        session.commit()
+    body.images = 0
+    later = make_bank(settings, body, memo)
+    again = later.get([images[2], images[0], images[1]], [EVAL, VIEW])
+    assert body.images == 0 and later.remembered == later.reused == 6 and later.computed == 0
+    for transform in (EVAL, VIEW):
+        assert torch.equal(again[transform], computed[transform][[2, 0, 1]])
+    # what a memo lacks still comes from the database, and joins the memo
+    fresh = train.FeatureMemo(2**20)
+    third = make_bank(settings, body, fresh)
+    third.get(images[3:], [EVAL])  # computed and stored
+    fourth = make_bank(settings, body, train.FeatureMemo(2**20))
+    fourth.get(images[3:], [EVAL])
+    assert fourth.reused == 2 and fourth.remembered == 0 and fourth.computed == 0
+    assert len(fresh.held(CountingBody.cache_key, EVAL)) == 2
+
+
+def test_the_memo_keeps_to_its_budget_and_drops_other_backbones_first() -> None:
+    vector = np.zeros(4, dtype=np.float32)  # 16 bytes
+    memo = train.FeatureMemo(3 * 16)
+    memo.add("old", "eval", "a", vector)
+    memo.add("old", "view", "a", vector)
+    memo.add("new", "eval", "a", vector)
+    memo.held("old", "view")  # read: now more recent than old/eval
+    memo.add("new", "eval", "b", vector)  # full: the other backbone's least recent group goes
+    assert memo.held("old", "eval") == {} and set(memo.held("old", "view")) == {"a"}
+    memo.add("new", "view", "a", vector)  # full again: old/view goes too
+    assert memo.held("old", "view") == {} and memo.used == 48
+    # full of the backbone in use: what is held stays, the rest is not added (a grid's runs
+    # read the same groups in the same order; evicting among them would drop what the next
+    # run needs first)
+    memo.add("new", "view", "b", vector)
+    assert set(memo.held("new", "eval")) == {"a", "b"} and set(memo.held("new", "view")) == {"a"}
+    assert memo.used == 48
+    # budget 0: nothing is kept
+    none = train.FeatureMemo(0)
+    none.add("body", "eval", "a", vector)
+    assert none.held("body", "eval") == {} and none.used == 0
+
+
+def test_the_process_memo_follows_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train, "_memo", None)
+    memo = train.feature_memo(Settings(classifier_feature_memory_mb=3))
+    assert memo.budget == 3 * 2**20 and train.feature_memo(Settings()) is memo  # one a process
+    monkeypatch.setattr(train, "_memo", None)
+    assert train.feature_memo(Settings()).budget > 0  # unset: a quarter of the machine's memory
