@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -131,15 +132,34 @@ _memo: FeatureMemo | None = None
 _memo_lock = threading.Lock()
 
 
+CGROUP_MEMORY_LIMITS = (
+    Path("/sys/fs/cgroup/memory.max"),  # cgroup v2
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),  # cgroup v1
+)
+
+
+def usable_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its container's limit when
+    lower (a container sees the host's memory in sysconf)."""
+    usable = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            usable = min(usable, int(text))
+    return usable
+
+
 def feature_memo(settings: Settings) -> FeatureMemo:
-    """This process's memo, sized by the setting (unset: a quarter of the machine's memory)."""
+    """This process's memo, sized by the setting (unset: a quarter of usable_memory())."""
     global _memo
     with _memo_lock:
         if _memo is None:
             megabytes = settings.classifier_feature_memory_mb
             if megabytes is None:
-                physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-                megabytes = physical // 4 // 2**20
+                megabytes = usable_memory() // 4 // 2**20
             _memo = FeatureMemo(megabytes * 2**20)
         return _memo
 
@@ -178,8 +198,8 @@ class FeatureBank:
 
     def get(self, images: Sequence[ImageRef], transforms: list[str]) -> dict[str, torch.Tensor]:
         """transform -> (len(images), dim) float32, rows in the order of `images`. Each vector
-        goes straight into its rows, from the cache or from the body: memory holds the result
-        and one batch, not the result again as bytes."""
+        goes straight into its rows, from the memo, the cache or the body: besides what the
+        memo keeps, memory holds the result and one batch, not the result again as bytes."""
         make_session = session_factory(self.settings.database_url)
         dim = 2 * self.backbone.feature_dim
         rows_of: dict[str, list[int]] = {}

@@ -4,6 +4,7 @@ worker's memo of them, which spares later runs the database."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -181,4 +182,17 @@ def test_the_process_memo_follows_the_setting(monkeypatch: pytest.MonkeyPatch) -
     memo = train.feature_memo(Settings(classifier_feature_memory_mb=3))
     assert memo.budget == 3 * 2**20 and train.feature_memo(Settings()) is memo  # one a process
     monkeypatch.setattr(train, "_memo", None)
-    assert train.feature_memo(Settings()).budget > 0  # unset: a quarter of the machine's memory
+    assert train.feature_memo(Settings()).budget == train.usable_memory() // 4 // 2**20 * 2**20
+
+
+def test_usable_memory_is_a_containers_limit_when_lower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit, unlimited = tmp_path / "memory.max", tmp_path / "v1-limit"
+    limit.write_text(f"{2**30}\n")
+    unlimited.write_text("max\n")  # cgroup v2's "no limit"
+    monkeypatch.setattr(train, "CGROUP_MEMORY_LIMITS", (unlimited, tmp_path / "absent", limit))
+    assert train.usable_memory() == min(machine, 2**30)
+    monkeypatch.setattr(train, "CGROUP_MEMORY_LIMITS", (unlimited,))
+    assert train.usable_memory() == machine > 0
