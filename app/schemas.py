@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Strategy(StrEnum):
@@ -215,13 +215,27 @@ class Readiness(BaseModel):
 # --- classifier runs and experiments (PAPER.md sections 1 and 4) ---------------------------
 
 
+# The backbones models/backbones.py can build (the API cannot import it: no torch here);
+# tests/models/test_backbones.py checks that the two agree.
+BACKBONE_NAMES = ("efficientnet-lite0", "efficientnet-v2-m")
+TIMM_BACKBONE_PREFIX = "timm:"
+# One value of a grid's axis, bounded as a run's own field is.
+NRealPerClass = Annotated[int, Field(ge=1, le=1_000_000)]
+SyntheticPerReal = Annotated[int, Field(ge=0, le=1000)]
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
 class TrainingOptions(BaseModel):
     """How every run trains: the paper's defaults (PAPER.md section 4)."""
 
     model_config = ConfigDict(extra="forbid")
 
     backbone: str | None = Field(
-        None, max_length=120, description="Frozen ImageNet backbone (default: the setting)."
+        None,
+        max_length=120,
+        description="Frozen ImageNet backbone (default: the setting): efficientnet-lite0, "
+        "efficientnet-v2-m (torchvision on the worker) or timm:<model name> (timm and its "
+        "cached weights on the worker).",
     )
     max_epochs: int = Field(50, ge=1, le=500, description="Epochs at most (early stopping).")
     patience: int = Field(3, ge=1, le=500, description="Epochs without a lower val loss.")
@@ -234,6 +248,17 @@ class TrainingOptions(BaseModel):
     cache_features: bool = Field(
         True, description="Compute each image's backbone features once and train only heads."
     )
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str | None) -> str | None:
+        timm_name = value is not None and value.startswith(TIMM_BACKBONE_PREFIX)
+        if value is None or value in BACKBONE_NAMES or (timm_name and value != "timm:"):
+            return value
+        raise ValueError(
+            f"unknown backbone {value!r}; one of {', '.join(BACKBONE_NAMES)} or "
+            f"{TIMM_BACKBONE_PREFIX}<model name>"
+        )
 
 
 class DataOptions(BaseModel):
@@ -269,7 +294,7 @@ class RunCreate(DataOptions, TrainingOptions):
     )
     strategy: Strategy | None = Field(None, description="Only children of this strategy.")
     augmentation: bool = Field(False, description="fastai's aug_transforms() on the inputs.")
-    seed: int = Field(111108, ge=0, le=2**31 - 1, description="Validation and n_real sampling.")
+    seed: Seed = Field(111108, description="Validation and n_real sampling.")
     name: str | None = Field(None, max_length=200)
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
 
@@ -278,12 +303,12 @@ class ExperimentCreate(DataOptions, TrainingOptions):
     """A grid of runs: n_real_per_class x k x strategy x synthetic dataset x augmentation x
     seeds. Real-only runs (k = 0) are made once per n_real, augmentation and seed."""
 
-    n_real_per_class: list[int | None] = Field(
+    n_real_per_class: list[NRealPerClass | None] = Field(
         default_factory=lambda: list[int | None]([None]),
         min_length=1,
         description="null: all real images.",
     )
-    synthetic_per_real: list[int] = Field(
+    synthetic_per_real: list[SyntheticPerReal] = Field(
         default_factory=lambda: [0], min_length=1, description="k values; 0 is real-only."
     )
     synthetic_datasets: list[str] = Field(default_factory=list)
@@ -293,7 +318,7 @@ class ExperimentCreate(DataOptions, TrainingOptions):
         description="null: any strategy.",
     )
     augmentation: list[bool] = Field(default_factory=lambda: [False], min_length=1)
-    seeds: list[int] = Field(
+    seeds: list[Seed] = Field(
         default_factory=lambda: [111108, 111109, 111110],
         min_length=1,
         max_length=100,

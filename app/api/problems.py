@@ -26,10 +26,15 @@ def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+def _message(err: Any) -> str:
+    """Pydantic's message, less the "Value error, " it puts before a validator's own words."""
+    return str(err.get("msg", "")).removeprefix("Value error, ")
+
+
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
-        {"field": _field(err.get("loc", ())), "message": err.get("msg", ""), "type": err["type"]}
+        {"field": _field(err.get("loc", ())), "message": _message(err), "type": err["type"]}
         for err in exc.errors()
     ]
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)

@@ -235,3 +235,13 @@ def test_feature_batch_is_the_setting_or_the_devices_default() -> None:
         == feature_batch(chosen, torch.device("cuda"))
         == 20
     )
+
+
+def test_the_api_knows_the_backbones_this_module_builds() -> None:
+    """app/ cannot import models/ (no torch there), so it keeps the names itself."""
+    from app.schemas import BACKBONE_NAMES, TIMM_BACKBONE_PREFIX
+    from models import backbones
+
+    known = set(backbones.BACKBONES) | set(backbones._NEEDS_PACKAGE)
+    assert known == set(BACKBONE_NAMES)
+    assert backbones.TIMM_PREFIX == TIMM_BACKBONE_PREFIX

@@ -248,6 +248,22 @@ def test_bad_requests_name_the_field(deployed: Stack) -> None:
     assert "vitiligo" in detail["detail"]
     detail = problem({"dataset": real, "max_epochs": 0})
     assert "max_epochs" in json.dumps(detail)
+    # every value of a grid's axis is checked as a run's own field is (n=-1 once trained on
+    # images[:-1]); an unknown backbone is refused here, not by every run on the worker
+    for body, field in (
+        ({"n_real_per_class": [4, -1]}, "n_real_per_class.1"),
+        ({"synthetic_per_real": [0, -2]}, "synthetic_per_real.1"),
+        ({"seeds": [1, -5]}, "seeds.1"),
+        ({"backbone": "resnet9000"}, "backbone"),
+        ({"backbone": "timm:"}, "backbone"),
+    ):
+        errors = problem({"dataset": real, **body})["errors"]
+        assert [e["field"] for e in errors] == [field], errors
+    message = problem({"dataset": real, "backbone": "resnet9000"}, "/runs")["errors"][0]["message"]
+    assert message == (
+        "unknown backbone 'resnet9000'; one of efficientnet-lite0, efficientnet-v2-m or "
+        "timm:<model name>"
+    )
     detail = problem({"dataset": real, "synthetic_per_real": 3, "validation_per_class": 2}, "/runs")
     assert detail["detail"].startswith("synthetic_datasets:")
     # nothing was queued by the refused requests
