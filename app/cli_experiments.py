@@ -63,7 +63,24 @@ def submit(
     conditions: Annotated[str | None, typer.Option(help="The classes, comma list.")] = None,
     validation_per_class: Annotated[int | None, typer.Option()] = None,
     max_epochs: Annotated[int | None, typer.Option()] = None,
-    backbone: Annotated[str | None, typer.Option()] = None,
+    patience: Annotated[int | None, typer.Option(help="Epochs without a lower val loss.")] = None,
+    learning_rate: Annotated[float | None, typer.Option()] = None,
+    weight_decay: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Default: the paper's rule (training rows / 10).")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option()] = None,
+    cache_features: Annotated[
+        bool | None,
+        typer.Option(
+            "--cache-features/--no-cache-features",
+            help="--no-cache-features: the paper's path, every epoch through the backbone.",
+        ),
+    ] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option(help="efficientnet-lite0, efficientnet-v2-m or timm:<model name>."),
+    ] = None,
     name: Annotated[str | None, typer.Option()] = None,
     wait: Annotated[bool, typer.Option(help="Follow it with a progress bar.")] = False,
 ) -> None:
@@ -84,6 +101,12 @@ def submit(
         "conditions": _strings(conditions),
         "validation_per_class": validation_per_class,
         "max_epochs": max_epochs,
+        "patience": patience,
+        "learning_rate": learning_rate,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "cache_features": cache_features,
         "backbone": backbone,
         "name": name,
     }

@@ -118,7 +118,8 @@ def test_experiments_submit_wait_and_report(deployed: Stack, tmp_path: Path) -> 
     )
     submitted = run_cli(
         deployed, key, tmp_path, "experiments", "submit", "--dataset", real, "--n-real", "2,all",
-        "--seeds", "1,2", "--validation-per-class", "4", "--max-epochs", "5", "--wait",
+        "--seeds", "1,2", "--validation-per-class", "4", "--max-epochs", "5", "--patience", "2",
+        "--image-size", "96", "--no-cache-features", "--wait",
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     # the table (rich folds its cells at the terminal's width): a row per setting, a summary
@@ -141,7 +142,10 @@ def test_experiments_submit_wait_and_report(deployed: Stack, tmp_path: Path) -> 
     assert narrow.stdout.count("│ n=all k=0 ") == narrow.stdout.count("┃ setting ") > 1
     table = (out / "report.md").read_text()
     assert table.startswith("| setting |") and table.count("\n") == 4  # header, rule, 2 rows
-    report = json.loads((out / "report.json").read_text())["report"]
+    saved = json.loads((out / "report.json").read_text())
+    assert (saved["params"]["cache_features"], saved["params"]["patience"],
+            saved["params"]["image_size"]) == (False, 2, 96)  # fmt: skip
+    report = saved["report"]
     assert report["classes"] == sorted(SEPARABLE)
     for name in ("accuracy-vs-n-real", "dose-response", "skin-tone", "training-curves"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
