@@ -136,7 +136,8 @@ class Settings(BaseSettings):
         None,
         ge=0,
         description="Cached features a train worker keeps in memory for its next runs (MB); "
-        "unset: a quarter of the machine's memory; 0: none (every run reads the database).",
+        "unset: a quarter of the machine's memory (or its container's limit, if lower); 0: none "
+        "(every run reads the database).",
     )
     classifier_feature_batch: int | None = Field(
         None,

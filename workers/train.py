@@ -112,6 +112,8 @@ class FeatureMemo:
             return group
 
     def add(self, backbone: str, transform: str, sha: str, vector: np.ndarray) -> None:
+        if vector.nbytes > self.budget:  # never fits (a memo of budget 0: off)
+            return
         key = (backbone, transform)
         with self._lock:
             group = self._groups.setdefault(key, {})
