@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from app.client import ApiError, Client
+
 console = Console()
 experiments_cli = typer.Typer(
     help="Classifier experiments (through the REST API).", no_args_is_help=True
@@ -171,7 +173,24 @@ def print_report(experiment: dict[str, Any]) -> None:
             table.add_row(*(row[i] for i in panel))
         console.print(table)
     runs = ", ".join(f"{n} {state}" for state, n in report["runs"].items() if n) or "none"
-    console.print(f"classes: {', '.join(report['classes'])}; runs: {runs}")
+    console.print(f"classes: {', '.join(report['classes'])}")
+    console.print(f"runs: {runs}")
+
+
+def _dataset_names(client: Client, params: dict[str, Any]) -> dict[str, str]:
+    """id -> name of the datasets an experiment used, for its report (unnamed ones and ones
+    this key cannot see are left out)."""
+    ids = [params.get("dataset"), params.get("test_dataset")]
+    ids += params.get("synthetic_datasets") or []
+    names = {}
+    for dataset_id in dict.fromkeys(i for i in ids if i):
+        try:
+            name = client.get(f"/datasets/{dataset_id}").get("name")
+        except ApiError:  # deleted since, or not this key's: the report keeps the id alone
+            continue
+        if name:
+            names[dataset_id] = name
+    return names
 
 
 @experiments_cli.command("report")
@@ -183,7 +202,7 @@ def report(
 ) -> None:
     """Print an experiment's table and save its report and plots (PNG and SVG)."""
     from app.cli import _client
-    from app.reports import report_markdown
+    from app.reports import experiment_markdown
 
     client = _client()
     experiment = client.get(f"/experiments/{experiment_id}", runs="false")
@@ -191,13 +210,16 @@ def report(
     folder = out or Path(f"experiment-{experiment_id[:8]}")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(experiment, indent=2) + "\n")
-    if experiment.get("report"):
-        (folder / "report.md").write_text(report_markdown(experiment["report"]))
-    for path in experiment["plots"]:
-        stem = path.rsplit("/", 1)[1].rsplit(".", 1)[0]
+    stems = [path.rsplit("/", 1)[1].rsplit(".", 1)[0] for path in experiment["plots"]]
+    for stem in stems:
         for fmt in PLOT_FORMATS:
             data = client.get_bytes(f"/experiments/{experiment_id}/plots/{stem}.{fmt}")
             (folder / f"{stem}.{fmt}").write_bytes(data)
+    figures = [f"{stem}.png" for stem in stems]
+    markdown = experiment_markdown(
+        experiment, figures=figures, dataset_names=_dataset_names(client, experiment["params"])
+    )
+    (folder / "report.md").write_text(markdown)
     console.print(f"saved to {folder}/")
 
 

@@ -42,8 +42,9 @@ def _skin_tone(finished: list[Run]) -> dict[str, Any]:
         out[group] = {
             "top1": metrics.summarize(per_seed),
             "pooled": {
-                "correct": correct,
-                "n": images,
+                "correct": correct,  # over every seed's predictions
+                "predictions": n,  # the group's test images x seeds: value = correct / this
+                "n": images,  # the group's test images
                 "seeds": len(finished),
                 "value": value,
                 "ci_wilson": metrics.proportion_ci(
@@ -226,3 +227,97 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _listed(values: Iterable[Any] | None) -> str:
+    return ", ".join("all" if v is None else str(v) for v in values or []) or "-"
+
+
+def _test_images(report: dict[str, Any]) -> str:
+    """', 819 images (by Fitzpatrick group: I-II 423, ...)': the test set of the first setting
+    (every setting of an experiment scores the same test images)."""
+    if not report.get("settings"):
+        return ""  # no finished run: nothing says which images
+    groups = report["settings"][0]["by_skin_tone"]
+    counts = {g: groups[g]["pooled"]["n"] for g in metrics.FITZPATRICK_GROUPS}
+    parts = ", ".join(f"{g} {n}" for g, n in counts.items())
+    return f", {sum(counts.values())} images (by Fitzpatrick group: {parts})"
+
+
+def experiment_markdown(
+    experiment: dict[str, Any],
+    *,
+    figures: Iterable[str] = (),
+    dataset_names: Mapping[str, str] | None = None,
+) -> str:
+    """A self-contained report of an experiment (GET /experiments/{id}), to commit beside
+    its figures: what was trained on what, the protocol, the table with what its columns
+    mean, and the figures (file names in `figures`, saved next to it). `dataset_names` (id ->
+    name) names the datasets beside their ids."""
+    params, report = experiment.get("params") or {}, experiment.get("report") or {}
+    known = dataset_names or {}
+
+    def dataset(dataset_id: str | None) -> str:
+        name = known.get(dataset_id or "")
+        return f"`{dataset_id}`" + (f" ({name})" if name else "")
+
+    runs = ", ".join(f"{n} {state}" for state, n in (report.get("runs") or {}).items() if n)
+    finished = (experiment.get("timings") or {}).get("finished_at")
+    if params.get("test_dataset"):
+        test = f"the held-out dataset {dataset(params['test_dataset'])}"
+    else:
+        test = f"the `{params.get('test_split') or 'test'}` split of the real dataset"
+    synthetic = params.get("synthetic_datasets") or []
+    batch = params.get("batch_size") or "by the paper's rule (training rows / 10)"
+    features = (
+        "cached (computed once per image and transform)"
+        if params.get("cache_features")
+        else "computed every epoch (the paper's path)"
+    )
+    lines = [
+        f"# {experiment.get('name') or 'Experiment ' + experiment['id']}",
+        "",
+        f"Experiment `{experiment['id']}`: {experiment.get('status')}"
+        + (f", finished {finished}" if finished else "")
+        + f"; runs: {runs or 'none'}.",
+        "",
+        f"**Data.** Real dataset {dataset(params.get('dataset'))}. Test set: {test}"
+        f"{_test_images(report)}. Classes "
+        f"({len(report.get('classes') or [])}): {', '.join(report.get('classes') or [])}. "
+        f"Validation: {params.get('validation_per_class')} real images per class, drawn with "
+        "each run's seed; training: n_real per class from the rest, plus k synthetic children "
+        "of each (children of validation and test images are never used)."
+        + (
+            " Synthetic: "
+            + ", ".join(dataset(i) for i in synthetic)
+            + f"; strategies {_listed(params.get('strategies'))}."
+            if synthetic
+            else ""
+        ),
+        "",
+        f"**Grid.** n_real {_listed(params.get('n_real_per_class'))}; k "
+        f"{_listed(params.get('synthetic_per_real'))}; augmentation "
+        f"{_listed('on' if a else 'off' for a in params.get('augmentation') or [])}; seeds "
+        f"{_listed(params.get('seeds'))}.",
+        "",
+        f"**Model.** {params.get('backbone')} (ImageNet weights, frozen) with fastai's head; "
+        f"Adam, learning rate {params.get('learning_rate')}, weight decay "
+        f"{params.get('weight_decay')}; early stopping on validation loss, patience "
+        f"{params.get('patience')}, at most {params.get('max_epochs')} epochs, best epoch "
+        f"restored; {params.get('image_size')} px; batch size {batch}; backbone features "
+        f"{features}.",
+        "",
+        "## Results",
+        "",
+        "On the test set. Accuracies in percent, mean ± sd over seeds; *real/class*: real "
+        "training images per class, *synthetic*: synthetic training images (means over "
+        "seeds); per Fitzpatrick group: top-1 averaged over seeds, n = the group's test "
+        "images; *gap*: best minus worst group's top-1, mean ± sd over seeds; *Δ*: top-1 of "
+        "real+synthetic minus real-only at the same n_real and augmentation, with a paired "
+        "bootstrap 95% CI over the test images.",
+        "",
+    ]
+    body = report_markdown(report) if report.get("settings") else "No finished runs.\n"
+    shown = [f"![{name.rsplit('.', 1)[0]}]({name})" for name in figures]
+    tail = ["", "## Figures", "", *(f"{line}\n" for line in shown)] if shown else []
+    return "\n".join(lines) + "\n" + body + "\n".join(tail)

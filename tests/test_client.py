@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,8 +141,17 @@ def test_experiments_submit_wait_and_report(deployed: Stack, tmp_path: Path) -> 
     for column in ("top-1 %", "AUROC", "top-1 V-VI %", "Δ top-1 vs real-only (pts, 95% CI)"):
         assert column in narrow.stdout
     assert narrow.stdout.count("│ n=all k=0 ") == narrow.stdout.count("┃ setting ") > 1
-    table = (out / "report.md").read_text()
-    assert table.startswith("| setting |") and table.count("\n") == 4  # header, rule, 2 rows
+    # report.md stands alone: the experiment, its data and protocol, the table, the figures
+    markdown = (out / "report.md").read_text()
+    name = json.loads((out / "report.json").read_text())["name"]
+    assert markdown.startswith(f"# {name}\n\nExperiment `{summary['id']}`: succeeded")
+    assert f"Real dataset `{real}` (separable-real)" in markdown
+    assert "patience 2, at most 5 epochs" in markdown and "96 px" in markdown
+    assert "computed every epoch (the paper's path)" in markdown
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| setting |") and len(table) == 4  # header, rule, 2 rows
+    figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
+    assert len(figures) == 4 and all((out / name).is_file() for name in figures)
     saved = json.loads((out / "report.json").read_text())
     assert (saved["params"]["cache_features"], saved["params"]["patience"],
             saved["params"]["image_size"]) == (False, 2, 96)  # fmt: skip

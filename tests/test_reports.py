@@ -10,7 +10,7 @@ import pytest
 
 from app import metrics, plots
 from app.db.tables import Run
-from app.reports import build_report, report_rows, setting_label
+from app.reports import build_report, experiment_markdown, report_rows, setting_label
 
 CLASSES = ["a", "b", "c"]
 INPAINT_SET = "11111111-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
@@ -177,3 +177,69 @@ def test_skin_tone_legend_sits_beside_the_bars() -> None:
     box = figure.axes[0].get_legend().get_window_extent()
     assert box.x0 > figure.axes[0].get_window_extent().x1
     assert len(legend(figure)) == len(report["settings"])
+
+
+def test_pooled_skin_tone_counts_say_what_they_count() -> None:
+    report = build_report(runs=grid_runs({"inpaint": INPAINT_SET}), classes=CLASSES)
+    for entry in report["settings"]:
+        for group, images in (("I-II", 8), ("III-IV", 8), ("V-VI", 7), ("unknown", 7)):
+            pooled = entry["by_skin_tone"][group]["pooled"]
+            # two seeds scored the group's test images: correct counts both seeds' predictions
+            assert (pooled["n"], pooled["predictions"], pooled["seeds"]) == (images, 2 * images, 2)
+            assert pooled["value"] == pytest.approx(pooled["correct"] / pooled["predictions"])
+
+
+def experiment_of(report: dict[str, Any], **params: Any) -> dict[str, Any]:
+    """GET /experiments/{id} as the API returns it, around `report`."""
+    return {
+        "id": "e0e0e0e0-0000-4000-8000-000000000000", "name": "dose", "status": "succeeded",
+        "timings": {"finished_at": "2026-12-02T10:00:00Z"}, "report": report,
+        "params": {
+            "dataset": "real-id", "test_split": "test", "test_dataset": None,
+            "validation_per_class": 40, "n_real_per_class": [4, 8], "synthetic_per_real": [0, 2, 4],
+            "strategies": ["inpaint"], "synthetic_datasets": [INPAINT_SET], "augmentation": [False],
+            "seeds": [1, 2], "backbone": "efficientnet-lite0", "learning_rate": 0.001,
+            "weight_decay": 0.01, "patience": 3, "max_epochs": 50, "image_size": 224,
+            "batch_size": None, "cache_features": True, **params,
+        },
+    }  # fmt: skip
+
+
+def test_the_markdown_report_says_what_was_trained_on_what_and_how() -> None:
+    report = build_report(runs=grid_runs({"inpaint": INPAINT_SET}), classes=CLASSES)
+    text = experiment_markdown(
+        experiment_of(report), figures=["accuracy-vs-n-real.png", "skin-tone.png"],
+        dataset_names={"real-id": "fitz-real", INPAINT_SET: "inpaint-v1"},
+    )  # fmt: skip
+    lines = text.splitlines()
+    assert lines[0] == "# dose"
+    assert "runs: 12 succeeded." in text and "finished 2026-12-02T10:00:00Z" in text
+    assert "Real dataset `real-id` (fitz-real)" in text
+    assert "the `test` split of the real dataset, 30 images (by Fitzpatrick group: I-II 8, " \
+        "III-IV 8, V-VI 7, unknown 7)" in text  # fmt: skip
+    assert "Classes (3): a, b, c." in text and "Validation: 40 real images per class" in text
+    assert f"Synthetic: `{INPAINT_SET}` (inpaint-v1); strategies inpaint." in text
+    assert "n_real 4, 8; k 0, 2, 4; augmentation off; seeds 1, 2." in text
+    assert "patience 3, at most 50 epochs" in text and "by the paper's rule" in text
+    assert "features cached" in text
+    # the table: header, rule, a row per setting, in the report's order
+    start = lines.index(next(line for line in lines if line.startswith("| setting |")))
+    rows = [line for line in lines[start + 2 :] if line.startswith("| ")]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [
+        e["label"] for e in report["settings"]
+    ]
+    assert lines[-1] == "![skin-tone](skin-tone.png)"
+    assert "![accuracy-vs-n-real](accuracy-vs-n-real.png)" in lines
+
+
+def test_the_markdown_report_of_a_held_out_test_set_and_no_finished_runs() -> None:
+    empty = {"classes": CLASSES, "runs": {"failed": 2}, "synthetic_datasets": {}, "settings": []}
+    text = experiment_markdown(
+        experiment_of(empty, test_dataset="held-id", synthetic_datasets=[], batch_size=32,
+                      cache_features=False, n_real_per_class=[None], augmentation=[False, True]),
+    )  # fmt: skip
+    assert "Test set: the held-out dataset `held-id`. Classes (3)" in text
+    assert "runs: 2 failed." in text and "No finished runs." in text
+    assert "Synthetic:" not in text and "## Figures" not in text
+    assert "n_real all;" in text and "augmentation off, on;" in text
+    assert "batch size 32;" in text and "computed every epoch (the paper's path)" in text
