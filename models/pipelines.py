@@ -140,3 +140,15 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def quiet_loading() -> None:
+    """A command's output is its verdict: no loading or saving bars, and not transformers'
+    advice to install torchvision for the CLIP image processor (the PIL one it falls back to
+    is what the worker uses too; torchvision from PyPI does not import beside this torch)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -151,6 +151,9 @@ def main() -> None:
         "--inpaint", action="store_true", help="build a StableDiffusionInpaintPipeline instead"
     )
     args = parser.parse_args()
+    from models.pipelines import quiet_loading
+
+    quiet_loading()
     print(save(args.out_dir, args.seed, inpaint=args.inpaint))
 
 

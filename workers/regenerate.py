@@ -90,23 +90,13 @@ def regenerate(settings: Settings, image_id: str) -> Regenerated:
     return Regenerated(image_id, recorded, hashlib.sha256(data).hexdigest(), data, notes)
 
 
-def quiet_loading() -> None:
-    """A command's output is its verdict: no loading bars, and not transformers' advice to
-    install torchvision for the CLIP image processor (the PIL one it falls back to is what
-    the worker uses too; torchvision from PyPI does not import beside this torch)."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("image_id")
     parser.add_argument("--out", type=Path, help="Write the regenerated PNG here.")
     args = parser.parse_args(argv)
+    from models.pipelines import quiet_loading
+
     quiet_loading()
     try:
         result = regenerate(get_settings(), args.image_id)

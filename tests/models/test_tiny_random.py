@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +30,7 @@ from models import tiny_random
 from models.masks import central_mask, frame_mask
 from models.parents import prepare_parent
 from models.pipelines import load_pipeline
+from tests.conftest import ROOT
 
 PROMPT = "An image of psoriasis, a skin disease"
 CPU = torch.device("cpu")
@@ -144,6 +147,36 @@ def test_cli_inpaint_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     tiny_random.main()
     index = json.loads((out_dir / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionInpaintPipeline"
+
+
+def test_building_prints_the_folder_alone(tmp_path: Path) -> None:
+    # as `synthderm run` builds them on first start: no saving bars, and not transformers'
+    # advice to install torchvision (PyPI's does not import beside the pinned torch)
+    out_dir = tmp_path / "quiet"
+    built = subprocess.run(
+        [sys.executable, "-m", "models.tiny_random", str(out_dir), "--inpaint"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert built.stdout.strip() == str(out_dir)
+    assert "torchvision" not in built.stderr and "Writing model shards" not in built.stderr
+    assert (out_dir / "model_index.json").is_file()
+
+
+def test_only_the_torchvision_advice_is_dropped() -> None:
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers.utils.import_utils")
+    level = logger.level  # another test may have made transformers quiet (quiet_loading)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back")
+        logger.warning("something else worth knowing")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert records == ["something else worth knowing"]
 
 
 def test_load_pipeline_sets_up_the_inpainter(inpainter: Any) -> None:
