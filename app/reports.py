@@ -86,6 +86,7 @@ def build_report(
         finished = sorted(groups[key], key=lambda r: r.config["seed"])
         setting = dict(zip(SETTING_FIELDS, key, strict=True))
         real_counts = [sum((r.split or {}).get("train_real", {}).values()) for r in finished]
+        per_class = [n for r in finished for n in (r.split or {}).get("train_real", {}).values()]
         synthetic_counts = [
             sum((r.split or {}).get("train_synthetic", {}).values()) for r in finished
         ]
@@ -95,6 +96,11 @@ def build_report(
             "seeds": [r.config["seed"] for r in finished],
             "runs": [r.id for r in finished],
             "train_real_images": metrics.summarize([float(c) for c in real_counts]),
+            # the fewest and most real images a class had (n_real=all, or classes short of it)
+            "train_real_per_class": {
+                "min": min(per_class, default=None),
+                "max": max(per_class, default=None),
+            },
             "train_synthetic_images": metrics.summarize([float(c) for c in synthetic_counts]),
             "epochs": metrics.summarize([float(r.best_epoch or 0) for r in finished]),
         }
@@ -178,6 +184,13 @@ def _mean_sd(summary: dict[str, Any], percent: bool = True) -> str:
     return text
 
 
+def _range(entry: dict[str, Any]) -> str:
+    """' (19-31)' when the classes had different numbers of real training images."""
+    span = entry.get("train_real_per_class") or {}
+    low, high = span.get("min"), span.get("max")
+    return "" if low is None or low == high else f" ({low}-{high})"
+
+
 def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The report as a table (header, rows): a row per setting, accuracies in percent as
     mean ± sd over seeds, per Fitzpatrick group the mean over seeds, and the paired
@@ -207,7 +220,7 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             [
                 entry["label"],
                 str(len(entry["seeds"])),
-                "-" if real is None else f"{real / classes:.0f}",
+                "-" if real is None else f"{real / classes:.0f}{_range(entry)}",
                 "-" if synthetic is None else f"{synthetic:.0f}",
                 _mean_sd(entry["top1"]),
                 _mean_sd(entry["top3"]),
@@ -310,9 +323,10 @@ def experiment_markdown(
         "## Results",
         "",
         "On the test set. Accuracies in percent, mean ± sd over seeds; *real/class*: real "
-        "training images per class, *synthetic*: synthetic training images (means over "
-        "seeds); per Fitzpatrick group: top-1 averaged over seeds, n = the group's test "
-        "images; *gap*: best minus worst group's top-1, mean ± sd over seeds; *Δ*: top-1 of "
+        "training images per class (the mean; in brackets the fewest and most a class had, "
+        "when they differ), *synthetic*: synthetic training images (the mean over seeds); "
+        "per Fitzpatrick group: top-1 averaged over seeds, n = the group's test images; "
+        "*gap*: best minus worst group's top-1, mean ± sd over seeds; *Δ*: top-1 of "
         "real+synthetic minus real-only at the same n_real and augmentation, with a paired "
         "bootstrap 95% CI over the test images.",
         "",

@@ -243,3 +243,16 @@ def test_the_markdown_report_of_a_held_out_test_set_and_no_finished_runs() -> No
     assert "Synthetic:" not in text and "## Figures" not in text
     assert "n_real all;" in text and "augmentation off, on;" in text
     assert "batch size 32;" in text and "computed every epoch (the paper's path)" in text
+
+
+def test_real_per_class_shows_the_range_when_classes_differ() -> None:
+    runs = grid_runs({"inpaint": INPAINT_SET})
+    for run in runs:
+        if run.config["n_real_per_class"] == 8:  # as n_real=all gives: classes short of it
+            run.split = {"train_real": {"a": 8, "b": 5, "c": 2}}
+    header, rows = report_rows(build_report(runs=runs, classes=CLASSES))
+    column = header.index("real/class")
+    assert {row[0]: row[column] for row in rows if row[0].endswith("k=0")} == {
+        "n=4 k=0": "4",  # every class had 4
+        "n=8 k=0": "5 (2-8)",
+    }
