@@ -49,8 +49,21 @@ cli.add_typer(experiments_cli, name="experiments")
 
 
 def _session_scope(settings: Settings) -> AbstractContextManager[Session]:
-    from app.db.session import session_scope
+    """A session on the service's database; exit 2 with what to do when it has no schema yet
+    (e.g. `keys create` on a fresh machine before anything migrated it)."""
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
 
+    from app.db.session import engine_for, session_scope
+
+    if not inspect(engine_for(settings.database_url)).has_table("alembic_version"):
+        shown = make_url(settings.database_url).render_as_string(hide_password=True)
+        typer.echo(
+            f"error: the database {shown} has no synthderm tables yet: run `synthderm db "
+            "upgrade` first (`make run` and `synthderm run` do it when they start)",
+            err=True,
+        )
+        raise typer.Exit(2)
     return session_scope(settings.database_url)
 
 

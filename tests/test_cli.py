@@ -58,6 +58,17 @@ def test_db_upgrade_creates_the_database(settings: Settings) -> None:
     ok(synthderm(settings, "db", "upgrade"))
 
 
+def test_admin_commands_before_any_migration_say_what_to_run(settings: Settings) -> None:
+    # a fresh machine: `keys create` before `make run` (or `db upgrade`) has made the tables
+    for args in (("keys", "create", "--name", "alice"), ("keys", "list"), ("models", "list")):
+        result = synthderm(settings, *args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "has no synthderm tables yet: run `synthderm db upgrade` first" in result.stderr
+        assert "Traceback" not in result.stdout + result.stderr
+    ok(synthderm(settings, "db", "upgrade"))
+    assert ok(synthderm(settings, "keys", "create", "--name", "alice")).stdout.startswith("sdk_")
+
+
 def test_keys_create_list_revoke(migrated: Settings) -> None:
     created = ok(synthderm(migrated, "keys", "create", "--name", "alice"))
     lines = created.stdout.splitlines()
