@@ -110,6 +110,8 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id or prefix.")]
 
 def upgrade_database(settings: Settings) -> None:
     """Migrate to head, make the store ready and register the models in models_dir."""
+    # importing alembic.command logs each autogenerate plugin it sets up (7 lines of INFO)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config
 
