@@ -155,7 +155,7 @@ def table_panels(header: list[str], rows: list[list[str]], *, width: int) -> lis
 
 
 def print_report(experiment: dict[str, Any]) -> None:
-    from app.reports import report_rows
+    from app.reports import report_rows, runs_text
 
     report = experiment.get("report")
     if not report or not report["settings"]:
@@ -172,9 +172,8 @@ def print_report(experiment: dict[str, Any]) -> None:
         for row in rows:
             table.add_row(*(row[i] for i in panel))
         console.print(table)
-    runs = ", ".join(f"{n} {state}" for state, n in report["runs"].items() if n) or "none"
     console.print(f"classes: {', '.join(report['classes'])}")
-    console.print(f"runs: {runs}")
+    console.print(f"runs: {runs_text(report)}")
 
 
 def _dataset_names(client: Client, params: dict[str, Any]) -> dict[str, str]:

@@ -242,6 +242,12 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def runs_text(report: dict[str, Any]) -> str:
+    """'12 succeeded, 2 failed': the runs of an experiment by state, or 'none'."""
+    tally = report.get("runs") or {}
+    return ", ".join(f"{n} {state}" for state, n in tally.items() if n) or "none"
+
+
 def _listed(values: Iterable[Any] | None) -> str:
     return ", ".join("all" if v is None else str(v) for v in values or []) or "-"
 
@@ -274,7 +280,6 @@ def experiment_markdown(
         name = known.get(dataset_id or "")
         return f"`{dataset_id}`" + (f" ({name})" if name else "")
 
-    runs = ", ".join(f"{n} {state}" for state, n in (report.get("runs") or {}).items() if n)
     finished = (experiment.get("timings") or {}).get("finished_at")
     if params.get("test_dataset"):
         test = f"the held-out dataset {dataset(params['test_dataset'])}"
@@ -292,7 +297,7 @@ def experiment_markdown(
         "",
         f"Experiment `{experiment['id']}`: {experiment.get('status')}"
         + (f", finished {finished}" if finished else "")
-        + f"; runs: {runs or 'none'}.",
+        + f"; runs: {runs_text(report)}.",
         "",
         f"**Data.** Real dataset {dataset(params.get('dataset'))}. Test set: {test}"
         f"{_test_images(report)}. Classes "

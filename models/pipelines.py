@@ -143,9 +143,8 @@ def free_memory(device: torch.device) -> None:
 
 
 def quiet_loading() -> None:
-    """A command's output is its verdict: no loading or saving bars, and not transformers'
-    advice to install torchvision for the CLIP image processor (the PIL one it falls back to
-    is what the worker uses too; torchvision from PyPI does not import beside this torch)."""
+    """A command's output is its verdict: no loading or saving bars and no transformers
+    warnings (the torchvision advice is dropped for every process by models/__init__.py)."""
     import diffusers.utils.logging
     import transformers.utils.logging
 
