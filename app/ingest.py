@@ -9,6 +9,7 @@ torch here; images are decoded with Pillow.
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import io
 import stat
@@ -43,6 +44,7 @@ FITZPATRICK17K_COLUMNS = [
 DDI_COLUMNS = ["DDI_ID", "DDI_file", "skin_tone", "malignant", "disease"]
 GENERIC_COLUMNS = ["file", "label", "fitzpatrick"]
 GENERIC_OPTIONAL = ["split"]
+SECOND_LABELS = ("malignant",)  # labels kept beside the condition (DDI's malignancy)
 DDI_GROUPS = {"12": "I-II", "34": "III-IV", "56": "V-VI"}
 SPLITS = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
           "valid": "validation", "test": "test", "held_out": "test", "heldout": "test"}  # fmt: skip
@@ -137,8 +139,25 @@ def _split(value: str | None) -> str | None:
     return SPLITS[key]
 
 
-def parse_csv(text: str, mapping: Mapping) -> tuple[str, list[Row], list[Problem]]:
-    """The format, the good rows and the row problems of a metadata CSV."""
+@dataclass
+class ParsedCsv:
+    csv_format: str
+    rows: list[Row]
+    problems: list[Problem]
+    columns: dict[str, str | None]  # role (file, label, skin_tone, split) -> the column read
+    ignored_columns: list[str]
+
+
+def _lookalike(header: str, column: str) -> bool:
+    name = header.lower()
+    return column in name or difflib.SequenceMatcher(None, name, column).ratio() >= 0.8
+
+
+def parse_csv(text: str, mapping: Mapping) -> ParsedCsv:
+    """The format, the good rows and the row problems of a metadata CSV, and which columns
+    were read. Other columns are ignored (and listed), except one that looks like a missing
+    skin-tone or split column, which is refused: read silently as unknown it would empty the
+    per-skin-tone results or the test split."""
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
     header = [h.strip() for h in (reader.fieldnames or [])]
     if not header:
@@ -167,15 +186,25 @@ def parse_csv(text: str, mapping: Mapping) -> tuple[str, list[Row], list[Problem
             raise IngestError(
                 f"{name}: the CSV has no column {column!r} (columns: {', '.join(header)})"
             )
-    if csv_format == "generic":
-        known = {file_col, label_col, tone_col, split_col}
-        unknown = [h for h in header if h not in known]
-        if unknown:
+    known = {file_col, label_col, tone_col, split_col}
+    if csv_format == "fitzpatrick17k":
+        known |= set(FITZPATRICK17K_COLUMNS)
+    elif csv_format == "ddi":
+        known |= set(DDI_COLUMNS)
+    ignored = [h for h in header if h not in known]
+    for field_name, column in (("skin_tone_column", tone_col), ("split_column", split_col)):
+        lookalikes = [h for h in ignored if column not in header and _lookalike(h, column)]
+        if lookalikes:
             raise IngestError(
-                f"metadata CSV: unknown column {unknown[0]!r}; a generic CSV has "
-                f"file, label, fitzpatrick and optionally split (or map columns with "
-                "file_column, label_column, skin_tone_column, split_column)"
+                f"{field_name}: the CSV has no column {column!r} but has {lookalikes[0]!r}; "
+                f"rename it or send {field_name}={lookalikes[0]} (columns: {', '.join(header)})"
             )
+    columns = {
+        "file": file_col,
+        "label": label_col,
+        "skin_tone": tone_col if tone_col in header else None,
+        "split": split_col if split_col in header else None,
+    }
 
     rows: list[Row] = []
     problems: list[Problem] = []
@@ -219,7 +248,7 @@ def parse_csv(text: str, mapping: Mapping) -> tuple[str, list[Row], list[Problem
         rows.append(Row(number, file, label, condition, tone, group, split, extra))
     if not rows and not problems:
         raise IngestError("metadata CSV: no data rows")
-    return csv_format, rows, problems
+    return ParsedCsv(csv_format, rows, problems, columns, ignored)
 
 
 # --- archives ------------------------------------------------------------------------------
@@ -383,6 +412,68 @@ def resolve_files(rows: list[Row], members: list[Member]) -> tuple[dict[str, str
         else:
             problems.append(Problem(row.number, row.file, "no such file in the archive"))
     return found, problems
+
+
+def _facets(row: Row) -> dict[str, str]:
+    """What a row says about its image: condition, skin tone and a second label (DDI's
+    malignancy); not identifiers such as DDI_ID or md5hash."""
+    tone = row.skin_tone if row.skin_tone is not None else row.skin_tone_group
+    facets = {"label": row.condition, "skin tone": f"Fitzpatrick {tone or 'unknown'}"}
+    facets |= {k: str(row.labels[k]) for k in SECOND_LABELS if k in row.labels}
+    return facets
+
+
+@dataclass
+class Copies:
+    """Rows whose images are byte-identical, sorted out. A copy annotated the same way as the
+    first (condition, skin tone, a second label) is a plain duplicate: the image is kept once,
+    under the first row (and its split). Copies that disagree are conflicts: which annotation
+    is right cannot be told, so every row of such an image is a problem."""
+
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[Problem] = field(default_factory=list)
+    conflicted: set[str] = field(default_factory=set)  # the sha256 of conflicting images
+
+
+def sort_copies(copies: dict[str, list[Row]]) -> Copies:
+    """`copies` maps each image's sha256 to the rows naming it, in the order they were read
+    (the first is the copy stored)."""
+    out = Copies()
+    for sha256, rows in copies.items():
+        if len(rows) < 2:
+            continue
+        first = rows[0]
+        facets = [_facets(r) for r in rows]
+        differ = [k for k in facets[0] if len({f.get(k) for f in facets}) > 1]
+        if not differ:
+            out.duplicates += [
+                {
+                    "row": r.number,
+                    "file": r.file,
+                    "duplicate_of_row": first.number,
+                    "split": r.split,
+                    "kept_split": first.split,
+                }
+                for r in rows[1:]
+            ]
+            continue
+        out.conflicted.add(sha256)
+        said = ", ".join(
+            f"{' / '.join(f[k] for k in differ)} (row {r.number})"
+            for r, f in zip(rows, facets, strict=True)
+        )
+        for row in rows:
+            numbers = [str(r.number) for r in rows if r is not row]
+            others = f"row{'s' if len(numbers) > 1 else ''} {', '.join(numbers)}"
+            out.conflicts.append(
+                Problem(
+                    row.number,
+                    row.file,
+                    f"the same image (byte-identical) as {others}; the rows disagree on "
+                    f"{' and '.join(differ)}: {said}: fix or drop them",
+                )
+            )
+    return out
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from app.ingest import (
     find_metadata,
     parse_csv,
     resolve_files,
+    sort_copies,
 )
 from app.schemas import JobStatus
 from app.storage import ObjectNotFound, image_key, upload_key
@@ -62,9 +63,12 @@ def limits_of(settings: Settings) -> Limits:
     )
 
 
+def _in_row_order(problems: list[Problem]) -> list[Problem]:
+    return sorted(problems, key=lambda p: (p.row or 0, p.file or ""))
+
+
 def _report(problems: list[Problem]) -> list[dict[str, Any]]:
-    ordered = sorted(problems, key=lambda p: (p.row or 0, p.file or ""))
-    return [p.as_dict() for p in ordered[:MAX_REPORTED]]
+    return [p.as_dict() for p in _in_row_order(problems)[:MAX_REPORTED]]
 
 
 def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict[str, Any]:
@@ -103,7 +107,8 @@ def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict
             )
 
             # 2. the rows, and the files they name
-            csv_format, rows, problems = parse_csv(text, mapping)
+            parsed = parse_csv(text, mapping)
+            csv_format, rows, problems = parsed.csv_format, parsed.rows, parsed.problems
             found, missing = resolve_files(rows, members)
             problems += missing
             rows = [r for r in rows if r.file in found]
@@ -117,8 +122,7 @@ def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict
 
             # 3. every image: decoded, checked, hashed, de-duplicated, stored
             accepted: list[dict[str, Any]] = []
-            duplicates: list[dict[str, Any]] = []
-            seen: dict[str, int] = {}
+            copies: dict[str, list[Row]] = {}  # sha256 -> the rows naming those bytes
             stored_keys: list[str] = []
             processed = len(problems)
             last = time.monotonic()
@@ -131,16 +135,9 @@ def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict
                         except ValueError as exc:
                             problems.append(Problem(row.number, row.file, str(exc)))
                             continue
-                        if checked.sha256 in seen:
-                            duplicates.append(
-                                {
-                                    "row": row.number,
-                                    "file": row.file,
-                                    "duplicate_of_row": seen[checked.sha256],
-                                }
-                            )
-                            continue
-                        seen[checked.sha256] = row.number
+                        copies.setdefault(checked.sha256, []).append(row)
+                        if len(copies[checked.sha256]) > 1:
+                            continue  # stored once; sorted out below
                         image_id = str(uuid.uuid5(_IMAGE_NAMESPACE, f"{claim.job_id}:{row.number}"))
                         key = image_key(
                             dataset_id=dataset_id,
@@ -192,15 +189,27 @@ def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict
         finally:
             archive.close()
 
-    # 4. all or nothing (unless the user asked to skip bad rows)
+    # 4. byte-identical copies: duplicates are kept once; copies annotated differently are
+    # problems, every row of them (the first copy, already stored, is taken back out)
+    sorted_copies = sort_copies(copies)
+    problems += sorted_copies.conflicts
+    taken_out = [a for a in accepted if a["sha256"] in sorted_copies.conflicted]
+    if taken_out:
+        _delete(store, [a["storage_key"] for a in taken_out])
+        stored_keys = [k for k in stored_keys if k not in {a["storage_key"] for a in taken_out}]
+        accepted = [a for a in accepted if a["sha256"] not in sorted_copies.conflicted]
+    duplicates = sorted(sorted_copies.duplicates, key=lambda d: d["row"])
+
+    # 5. all or nothing (unless the user asked to skip bad rows)
     skipping = params.get("on_error") == "skip"
     if problems and not skipping:
         _delete(store, stored_keys)
         count = len(problems)
+        shown = _in_row_order(problems)[:5]
         raise IngestError(
             f"{count} bad row{'s' if count > 1 else ''}; nothing was kept "
             f"(send on_error=skip to keep the good rows): "
-            + "; ".join(f"row {p.row}: {p.reason}" if p.row else p.reason for p in problems[:5]),
+            + "; ".join(f"row {p.row}: {p.reason}" if p.row else p.reason for p in shown),
             report={"errors": _report(problems), "error_count": count},
         )
     if not accepted:
@@ -219,6 +228,8 @@ def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict
         session.commit()
     return {
         "format": csv_format,
+        "columns": parsed.columns,
+        "ignored_columns": parsed.ignored_columns,
         "accepted": len(accepted),
         "skipped": _report(problems),
         "skipped_count": len(problems),

@@ -89,7 +89,7 @@ def test_generic_zip_with_split_and_duplicates(stack: Stack) -> None:
         ["3.png", "Psoriasis", "", "validation"],  # a base name is enough when unique
         ["img/4.png", "Granuloma_Annulare", 6, "train"],  # an identifier: a name in words
         ["img/5.png", "psoriasis", 1, "train"],
-        ["img/dup.png", "psoriasis", 1, "train"],
+        ["img/dup.png", "basal cell carcinoma", 2, "test"],  # row 2's image, in another split
     ]
     images["metadata.csv"] = csv_text(["file", "label", "fitzpatrick", "split"], rows)
     job = upload(client, make_zip(images), name="clinic-a")
@@ -97,7 +97,9 @@ def test_generic_zip_with_split_and_duplicates(stack: Stack) -> None:
     result = done["result"]
     assert result["accepted"] == 6
     assert result["duplicate_count"] == 1
-    assert result["duplicates"] == [{"row": 8, "file": "img/dup.png", "duplicate_of_row": 2}]
+    assert result["duplicates"] == [  # kept once, under the first row and in its split
+        {"row": 8, "file": "img/dup.png", "duplicate_of_row": 2, "split": "test",
+         "kept_split": "train"}]  # fmt: skip
     assert result["conditions_added"] == ["granuloma-annulare"]
     names = {c["slug"]: c["name"] for c in client.get("/conditions").json()["items"]}
     assert names["granuloma-annulare"] == "granuloma annulare"  # the prompt's words
@@ -204,13 +206,25 @@ def test_ddi_csv_keeps_the_group_and_malignancy(deployed: Stack) -> None:
 def test_mapped_columns(deployed: Stack) -> None:
     client = deployed.client(deployed.new_key())
     files = {"a.png": png(1), "b.png": png(2)}
-    meta = csv_text(
-        ["image", "diagnosis", "fst"], [["a.png", "psoriasis", 3], ["b.png", "lichen planus", 4]]
-    )
+    rows = [["a.png", "psoriasis", 3, "x"], ["b.png", "lichen planus", 4, ""]]
+    meta = csv_text(["image", "diagnosis", "fst", "notes"], rows)
     done = deployed.wait_job(client, upload(
         client, make_zip(files), metadata=meta, file_column="image", label_column="diagnosis",
         skin_tone_column="fst")["id"])  # fmt: skip
     assert counts(client, done["dataset_id"]) == {("psoriasis", 3): 1, ("lichen-planus", 4): 1}
+    assert done["result"]["columns"] == {
+        "file": "image", "label": "diagnosis", "skin_tone": "fst", "split": None}  # fmt: skip
+    assert done["result"]["ignored_columns"] == ["notes"]
+
+    # a dermoscopy CSV as it comes (ISIC's: no skin type, other columns): read, others ignored
+    rows = [["a.png", "nevus", "train", 40, "ab"], ["b.png", "melanoma", "test", 40, "cd"]]
+    meta = csv_text(["path", "label", "split", "width", "sha1"], rows)
+    done = deployed.wait_job(client, upload(
+        client, make_zip(files), metadata=meta, file_column="path")["id"])  # fmt: skip
+    assert counts(client, done["dataset_id"]) == {("nevus", None): 1, ("melanoma", None): 1}
+    assert done["result"]["columns"] == {
+        "file": "path", "label": "label", "skin_tone": None, "split": "split"}  # fmt: skip
+    assert done["result"]["ignored_columns"] == ["width", "sha1"]
 
 
 def bad_cases() -> list:
@@ -232,9 +246,13 @@ def bad_cases() -> list:
                      "data.zip", [4], "unreadable image", id="unreadable-image"),
         pytest.param(z({"x.png": png(3)}, [["x.png", "psoriasis", 9]]), "data.zip", [4],
                      "skin type", id="bad-skin-type"),
-        pytest.param(make_zip(good | {"metadata.csv": csv_text([*header, "colour"], [
-            [*r, "red"] for r in ok_rows])}), "data.zip", [None], "unknown column 'colour'",
-                     id="unknown-column"),
+        pytest.param(make_zip(good | {"metadata.csv": csv_text(
+                         ["file", "label", "Fitzpatrick_type"], ok_rows)}), "data.zip", [None],
+                     "skin_tone_column: the CSV has no column 'fitzpatrick' but has "
+                     "'Fitzpatrick_type'", id="skin-tone-column-lookalike"),
+        pytest.param(make_zip(good | {"metadata.csv": csv_text([*header, "Split"], [
+            [*r, "test"] for r in ok_rows])}), "data.zip", [None],
+                     "send split_column=Split", id="split-column-lookalike"),
         pytest.param(make_tar(good | {"../evil.png": png(4),
                                       "metadata.csv": csv_text(header, ok_rows)}),
                      "data.tar.gz", [None], "escapes the archive", id="path-escape"),
@@ -286,6 +304,50 @@ def test_on_error_skip_keeps_the_good_rows(stack: Stack) -> None:
     assert [(s["row"], s["file"]) for s in result["skipped"]] == [
         (3, "missing.png"), (4, "broken.png"), (5, "ok2.png")]  # fmt: skip
     assert counts(client, done["dataset_id"]) == {("psoriasis", 2): 1, ("psoriasis", 3): 1}
+
+
+def test_copies_annotated_differently_are_refused(stack: Stack) -> None:
+    """Byte-identical images under two labels (as in ISIC's 9-class set) or two skin types
+    cannot both be right: every row of them is a problem, not silently the first one."""
+    client = stack.client(stack.new_key())
+    files = {"a.png": png(1), "b.png": png(2), "c.png": png(3)}
+    files |= {"a-again.png": png(1), "b-again.png": png(2), "b-third.png": png(2)}
+    rows = [
+        ["a.png", "melanoma", 2],
+        ["a-again.png", "seborrheic keratosis", 2],  # another label
+        ["b.png", "nevus", 4],
+        ["b-again.png", "nevus", 4],  # a plain duplicate of row 4 on its own...
+        ["b-third.png", "nevus", 2],  # ...but this copy has another skin type
+        ["c.png", "nevus", 1],
+    ]
+    archive = make_zip(files | {"metadata.csv": csv_text(["file", "label", "fitzpatrick"], rows)})
+    before = count_rows(stack, "SELECT count(*) FROM images")
+
+    job = upload(client, archive)
+    refused = stack.wait_job(client, job["id"], statuses=("failed",))
+    errors = refused["result"]["errors"]
+    assert [(e["row"], e["file"]) for e in errors] == [(2, "a.png"), (3, "a-again.png"),
+        (4, "b.png"), (5, "b-again.png"), (6, "b-third.png")]  # fmt: skip
+    assert errors[0]["reason"] == (
+        "the same image (byte-identical) as row 3; the rows disagree on label: melanoma (row 2), "
+        "seborrheic-keratosis (row 3): fix or drop them"
+    )
+    assert errors[2]["reason"].startswith("the same image (byte-identical) as rows 5, 6; ")
+    assert (
+        "skin tone: Fitzpatrick 4 (row 4), Fitzpatrick 4 (row 5), Fitzpatrick 2 (row 6)"
+        in (errors[2]["reason"])
+    )
+    assert "5 bad rows; nothing was kept" in refused["error"]
+    assert count_rows(stack, "SELECT count(*) FROM images") == before
+    assert list(stack.store.iter_keys(f"datasets/{job['dataset_id']}/")) == []
+
+    done = stack.wait_job(client, upload(client, archive, on_error="skip")["id"])
+    result = done["result"]
+    assert result["accepted"] == 1 and result["skipped_count"] == 5
+    assert result["duplicate_count"] == 0  # row 5 agreed with row 4, but row 6 did not
+    assert counts(client, done["dataset_id"]) == {("nevus", 1): 1}
+    # the first copies were stored while reading; they are taken back out
+    assert len(list(stack.store.iter_keys(f"datasets/{done['dataset_id']}/"))) == 1
 
 
 def test_upload_form_validation(deployed: Stack) -> None:
