@@ -66,6 +66,13 @@ def _seeded(seed: int, *parts: str) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(text).digest()[:8], "big"))
 
 
+def _content_order(image: ImageRef) -> tuple[str, str]:
+    """Images in the order of their bytes' sha256 before a seeded shuffle, not of their ids:
+    ids are drawn at upload, so the same files uploaded again get other ids, and a seed must
+    still give the same split (a report remade on a new deployment)."""
+    return image.sha256, image.id
+
+
 def choose_classes(
     *,
     counts: Mapping[str, int],
@@ -116,12 +123,12 @@ def split_real(
     `validation_per_class` per class, then training `n_real_per_class` of the rest, both with
     the seed."""
     wanted = set(classes)
-    test_kept = sorted((i for i in test if i.condition in wanted), key=lambda i: i.id)
+    test_kept = sorted((i for i in test if i.condition in wanted), key=_content_order)
     test_sha = {i.sha256 for i in test_kept}
     by_class: dict[str, list[ImageRef]] = defaultdict(list)
     dropped: list[ImageRef] = []
     seen: set[str] = set()
-    for image in sorted(pool, key=lambda i: i.id):
+    for image in sorted(pool, key=_content_order):
         if image.condition not in wanted:
             continue
         if image.sha256 in test_sha or image.sha256 in seen:
@@ -162,8 +169,8 @@ def select_children(
             by_parent[sha].append(child)
     chosen: list[ImageRef] = []
     missing: Counter[str] = Counter()
-    for sha, parent in sorted(wanted.items(), key=lambda item: item[1].id):
-        family = sorted(by_parent.get(sha, []), key=lambda c: c.id)
+    for sha, parent in sorted(wanted.items(), key=lambda item: _content_order(item[1])):
+        family = sorted(by_parent.get(sha, []), key=_content_order)
         _seeded(seed, "children", sha).shuffle(family)
         # the parent's label, not the child's: a child is an example of its parent's class
         chosen.extend(

@@ -4,6 +4,8 @@ counts per class are n_real and n_real x k, and a seed always gives the same spl
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from app.errors import InvalidField
@@ -90,6 +92,27 @@ def test_same_seed_same_split_other_seed_other_split(crafted):
     assert ids(split_of(crafted, n_real=8, k=3, seed=1)) != ids(
         split_of(crafted, n_real=8, k=3, seed=2)
     )
+
+
+def test_same_files_uploaded_again_give_the_same_split(crafted):
+    """Ids are drawn at upload; the split follows the bytes, so a dataset uploaded again (new
+    ids, rows in another order) gives the same images per seed, children included."""
+    renamed = {i.id: f"again-{len(crafted['pool']) - n:04d}" for n, i in enumerate(
+        crafted["pool"] + crafted["test"])}  # fmt: skip
+    again = {
+        "pool": [replace(i, id=renamed[i.id]) for i in reversed(crafted["pool"])],
+        "test": [replace(i, id=renamed[i.id]) for i in crafted["test"]],
+        "children": [
+            replace(c, id=f"again-{c.id}", parent_image_id=renamed[c.parent_image_id])
+            for c in reversed(crafted["children"])
+        ],
+        "parent_sha": {renamed[k]: v for k, v in crafted["parent_sha"].items()},
+    }
+    first, second = split_of(crafted, n_real=8, k=3), split_of(again, n_real=8, k=3)
+    sha = lambda s: [e.image.sha256 for e in s.train + s.validation + s.test]  # noqa: E731
+    assert sha(first) == sha(second)
+    children = lambda s: [e.image.id.removeprefix("again-") for e in s.train if e.synthetic]  # noqa: E731
+    assert children(first) == children(second)
 
 
 def test_sets_are_nested_across_n_real_and_k(crafted):
