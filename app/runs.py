@@ -100,8 +100,14 @@ def setting_of(config: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(config.get(name) for name in SETTING_FIELDS)
 
 
+# Part of every run's config key. Bump it with any change to what a run computes (the
+# sampling, the training, the metrics): a finished twin is reused only when made by code that
+# computes the same thing. 2: sampling ordered by image bytes, not ids (2026-12-02).
+RESULTS_VERSION = 2
+
+
 def _config_key(*, shared: dict[str, Any], config: dict[str, Any], fingerprint: Any) -> str:
-    text = json.dumps([shared, config, fingerprint], sort_keys=True, default=str)
+    text = json.dumps([shared, config, fingerprint, RESULTS_VERSION], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

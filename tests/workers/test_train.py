@@ -13,6 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from app import runs as runs_module
 from tests.conftest import Stack, count_rows, wait_for
 from tests.factories import SEPARABLE, make_classification_data
 
@@ -41,7 +42,7 @@ def data(deployed: Stack) -> tuple[Stack, httpx.Client, str, str]:
     return deployed, deployed.client(key), real, synthetic
 
 
-def test_experiment_end_to_end(data) -> None:
+def test_experiment_end_to_end(data, monkeypatch: pytest.MonkeyPatch) -> None:
     stack, client, real, synthetic = data
     body = {
         "dataset": real,
@@ -141,6 +142,16 @@ def test_experiment_end_to_end(data) -> None:
         original = by_config[json.dumps(twin["config"], sort_keys=True)]
         assert twin["reused_from"] == original["id"]
         assert twin["metrics"] == original["metrics"]
+
+    # code that computes runs differently (RESULTS_VERSION bumped) does not reuse them
+    monkeypatch.setattr(runs_module, "RESULTS_VERSION", runs_module.RESULTS_VERSION + 1)
+    fresh = client.post("/experiments", json=body).json()
+    client.post(f"/experiments/{fresh['id']}/cancel")
+    keys = "SELECT DISTINCT config_key FROM runs WHERE job_id IN (:a, :b)"
+    with stack.session() as session:
+        old_keys = set(session.execute(text(keys), {"a": experiment["id"], "b": again["id"]}))
+        new_keys = set(session.execute(text(keys), {"a": fresh["id"], "b": fresh["id"]}))
+    assert len(new_keys) == len(old_keys) == len(runs) and not new_keys & old_keys
 
 
 def test_augmentation_and_the_uncached_path_train(data) -> None:
