@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from app.db.tables import Run
 from app.errors import InvalidField, NotFound
 from app.metrics import FITZPATRICK_GROUPS
-from app.reports import build_report, setting_label, shown_datasets
+from app.reports import build_report, has_skin_tones, setting_label, shown_datasets
 from app.runs import SETTING_FIELDS
 
 EXPERIMENT_PLOTS = ("accuracy-vs-n-real", "dose-response", "skin-tone", "training-curves")
@@ -141,7 +141,10 @@ def skin_tone_bars(report: dict[str, Any], limit: int = 8) -> Figure:
     ax.set_xticklabels([f"{g}\n(n={n})" for g, n in zip(FITZPATRICK_GROUPS, counts, strict=True)])
     ax.set_ylim(0, 1)
     ax.set_ylabel("test top-1 accuracy, mean over seeds (95% Wilson CI)")
-    ax.set_title("Accuracy per Fitzpatrick skin type group")
+    title = "Accuracy per Fitzpatrick skin type group"
+    if entries and not has_skin_tones(report):
+        title += " (no test image has a Fitzpatrick type)"
+    ax.set_title(title)
     if entries:  # beside the axes: bars fill the whole plot, any place inside covers some
         figure.set_size_inches(10.5, 4.5)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

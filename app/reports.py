@@ -191,24 +191,39 @@ def _range(entry: dict[str, Any]) -> str:
     return "" if low is None or low == high else f" ({low}-{high})"
 
 
+def has_skin_tones(report: dict[str, Any]) -> bool:
+    """Whether any test image has a known Fitzpatrick group (dermoscopy sets such as ISIC
+    have none: every image is `unknown`)."""
+    return any(
+        entry["by_skin_tone"][group]["pooled"]["n"]
+        for entry in report.get("settings") or []
+        for group in metrics.FITZPATRICK_GROUPS
+        if group != "unknown"
+    )
+
+
 def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The report as a table (header, rows): a row per setting, accuracies in percent as
     mean ± sd over seeds, per Fitzpatrick group the mean over seeds, and the paired
-    difference in top-1 from real-only with its bootstrap 95% CI."""
+    difference in top-1 from real-only with its bootstrap 95% CI. The per-group columns and
+    the gap are left out when no test image has a skin tone."""
+    groups_shown = metrics.FITZPATRICK_GROUPS if has_skin_tones(report) else ()
     header = [
         "setting", "seeds", "real/class", "synthetic", "top-1 %", "top-3 %", "balanced %",
-        "AUROC", *(f"top-1 {g} %" for g in metrics.FITZPATRICK_GROUPS), "gap (pts)",
-        "Δ top-1 vs real-only (pts, 95% CI)",
+        "AUROC", *(f"top-1 {g} %" for g in groups_shown),
+        *(["gap (pts)"] if groups_shown else []), "Δ top-1 vs real-only (pts, 95% CI)",
     ]  # fmt: skip
     rows = []
     classes = max(len(report.get("classes") or []), 1)
     for entry in report["settings"]:
         groups = []
-        for group in metrics.FITZPATRICK_GROUPS:
+        for group in groups_shown:
             pooled = entry["by_skin_tone"][group]["pooled"]
             groups.append(
                 "-" if pooled["value"] is None else f"{pooled['value'] * 100:.1f} (n={pooled['n']})"
             )
+        if groups_shown:
+            groups.append(_mean_sd(entry["skin_tone_gap_top1"]))
         versus = (entry.get("versus_real_only") or {}).get("top1")
         difference = "-"
         if versus:
@@ -227,7 +242,6 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _mean_sd(entry["balanced_accuracy"]),
                 _mean_sd(entry["macro_auroc"], percent=False),
                 *groups,
-                _mean_sd(entry["skin_tone_gap_top1"]),
                 difference,
             ]
         )
@@ -259,6 +273,8 @@ def _test_images(report: dict[str, Any]) -> str:
         return ""  # no finished run: nothing says which images
     groups = report["settings"][0]["by_skin_tone"]
     counts = {g: groups[g]["pooled"]["n"] for g in metrics.FITZPATRICK_GROUPS}
+    if not has_skin_tones(report):
+        return f", {sum(counts.values())} images, none with a Fitzpatrick type"
     parts = ", ".join(f"{g} {n}" for g, n in counts.items())
     return f", {sum(counts.values())} images (by Fitzpatrick group: {parts})"
 
@@ -330,8 +346,13 @@ def experiment_markdown(
         "On the test set. Accuracies in percent, mean ± sd over seeds; *real/class*: real "
         "training images per class (the mean; in brackets the fewest and most a class had, "
         "when they differ), *synthetic*: synthetic training images (the mean over seeds); "
-        "per Fitzpatrick group: top-1 averaged over seeds, n = the group's test images; "
-        "*gap*: best minus worst group's top-1, mean ± sd over seeds; *Δ*: top-1 of "
+        + (
+            "per Fitzpatrick group: top-1 averaged over seeds, n = the group's test images; "
+            "*gap*: best minus worst group's top-1, mean ± sd over seeds; "
+            if has_skin_tones(report)
+            else "no per-group columns: no test image has a Fitzpatrick type; "
+        )
+        + "*Δ*: top-1 of "
         "real+synthetic minus real-only at the same n_real and augmentation, with a paired "
         "bootstrap 95% CI over the test images.",
         "",

@@ -17,15 +17,18 @@ INPAINT_SET = "11111111-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
 TEXT_SET = "22222222-bbbb-4bbb-8bbb-bbbbbbbbbbbb"
 
 
-def finished_run(config: dict[str, Any], *, accuracy: float, seed: int) -> Run:
-    """A succeeded run whose metrics come from the metrics module, as a worker's do."""
+def finished_run(
+    config: dict[str, Any], *, accuracy: float, seed: int, skin_tones: bool = True
+) -> Run:
+    """A succeeded run whose metrics come from the metrics module, as a worker's do; without
+    `skin_tones` every test image is `unknown` (a dermoscopy set)."""
     rng = np.random.default_rng(seed)
     y_true = np.arange(30) % 3
     probs = rng.dirichlet(np.ones(3), size=30)
     right = rng.random(30) < accuracy
     probs[right, y_true[right]] += 2  # those rows predict their label
     probs /= probs.sum(1, keepdims=True)
-    groups = [metrics.FITZPATRICK_GROUPS[i % 4] for i in range(30)]
+    groups = [metrics.FITZPATRICK_GROUPS[i % 4] if skin_tones else "unknown" for i in range(30)]
     values = {
         **metrics.classification_metrics(y_true=y_true, probs=probs, class_names=CLASSES),
         "by_skin_tone": metrics.group_metrics(
@@ -256,3 +259,29 @@ def test_real_per_class_shows_the_range_when_classes_differ() -> None:
         "n=4 k=0": "4",  # every class had 4
         "n=8 k=0": "5 (2-8)",
     }
+
+
+def test_a_test_set_without_skin_tones_leaves_out_the_group_columns() -> None:
+    """ISIC or PH2: no image has a Fitzpatrick type, so four columns of '-' and an empty gap
+    would say nothing; the table and report.md leave them out and say why."""
+    runs = [
+        finished_run({"n_real_per_class": n, "synthetic_per_real": 0, "strategy": None,
+                      "synthetic_dataset": None, "augmentation": False},
+                     accuracy=0.6, seed=seed, skin_tones=False)
+        for n, seed in ((4, 1), (4, 2), (8, 3), (8, 4))
+    ]  # fmt: skip
+    report = build_report(runs=runs, classes=CLASSES)
+    header, rows = report_rows(report)
+    assert header == ["setting", "seeds", "real/class", "synthetic", "top-1 %", "top-3 %",
+                      "balanced %", "AUROC", "Δ top-1 vs real-only (pts, 95% CI)"]  # fmt: skip
+    assert all(len(row) == len(header) for row in rows) and len(rows) == 2
+    text = experiment_markdown(experiment_of(report))
+    assert "30 images, none with a Fitzpatrick type." in text
+    assert "no per-group columns: no test image has a Fitzpatrick type" in text
+    assert "*gap*" not in text and "top-1 V-VI" not in text
+    figure = plots.skin_tone_bars(report)
+    assert figure.axes[0].get_title().endswith("(no test image has a Fitzpatrick type)")
+    plots.plt.close(figure)
+    # with skin tones, the columns are there (the other tests read them)
+    header, _rows = report_rows(build_report(runs=grid_runs({}), classes=CLASSES))
+    assert "top-1 V-VI %" in header and "gap (pts)" in header
