@@ -443,8 +443,12 @@ def datasets_upload(
     ] = "auto",
     file_column: Annotated[str | None, typer.Option()] = None,
     label_column: Annotated[str | None, typer.Option()] = None,
-    skin_tone_column: Annotated[str | None, typer.Option()] = None,
-    split_column: Annotated[str | None, typer.Option()] = None,
+    skin_tone_column: Annotated[
+        str | None, typer.Option(help="The Fitzpatrick type's column; none: read none.")
+    ] = None,
+    split_column: Annotated[
+        str | None, typer.Option(help="train / validation / test; none: read none.")
+    ] = None,
     on_error: Annotated[
         str, typer.Option(help="fail (keep nothing) or skip (keep good rows)")
     ] = "fail",

@@ -30,6 +30,7 @@ from app.jobs import detach_dataset
 from app.vocabulary import slugify
 
 FORMATS = ("generic", "fitzpatrick17k", "ddi")
+NO_COLUMN = "none"  # skin_tone_column / split_column: read no such column
 FITZPATRICK17K_COLUMNS = [
     "md5hash",
     "fitzpatrick_scale",
@@ -135,7 +136,9 @@ def _split(value: str | None) -> str | None:
         return None
     key = value.strip().lower()
     if key not in SPLITS:
-        raise ValueError(f"split {value!r} is not train, validation or test")
+        raise ValueError(
+            f"split {value!r} is not train, validation or test (split_column=none reads no split)"
+        )
     return SPLITS[key]
 
 
@@ -151,6 +154,13 @@ class ParsedCsv:
 def _lookalike(header: str, column: str) -> bool:
     name = header.lower()
     return column in name or difflib.SequenceMatcher(None, name, column).ratio() >= 0.8
+
+
+def _column(mapped: str | None, default: str) -> str | None:
+    """The column a role reads: the mapped one, else the format's; None for "none"."""
+    if mapped == NO_COLUMN:
+        return None
+    return mapped or default
 
 
 def parse_csv(text: str, mapping: Mapping) -> ParsedCsv:
@@ -174,13 +184,15 @@ def parse_csv(text: str, mapping: Mapping) -> ParsedCsv:
     }[csv_format]
     file_col = mapping.file_column or defaults[0]
     label_col = mapping.label_column or defaults[1]
-    tone_col = mapping.skin_tone_column or defaults[2]
-    split_col = mapping.split_column or defaults[3]
+    # "none": read no skin tone (every image unknown) or no split, whatever the CSV holds
+    tone_col = _column(mapping.skin_tone_column, defaults[2])
+    split_col = _column(mapping.split_column, defaults[3])
+    tone_mapped = tone_col is not None and bool(mapping.skin_tone_column)
     for name, column, required in (
         ("file_column", file_col, True),
         ("label_column", label_col, True),
-        ("skin_tone_column", tone_col, csv_format == "generic" and mapping.skin_tone_column),
-        ("split_column", split_col, bool(mapping.split_column)),
+        ("skin_tone_column", tone_col, csv_format == "generic" and tone_mapped),
+        ("split_column", split_col, split_col is not None and bool(mapping.split_column)),
     ):
         if required and column not in header:
             raise IngestError(
@@ -193,11 +205,14 @@ def parse_csv(text: str, mapping: Mapping) -> ParsedCsv:
         known |= set(DDI_COLUMNS)
     ignored = [h for h in header if h not in known]
     for field_name, column in (("skin_tone_column", tone_col), ("split_column", split_col)):
-        lookalikes = [h for h in ignored if column not in header and _lookalike(h, column)]
+        if column is None or column in header:
+            continue
+        lookalikes = [h for h in ignored if _lookalike(h, column)]
         if lookalikes:
             raise IngestError(
                 f"{field_name}: the CSV has no column {column!r} but has {lookalikes[0]!r}; "
-                f"rename it or send {field_name}={lookalikes[0]} (columns: {', '.join(header)})"
+                f"rename it, send {field_name}={lookalikes[0]}, or {field_name}=none to read "
+                f"none (columns: {', '.join(header)})"
             )
     columns = {
         "file": file_col,

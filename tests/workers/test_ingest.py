@@ -226,6 +226,25 @@ def test_mapped_columns(deployed: Stack) -> None:
         "file": "path", "label": "label", "skin_tone": None, "split": "split"}  # fmt: skip
     assert done["result"]["ignored_columns"] == ["width", "sha1"]
 
+    # PH2's CSV says split "all": refused by row, with the way out; split_column=none reads
+    # no split, skin_tone_column=none no skin tone (the fitzpatrick column is then ignored)
+    rows = [["a.png", "melanoma", "all", 3], ["b.png", "common nevus", "all", 4]]
+    meta = csv_text(["file", "label", "split", "fitzpatrick"], rows)
+    refused = deployed.wait_job(client, upload(client, make_zip(files), metadata=meta)["id"],
+                                statuses=("failed",))  # fmt: skip
+    first = refused["result"]["errors"][0]
+    assert (first["row"], first["file"]) == (2, "a.png")
+    assert first["reason"] == (
+        "split 'all' is not train, validation or test (split_column=none reads no split)"
+    )
+    done = deployed.wait_job(client, upload(
+        client, make_zip(files), metadata=meta, split_column="none",
+        skin_tone_column="none")["id"])  # fmt: skip
+    assert counts(client, done["dataset_id"]) == {("melanoma", None): 1, ("common-nevus", None): 1}
+    assert done["result"]["columns"] == {
+        "file": "file", "label": "label", "skin_tone": None, "split": None}  # fmt: skip
+    assert done["result"]["ignored_columns"] == ["split", "fitzpatrick"]
+
 
 def bad_cases() -> list:
     good = {"ok1.png": png(1), "ok2.png": png(2)}
