@@ -61,6 +61,10 @@ def submit(
     seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 1,2,3.")] = None,
     test_split: Annotated[str | None, typer.Option(help="Split that is the test set.")] = None,
     test_dataset: Annotated[str | None, typer.Option(help="A held-out real dataset.")] = None,
+    test_per_class: Annotated[
+        int | None,
+        typer.Option(help="Hold out N images per class as the test set (one fixed draw)."),
+    ] = None,
     top_n: Annotated[int | None, typer.Option(help="Keep the N commonest classes.")] = None,
     conditions: Annotated[str | None, typer.Option(help="The classes, comma list.")] = None,
     validation_per_class: Annotated[int | None, typer.Option()] = None,
@@ -99,6 +103,7 @@ def submit(
         "seeds": _ints(seeds),
         "test_split": test_split,
         "test_dataset": test_dataset,
+        "test_per_class": test_per_class,
         "top_n_classes": top_n,
         "conditions": _strings(conditions),
         "validation_per_class": validation_per_class,

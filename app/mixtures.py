@@ -109,6 +109,29 @@ def choose_classes(
     return sorted(classes)
 
 
+def hold_out(
+    *, pool: Sequence[ImageRef], classes: list[str], per_class: int
+) -> tuple[list[ImageRef], list[ImageRef]]:
+    """(the rest of the pool, the test set): `per_class` images of each class drawn once
+    for all runs (seed 0, whatever the run's seed), so every run and seed of an experiment,
+    and any later experiment, scores the same test images. Copies of a test image's bytes
+    stay out of the rest (`split_real` drops them)."""
+    wanted = set(classes)
+    by_class: dict[str, list[ImageRef]] = defaultdict(list)
+    seen: set[str] = set()
+    for image in sorted(pool, key=_content_order):
+        if image.condition in wanted and image.sha256 not in seen:
+            seen.add(image.sha256)
+            by_class[image.condition].append(image)
+    test: list[ImageRef] = []
+    for condition in classes:
+        images = by_class[condition]
+        _seeded(0, "test", condition).shuffle(images)
+        test.extend(images[:per_class])
+    held = {image.id for image in test}
+    return [image for image in pool if image.id not in held], test
+
+
 def split_real(
     *,
     pool: Sequence[ImageRef],
@@ -191,8 +214,12 @@ def build_split(
     n_real_per_class: int | None,
     synthetic_per_real: int,
     seed: int,
+    test_per_class: int | None = None,
 ) -> Split:
-    """The whole mixture of one run, with its per-class counts."""
+    """The whole mixture of one run, with its per-class counts. With `test_per_class` the
+    test set is held out of `pool` (`test` is then not used)."""
+    if test_per_class is not None:
+        pool, test = hold_out(pool=pool, classes=classes, per_class=test_per_class)
     train_real, validation, test_kept, dropped = split_real(
         pool=pool,
         test=test,
@@ -267,11 +294,19 @@ def _refs(session: Session, query: Any) -> list[ImageRef]:
 
 
 def real_pool(
-    *, session: Session, dataset_id: str, test_split: str, test_dataset: str | None
+    *,
+    session: Session,
+    dataset_id: str,
+    test_split: str,
+    test_dataset: str | None,
+    test_per_class: int | None = None,
 ) -> tuple[list[ImageRef], list[ImageRef]]:
     """(training pool, test set) of real images: the dataset's rows outside the test split and
-    those in it, or all of its rows and all of the held-out dataset's."""
+    those in it, or all of its rows and all of the held-out dataset's; with `test_per_class`
+    all of its rows and no test set yet (`build_split` holds it out)."""
     base = select(Image).where(Image.dataset_id == dataset_id)
+    if test_per_class is not None:
+        return _refs(session, base), []
     if test_dataset is not None:
         return _refs(session, base), _refs(
             session, select(Image).where(Image.dataset_id == test_dataset)
@@ -315,10 +350,20 @@ def data_fingerprint(*, session: Session, dataset_ids: list[str]) -> dict[str, l
 
 
 def pool_counts(
-    *, session: Session, dataset_id: str, test_split: str, test_dataset: str | None
+    *,
+    session: Session,
+    dataset_id: str,
+    test_split: str,
+    test_dataset: str | None,
+    test_per_class: int | None = None,
 ) -> tuple[dict[str, int], int]:
-    """(training-pool images per condition, test images) without loading the rows."""
+    """(training-pool images per condition, test images) without loading the rows; with
+    `test_per_class`, what is left of each condition after its test images."""
     base = select(Image.condition, func.count()).where(Image.dataset_id == dataset_id)
+    if test_per_class is not None:
+        total = {c: n for c, n in session.execute(base.group_by(Image.condition))}
+        counts = {c: max(n - test_per_class, 0) for c, n in total.items()}
+        return counts, sum(min(n, test_per_class) for n in total.values())
     if test_dataset is None:
         base = base.where(or_(Image.split.is_(None), Image.split != test_split))
         test = select(func.count()).where(Image.dataset_id == dataset_id, Image.split == test_split)

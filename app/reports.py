@@ -299,6 +299,11 @@ def experiment_markdown(
     finished = (experiment.get("timings") or {}).get("finished_at")
     if params.get("test_dataset"):
         test = f"the held-out dataset {dataset(params['test_dataset'])}"
+    elif params.get("test_per_class"):
+        test = (
+            f"{params['test_per_class']} images per class held out of the real dataset (one "
+            "fixed draw, the same for every run and seed; its split column is not used)"
+        )
     else:
         test = f"the `{params.get('test_split') or 'test'}` split of the real dataset"
     synthetic = params.get("synthetic_datasets") or []

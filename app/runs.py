@@ -31,6 +31,7 @@ SHARED_FIELDS = (
     "dataset",
     "test_split",
     "test_dataset",
+    "test_per_class",
     "validation_per_class",
     "conditions",
     "top_n_classes",
@@ -112,11 +113,18 @@ def _config_key(*, shared: dict[str, Any], config: dict[str, Any], fingerprint: 
 
 
 def _check_classes(*, session: Session, shared: dict[str, Any]) -> list[str]:
+    if shared["test_per_class"] is not None and shared["test_dataset"] is not None:
+        raise InvalidField(
+            "test_per_class: the test set is either held out of the dataset or test_dataset, "
+            "not both",
+            field="test_per_class",
+        )
     counts, test_count = pool_counts(
         session=session,
         dataset_id=shared["dataset"],
         test_split=shared["test_split"],
         test_dataset=shared["test_dataset"],
+        test_per_class=shared["test_per_class"],
     )
     if test_count == 0:
         where = (

@@ -271,6 +271,14 @@ class DataOptions(BaseModel):
     test_dataset: str | None = Field(
         None, description="A held-out real dataset as the test set instead of test_split."
     )
+    test_per_class: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Hold out this many images per class of the dataset as the test set "
+        "instead of test_split (one fixed draw: every run and seed scores the same images), "
+        "as the paper's 40-per-class held-out set; for a dataset without a split.",
+    )
     validation_per_class: int = Field(40, ge=1, le=10_000, description="Sampled with the seed.")
     conditions: list[str] | None = Field(
         None, description="The classes (default: every condition of the training pool)."

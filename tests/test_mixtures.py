@@ -115,6 +115,33 @@ def test_same_files_uploaded_again_give_the_same_split(crafted):
     assert children(first) == children(second)
 
 
+def test_a_test_set_held_out_per_class_is_one_draw_for_every_seed(crafted):
+    """test_per_class: the test set is drawn from the pool once, whatever the run's seed;
+    it never meets training or validation, nor does a copy of its bytes or its children."""
+    copy = image("acne-copy", "acne", sha="sha-acne-000")  # the bytes of acne-000
+    pool = [*crafted["pool"], copy]
+    splits = [
+        build_split(pool=pool, test=[], children=crafted["children"],
+                    parent_sha256=crafted["parent_sha"], classes=CLASSES,
+                    validation_per_class=20, n_real_per_class=None, synthetic_per_real=2,
+                    seed=seed, test_per_class=10)
+        for seed in (1, 2)
+    ]  # fmt: skip
+    tests = [[e.image.id for e in s.test] for s in splits]
+    assert tests[0] == tests[1] and splits[0].summary["test"] == dict.fromkeys(CLASSES, 10)
+    for split in splits:
+        held = {e.image.sha256 for e in split.test}
+        used = {e.image.sha256 for e in split.train + split.validation if not e.synthetic}
+        assert not held & used
+        parents = {e.image.parent_image_id for e in split.train if e.synthetic}
+        assert not parents & set(tests[0])
+        # 60 images per class: 10 test, 20 validation, 30 to train; acne's 61st, a copy of
+        # acne-000, is dropped whether acne-000 was drawn for the test set or not
+        assert split.summary["train_real"] == dict.fromkeys(CLASSES, 30)
+    # the draw does not move with the run's seed, but the validation does
+    assert [e.image.id for e in splits[0].validation] != [e.image.id for e in splits[1].validation]
+
+
 def test_sets_are_nested_across_n_real_and_k(crafted):
     small = split_of(crafted, n_real=4, k=2)
     large = split_of(crafted, n_real=8, k=5)

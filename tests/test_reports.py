@@ -246,6 +246,9 @@ def test_the_markdown_report_of_a_held_out_test_set_and_no_finished_runs() -> No
     assert "Synthetic:" not in text and "## Figures" not in text
     assert "n_real all;" in text and "augmentation off, on;" in text
     assert "batch size 32;" in text and "computed every epoch (the paper's path)" in text
+    held = experiment_markdown(experiment_of(build_report(runs=[], classes=CLASSES),
+                                             test_per_class=40))  # fmt: skip
+    assert "Test set: 40 images per class held out of the real dataset (one fixed draw" in held
 
 
 def test_real_per_class_shows_the_range_when_classes_differ() -> None:

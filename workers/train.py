@@ -335,6 +335,7 @@ def run_training(
             dataset_id=config["dataset"],
             test_split=config["test_split"],
             test_dataset=config["test_dataset"],
+            test_per_class=config.get("test_per_class"),
         )
         k = int(config["synthetic_per_real"])
         children, parent_sha = load_children(
@@ -353,6 +354,7 @@ def run_training(
         n_real_per_class=config["n_real_per_class"],
         synthetic_per_real=k,
         seed=int(config["seed"]),
+        test_per_class=config.get("test_per_class"),
     )
     data_s = time.perf_counter() - clock
 

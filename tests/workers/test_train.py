@@ -177,6 +177,33 @@ def test_augmentation_and_the_uncached_path_train(data) -> None:
     assert client.get("/runs").json()["items"][0]["id"] == run["id"]
 
 
+def test_a_test_set_held_out_per_class_is_the_same_for_every_seed(data) -> None:
+    """test_per_class (for datasets without a split, as PH2): one fixed draw per class,
+    scored by every run, never trained or validated on."""
+    stack, client, real, _synthetic = data
+    both = client.post("/experiments", json={"dataset": real, "test_per_class": 6,
+                                             "test_dataset": real, **FAST_TRAINING})  # fmt: skip
+    assert both.status_code == 422 and "test_per_class" in both.text, both.text
+    body = {"dataset": real, "test_per_class": 6, "n_real_per_class": [5], "seeds": [1, 2],
+            **FAST_TRAINING}  # fmt: skip
+    response = client.post("/experiments", json=body)
+    assert response.status_code == 202, response.text
+    done = wait_experiment(stack, client, response.json()["id"])
+    tested = []
+    for run in done["runs"]:
+        assert run["split"]["test"] == dict.fromkeys(SEPARABLE, 6)  # the split column unused
+        assert run["split"]["train_real"] == dict.fromkeys(SEPARABLE, 5)
+        lines = client.get(f"/runs/{run['id']}/predictions").text.splitlines()
+        tested.append(sorted(json.loads(line)["image_id"] for line in lines))
+        assert run["metrics"]["top1"]["value"] >= 0.6
+    assert len(tested[0]) == 6 * len(SEPARABLE) and tested[0] == tested[1]
+    with stack.session() as session:
+        rows = session.execute(
+            text("SELECT config FROM runs WHERE job_id = :j"), {"j": done["id"]}
+        ).scalars()
+        assert all(config["test_per_class"] == 6 for config in rows)
+
+
 def test_cancel_stops_a_run_and_resume_finishes_only_the_rest(data) -> None:
     stack, client, real, _synthetic = data
     body = {"dataset": real, "n_real_per_class": [3, 5], "seeds": [1], "cache_features": False,
