@@ -4,6 +4,7 @@ report with its plots). A client only: no database, no torch."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -225,6 +226,25 @@ def report(
     )
     (folder / "report.md").write_text(markdown)
     console.print(f"saved to {folder}/")
+
+
+@experiments_cli.command("predictions")
+def predictions(
+    experiment_id: str,
+    out: Annotated[Path | None, typer.Option(help="File to write (default: stdout).")] = None,
+    format: Annotated[str, typer.Option(help="csv or jsonl")] = "csv",
+) -> None:
+    """Every finished run's per-image predictions in one table, with each row's run, setting
+    and seed."""
+    from app.cli import _client
+
+    path = f"/experiments/{experiment_id}/predictions"
+    if out is None:
+        _client().stream_to(path, sys.stdout.buffer, format=format)
+        return
+    with out.open("wb") as handle:
+        written = _client().stream_to(path, handle, format=format)
+    typer.echo(f"saved {written:,} bytes to {out}", err=True)
 
 
 @experiments_cli.command("list")

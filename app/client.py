@@ -86,6 +86,22 @@ class Client:
         with self._http() as http:
             return self._check(http.get(path)).content
 
+    def stream_to(self, path: str, handle: IO[bytes], **params: Any) -> int:
+        """A GET's body written to `handle` as it arrives; returns the bytes written."""
+        clean = {k: v for k, v in params.items() if v is not None}
+        written = 0
+        with (
+            self._http() as http,
+            http.stream("GET", path, params=clean, timeout=None) as response,
+        ):
+            if response.is_error:
+                response.read()
+                self._check(response)
+            for chunk in response.iter_bytes():
+                handle.write(chunk)
+                written += len(chunk)
+        return written
+
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         with self._http() as http:
             return self._check(http.post(path, json=body or {})).json()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -160,6 +161,21 @@ def test_experiments_submit_wait_and_report(deployed: Stack, tmp_path: Path) -> 
     for name in ("accuracy-vs-n-real", "dose-response", "skin-tone", "training-curves"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert b"<svg" in (out / f"{name}.svg").read_bytes()[:500]
+
+    # every run's predictions in one CSV: 4 runs x 4 classes x 4 test images
+    table = tmp_path / "predictions.csv"
+    saved = run_cli(deployed, key, tmp_path, "experiments", "predictions", summary["id"],
+                    "--out", str(table))  # fmt: skip
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 4 * len(SEPARABLE) * 4
+    assert {(r["setting"], r["seed"]) for r in rows} == {
+        ("n=2 k=0", "1"), ("n=2 k=0", "2"), ("n=all k=0", "1"), ("n=all k=0", "2")}  # fmt: skip
+    assert {r["true_label"] for r in rows} == set(SEPARABLE)
+    piped = run_cli(deployed, key, tmp_path, "experiments", "predictions", summary["id"],
+                    "--format", "jsonl")  # fmt: skip
+    assert [json.loads(line)["image_id"] for line in piped.stdout.splitlines()] == [
+        r["image_id"] for r in rows]  # fmt: skip
 
     # a refused grid: the API's sentence, exit 1
     refused = run_cli(deployed, key, tmp_path, "experiments", "submit", "--dataset", real,

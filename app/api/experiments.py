@@ -6,9 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
+from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from app import jobs, plots
@@ -18,7 +21,7 @@ from app.api.jobs import dispatch_after_commit, job_out
 from app.config import Settings
 from app.db.tables import Job, Run
 from app.errors import InvalidField, NotFound
-from app.reports import build_report
+from app.reports import build_report, setting_label, shown_datasets
 from app.schemas import (
     ExperimentCreate,
     ExperimentList,
@@ -45,6 +48,17 @@ PREDICTION_COLUMNS = (
     "top2_probability",
     "top3_label",
     "top3_probability",
+)
+# GET /experiments/{id}/predictions: which run a row comes from, before the run's columns
+RUN_COLUMNS = (
+    "run_id",
+    "setting",
+    "seed",
+    "n_real_per_class",
+    "synthetic_per_real",
+    "strategy",
+    "synthetic_dataset",
+    "augmentation",
 )
 
 
@@ -213,6 +227,54 @@ def experiment_plot(
     return Response(body, media_type=plots.FORMATS[fmt])
 
 
+@router.get("/experiments/{experiment_id}/predictions")
+def experiment_predictions(
+    experiment_id: str,
+    session: SessionDep,
+    store: StoreDep,
+    caller: CallerDep,
+    format: str = Query("csv", description="csv or jsonl"),
+) -> StreamingResponse:
+    """Every finished run's per-image predictions in one table, each row with its run, setting
+    and seed: for analyses the report does not make (by skin type, by class, across seeds)."""
+    if format not in ("jsonl", "csv"):
+        raise InvalidField(f"format: {format!r} is not one of jsonl, csv", field="format")
+    job = service.get_experiment(session=session, experiment_id=experiment_id, owner=caller)
+    finished = [
+        r
+        for r in service.runs_of(session=session, experiment_id=job.id)
+        if r.status == JobStatus.SUCCEEDED.value and r.predictions_key
+    ]
+    if not finished:
+        raise NotFound(f"experiment {job.id} has no finished run yet (it is {job.status})")
+    datasets = shown_datasets(
+        [r.config for r in finished], service.synthetic_dataset_names(session=session, job=job)
+    )
+    runs = [(r.id, r.config, str(r.predictions_key)) for r in finished]
+    missing = [run_id for run_id, _config, key in runs if store.head(key) is None]
+    if missing:  # said now: once the table streams, an error can only cut it short
+        raise NotFound(f"the predictions of run {missing[0]} are missing from the store")
+
+    def rows() -> Iterator[str]:
+        if format == "csv":
+            yield _csv_line([*RUN_COLUMNS, *PREDICTION_COLUMNS])
+        for run_id, config, key in runs:
+            about: dict[str, Any] = {
+                "run_id": run_id,
+                "setting": setting_label(config, datasets=datasets),
+                **{name: config.get(name) for name in RUN_COLUMNS[2:]},
+            }
+            for line in _read(store, key).decode().splitlines():
+                row = json.loads(line)
+                if format == "jsonl":
+                    yield json.dumps({**about, **row}) + "\n"
+                else:
+                    yield _csv_line([_cell(about[c]) for c in RUN_COLUMNS] + _csv_cells(row))
+
+    media = "text/csv" if format == "csv" else "application/x-ndjson"
+    return StreamingResponse(rows(), media_type=media)
+
+
 @router.post("/runs", status_code=status.HTTP_202_ACCEPTED, response_model=RunOut)
 def create_run(
     body: RunCreate,
@@ -290,16 +352,25 @@ def _read(store: ObjectStore, key: str) -> bytes:
         raise NotFound(f"the predictions file {key} is missing from the store") from None
 
 
-def _as_csv(jsonl: bytes) -> str:
+def _cell(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _csv_cells(row: dict[str, Any]) -> list[Any]:
+    """A stored prediction row as PREDICTION_COLUMNS."""
+    top = row["predictions"] + [{"label": "", "probability": ""}] * 3
+    return [row["image_id"], row["sha256"], row["true_label"], _cell(row["skin_tone"]),
+            row["fitzpatrick_group"], row["correct"]] + [
+        v for p in top[:3] for v in (p["label"], p["probability"])]  # fmt: skip
+
+
+def _csv_line(cells: list[Any]) -> str:
     out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(PREDICTION_COLUMNS)
-    for line in jsonl.decode().splitlines():
-        row = json.loads(line)
-        top = row["predictions"] + [{"label": "", "probability": ""}] * 3
-        writer.writerow(
-            [row["image_id"], row["sha256"], row["true_label"], row["skin_tone"] or "",
-             row["fitzpatrick_group"], row["correct"]]
-            + [v for p in top[:3] for v in (p["label"], p["probability"])]
-        )  # fmt: skip
+    csv.writer(out).writerow(cells)
     return out.getvalue()
+
+
+def _as_csv(jsonl: bytes) -> str:
+    lines = [_csv_line(list(PREDICTION_COLUMNS))]
+    lines += [_csv_line(_csv_cells(json.loads(line))) for line in jsonl.decode().splitlines()]
+    return "".join(lines)

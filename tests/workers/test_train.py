@@ -113,6 +113,25 @@ def test_experiment_end_to_end(data, monkeypatch: pytest.MonkeyPatch) -> None:
         f"/runs/{run['id']}/predictions", params={"format": "csv"}).text)))  # fmt: skip
     assert len(table) == 24 and table[0]["top1_label"] in SEPARABLE
 
+    # every run's predictions at once, each row saying its run, setting and seed
+    response = client.get(f"/experiments/{experiment['id']}/predictions")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
+    every = list(csv.DictReader(io.StringIO(response.text)))
+    assert len(every) == 8 * 24
+    assert {r["run_id"] for r in every} == {r["id"] for r in runs}
+    first = [r for r in every if r["run_id"] == run["id"]]
+    assert [r["image_id"] for r in first] == [json.loads(line)["image_id"] for line in lines]
+    assert first[0]["seed"] == str(run["config"]["seed"])
+    assert first[0]["setting"] == next(
+        e["label"] for e in report["settings"] if run["id"] in e["runs"])  # fmt: skip
+    synthetic_rows = [r for r in every if r["synthetic_per_real"] == "2"]
+    assert synthetic_rows and all(r["strategy"] == "inpaint" for r in synthetic_rows)
+    jsonl = client.get(f"/experiments/{experiment['id']}/predictions", params={"format": "jsonl"})
+    assert len(jsonl.text.splitlines()) == 8 * 24
+    assert json.loads(jsonl.text.splitlines()[0])["predictions"][0]["label"] in SEPARABLE
+    bad = client.get(f"/experiments/{experiment['id']}/predictions", params={"format": "xml"})
+    assert bad.status_code == 422 and "format" in bad.text
+
     # plots: PNG and SVG of each figure
     for name in ("accuracy-vs-n-real", "dose-response", "skin-tone", "training-curves"):
         png = client.get(f"/experiments/{experiment['id']}/plots/{name}.png")
