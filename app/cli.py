@@ -429,6 +429,15 @@ def datasets_show(dataset_id: str) -> None:
             str(row["count"]),
         )
     Console().print(table)
+    splits = sorted({row["split"] or "-" for row in body.get("splits") or []})
+    if splits != ["-"] and splits:  # a split column was read: images per class and split
+        by_split = Table("condition", *splits, title="by split")
+        per_class: dict[str, dict[str, int]] = {}
+        for row in body["splits"]:
+            per_class.setdefault(row["condition"], {})[row["split"] or "-"] = row["count"]
+        for condition, counts in per_class.items():
+            by_split.add_row(condition, *(str(counts.get(s, 0)) for s in splits))
+        Console().print(by_split)
 
 
 @datasets_cli.command("upload")

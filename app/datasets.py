@@ -70,6 +70,17 @@ def dataset_counts(*, session: Session, dataset_id: str) -> list[dict[str, Any]]
     return [{"condition": c, "skin_tone": t, "strategy": s, "count": int(n)} for c, t, s, n in rows]
 
 
+def split_counts(*, session: Session, dataset_id: str) -> list[dict[str, Any]]:
+    """Image counts by condition x split (null: no split)."""
+    rows = session.execute(
+        select(Image.condition, Image.split, func.count())
+        .where(Image.dataset_id == dataset_id)
+        .group_by(Image.condition, Image.split)
+        .order_by(Image.condition, Image.split.asc().nulls_last())
+    )
+    return [{"condition": c, "split": s, "count": int(n)} for c, s, n in rows]
+
+
 # Fitzpatrick groups for reporting (DESIGN.md vocabulary); "unknown" filters rows with neither.
 SKIN_TONE_GROUPS = ("I-II", "III-IV", "V-VI")
 UNKNOWN_GROUP = "unknown"

@@ -129,6 +129,12 @@ class CountRow(BaseModel):
     count: int
 
 
+class SplitCountRow(BaseModel):
+    condition: str
+    split: str | None
+    count: int
+
+
 class DatasetOut(BaseModel):
     id: str
     name: str
@@ -138,6 +144,11 @@ class DatasetOut(BaseModel):
     image_count: int
     counts: list[CountRow] | None = Field(
         None, description="Images by condition x skin tone x strategy (detail only)."
+    )
+    splits: list[SplitCountRow] | None = Field(
+        None,
+        description="Images by condition x split (detail only): what test_split, "
+        "validation_per_class and n_real_per_class have to work with.",
     )
 
 

@@ -118,6 +118,14 @@ def test_experiments_submit_wait_and_report(deployed: Stack, tmp_path: Path) -> 
     real, _synthetic = make_classification_data(
         deployed, key, pool_per_class=12, test_per_class=4, children_per_parent=0
     )
+    # what the grid has to work with: images per class and split
+    shown = run_cli(deployed, key, tmp_path, "datasets", "show", real)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    by_split = shown.stdout[shown.stdout.index("by split") :]
+    assert re.search(r"condition\s+┃\s+test\s+┃\s+train", by_split), by_split
+    for condition in SEPARABLE:
+        assert re.search(rf"{condition}\s+│\s+4\s+│\s+12", by_split), by_split
+
     submitted = run_cli(
         deployed, key, tmp_path, "experiments", "submit", "--dataset", real, "--n-real", "2,all",
         "--seeds", "1,2", "--validation-per-class", "4", "--max-epochs", "5", "--patience", "2",

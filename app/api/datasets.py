@@ -31,7 +31,14 @@ from app import datasets as service
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.config import Settings
 from app.db.session import session_factory
-from app.schemas import MANIFEST_COLUMNS, CountRow, DatasetList, DatasetOut, Strategy
+from app.schemas import (
+    MANIFEST_COLUMNS,
+    CountRow,
+    DatasetList,
+    DatasetOut,
+    SplitCountRow,
+    Strategy,
+)
 from app.storage import LocalStore, ObjectStore, S3Store
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -97,6 +104,10 @@ def get_dataset(dataset_id: str, session: SessionDep, caller: CallerDep) -> Data
         created_at=dataset.created_at,
         image_count=sum(c.count for c in counts),
         counts=counts,
+        splits=[
+            SplitCountRow(**row)
+            for row in service.split_counts(session=session, dataset_id=dataset.id)
+        ],
     )
 
 

@@ -113,6 +113,13 @@ def test_generic_zip_with_split_and_duplicates(stack: Stack) -> None:
     }
     dataset = client.get(f"/datasets/{dataset_id}").json()
     assert dataset["kind"] == "real" and dataset["name"] == "clinic-a"
+    assert dataset["splits"] == [  # by condition x split; row 8's copy stays in row 2's train
+        {"condition": "basal-cell-carcinoma", "split": "test", "count": 1},
+        {"condition": "basal-cell-carcinoma", "split": "train", "count": 2},
+        {"condition": "granuloma-annulare", "split": "train", "count": 1},
+        {"condition": "psoriasis", "split": "train", "count": 1},
+        {"condition": "psoriasis", "split": "validation", "count": 1},
+    ]
     slugs = {c["slug"] for c in client.get("/conditions").json()["items"]}
     assert "granuloma-annulare" in slugs
     with stack.session() as session:
