@@ -43,8 +43,6 @@ FITZPATRICK17K_COLUMNS = [
     "url_alphanum",
 ]
 DDI_COLUMNS = ["DDI_ID", "DDI_file", "skin_tone", "malignant", "disease"]
-GENERIC_COLUMNS = ["file", "label", "fitzpatrick"]
-GENERIC_OPTIONAL = ["split"]
 SECOND_LABELS = ("malignant",)  # labels kept beside the condition (DDI's malignancy)
 DDI_GROUPS = {"12": "I-II", "34": "III-IV", "56": "V-VI"}
 SPLITS = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
