@@ -180,6 +180,8 @@ def print_report(experiment: dict[str, Any]) -> None:
         console.print(table)
     console.print(f"classes: {', '.join(report['classes'])}")
     console.print(f"runs: {runs_text(report)}")
+    for warning in report.get("warnings") or []:
+        console.print(f"warning: {warning}", style="yellow")
 
 
 def _dataset_names(client: Client, params: dict[str, Any]) -> dict[str, str]:

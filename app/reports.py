@@ -102,6 +102,8 @@ def build_report(
                 "max": max(per_class, default=None),
             },
             "train_synthetic_images": metrics.summarize([float(c) for c in synthetic_counts]),
+            # children asked for (k per real image) that the synthetic dataset did not have
+            "synthetic_missing": _missing(finished),
             "epochs": metrics.summarize([float(r.best_epoch or 0) for r in finished]),
         }
         for name in HEADLINE:
@@ -139,7 +141,40 @@ def build_report(
                 treated=treated[0], control=baseline[0]
             )
         entry["versus_real_only"] = comparison
-    return {"classes": classes, "runs": tally, "synthetic_datasets": shown, "settings": settings}
+    return {
+        "classes": classes,
+        "runs": tally,
+        "synthetic_datasets": shown,
+        "settings": settings,
+        "warnings": _warnings(settings),
+    }
+
+
+def _missing(finished: list[Run]) -> dict[str, Any]:
+    """Per class, the synthetic children a run lacked (parents with fewer than k children),
+    as the mean over seeds; and their total."""
+    per_run = [(r.split or {}).get("synthetic_missing") or {} for r in finished]
+    classes = sorted({c for missing in per_run for c in missing})
+    by_class = {c: float(np.mean([m.get(c, 0) for m in per_run])) for c in classes}
+    return {"total": sum(by_class.values()), "by_class": {c: n for c, n in by_class.items() if n}}
+
+
+def _warnings(settings: list[dict[str, Any]]) -> list[str]:
+    """What a reader of the table would not see: settings that trained on fewer synthetic
+    images than k x the real ones."""
+    warnings = []
+    for entry in settings:
+        missing = entry.get("synthetic_missing") or {}
+        if not missing.get("total"):
+            continue
+        had = entry["train_synthetic_images"]["mean"] or 0.0
+        classes = ", ".join(f"{c} {n:g}" for c, n in missing["by_class"].items())
+        warnings.append(
+            f"{entry['label']}: {missing['total']:g} of the {had + missing['total']:g} "
+            f"synthetic images asked for were missing per run ({classes}): their parents have "
+            "fewer than k children in the synthetic dataset"
+        )
+    return warnings
 
 
 def shown_datasets(configs: Iterable[dict[str, Any]], names: Mapping[str, str]) -> dict[str, str]:
@@ -363,6 +398,9 @@ def experiment_markdown(
         "",
     ]
     body = report_markdown(report) if report.get("settings") else "No finished runs.\n"
+    warnings = report.get("warnings") or []
+    if warnings:
+        body += "\n" + "".join(f"**Warning.** {w}.\n\n" for w in warnings)
     shown = [f"![{name.rsplit('.', 1)[0]}]({name})" for name in figures]
     tail = ["", "## Figures", "", *(f"{line}\n" for line in shown)] if shown else []
     return "\n".join(lines) + "\n" + body + "\n".join(tail)

@@ -288,3 +288,27 @@ def test_a_test_set_without_skin_tones_leaves_out_the_group_columns() -> None:
     # with skin tones, the columns are there (the other tests read them)
     header, _rows = report_rows(build_report(runs=grid_runs({}), classes=CLASSES))
     assert "top-1 V-VI %" in header and "gap (pts)" in header
+
+
+def test_missing_synthetic_children_are_said() -> None:
+    """k=2 asked, but only one class's images had children: the table's synthetic count
+    alone does not say so; the report warns, by class."""
+    runs = grid_runs({"inpaint": INPAINT_SET})
+    for run in runs:
+        k, n = run.config["synthetic_per_real"], run.config["n_real_per_class"]
+        if k:
+            run.split = {"train_real": dict.fromkeys(CLASSES, n),
+                         "train_synthetic": {"a": n * k, "b": 0, "c": 0},
+                         "synthetic_missing": {"a": 0, "b": n * k, "c": n * k}}  # fmt: skip
+    report = build_report(runs=runs, classes=CLASSES)
+    entry = next(e for e in report["settings"] if e["label"] == "n=4 k=2 inpaint")
+    assert entry["synthetic_missing"] == {"total": 16.0, "by_class": {"b": 8.0, "c": 8.0}}
+    assert report["warnings"][0] == (
+        "n=4 k=2 inpaint: 16 of the 24 synthetic images asked for were missing per run (b 8, "
+        "c 8): their parents have fewer than k children in the synthetic dataset"
+    )
+    assert len(report["warnings"]) == 4  # every k > 0 setting
+    text = experiment_markdown(experiment_of(report))
+    assert f"**Warning.** {report['warnings'][0]}." in text
+    # nothing missing, nothing said
+    assert build_report(runs=grid_runs({"inpaint": INPAINT_SET}), classes=CLASSES)["warnings"] == []
