@@ -146,7 +146,7 @@ def build_report(
         "runs": tally,
         "synthetic_datasets": shown,
         "settings": settings,
-        "warnings": _warnings(settings),
+        "warnings": _test_warnings(runs) + _warnings(settings),
     }
 
 
@@ -157,6 +157,24 @@ def _missing(finished: list[Run]) -> dict[str, Any]:
     classes = sorted({c for missing in per_run for c in missing})
     by_class = {c: float(np.mean([m.get(c, 0) for m in per_run])) for c in classes}
     return {"total": sum(by_class.values()), "by_class": {c: n for c, n in by_class.items() if n}}
+
+
+FEW_TEST_IMAGES = 5  # a class with fewer test images than this is named in the warnings
+
+
+def _test_warnings(runs: list[Run]) -> list[str]:
+    """Classes the test set barely covers (every run of an experiment scores the same test
+    set, so the first finished run's counts say it)."""
+    finished = [r for r in runs if r.status == JobStatus.SUCCEEDED.value and r.split]
+    counts = (finished[0].split or {}).get("test", {}) if finished else {}
+    few = {c: n for c, n in counts.items() if n < FEW_TEST_IMAGES}
+    if not few:
+        return []
+    listed = ", ".join(f"{c} {n}" for c, n in few.items())
+    return [
+        f"the test set has fewer than {FEW_TEST_IMAGES} images of some classes ({listed}): "
+        "their recall is undefined (0 images) or rests on one or a few images"
+    ]
 
 
 def _warnings(settings: list[dict[str, Any]]) -> list[str]:

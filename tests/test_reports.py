@@ -312,3 +312,14 @@ def test_missing_synthetic_children_are_said() -> None:
     assert f"**Warning.** {report['warnings'][0]}." in text
     # nothing missing, nothing said
     assert build_report(runs=grid_runs({"inpaint": INPAINT_SET}), classes=CLASSES)["warnings"] == []
+
+
+def test_classes_the_test_set_barely_covers_are_said() -> None:
+    runs = grid_runs({})
+    for run in runs:
+        run.split = {**(run.split or {}), "test": {"a": 16, "b": 1, "c": 0}}
+    warnings = build_report(runs=runs, classes=CLASSES)["warnings"]
+    assert warnings == [
+        "the test set has fewer than 5 images of some classes (b 1, c 0): their recall is "
+        "undefined (0 images) or rests on one or a few images"
+    ]
