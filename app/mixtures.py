@@ -37,6 +37,10 @@ class ImageRef:
     skin_tone_group: str | None = None
     parent_image_id: str | None = None
     strategy: str | None = None
+    split: str | None = None
+
+
+VALIDATION_SPLIT = "validation"
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,12 @@ def choose_classes(
     if top_n is not None:
         classes = classes[:top_n]
     short = [f"{c} ({counts[c]})" for c in classes if counts[c] <= validation_per_class]
+    if short and validation_per_class == 0:  # validation comes from the dataset's own split
+        raise InvalidField(
+            f"conditions: no training images (outside the test and validation splits) of "
+            f"{', '.join(c for c in classes if not counts[c])}",
+            field="conditions",
+        )
     if short:
         raise InvalidField(
             f"conditions: every class needs more than validation_per_class="
@@ -114,13 +124,15 @@ def hold_out(
 ) -> tuple[list[ImageRef], list[ImageRef]]:
     """(the rest of the pool, the test set): `per_class` images of each class drawn once
     for all runs (seed 0, whatever the run's seed), so every run and seed of an experiment,
-    and any later experiment, scores the same test images. Copies of a test image's bytes
-    stay out of the rest (`split_real` drops them)."""
+    and any later experiment, scores the same test images; never from the dataset's own
+    validation split. Copies of a test image's bytes stay out of the rest (`split_real` drops
+    them)."""
     wanted = set(classes)
     by_class: dict[str, list[ImageRef]] = defaultdict(list)
     seen: set[str] = set()
     for image in sorted(pool, key=_content_order):
-        if image.condition in wanted and image.sha256 not in seen:
+        declared = image.split == VALIDATION_SPLIT  # the dataset's own validation stays so
+        if image.condition in wanted and image.sha256 not in seen and not declared:
             seen.add(image.sha256)
             by_class[image.condition].append(image)
     test: list[ImageRef] = []
@@ -144,11 +156,13 @@ def split_real(
     """(training, validation, test, dropped) real images. Training-pool images whose bytes
     are also in the test set are dropped (PAPER.md section 1, step 1); validation is
     `validation_per_class` per class, then training `n_real_per_class` of the rest, both with
-    the seed."""
+    the seed. When the pool has images of the dataset's own validation split, validation is
+    drawn from those alone (all of a class's when it has fewer) and none of them trains."""
     wanted = set(classes)
     test_kept = sorted((i for i in test if i.condition in wanted), key=_content_order)
     test_sha = {i.sha256 for i in test_kept}
     by_class: dict[str, list[ImageRef]] = defaultdict(list)
+    declared: dict[str, list[ImageRef]] = defaultdict(list)
     dropped: list[ImageRef] = []
     seen: set[str] = set()
     for image in sorted(pool, key=_content_order):
@@ -158,14 +172,22 @@ def split_real(
             dropped.append(image)  # the same bytes as a test image, or a duplicate
             continue
         seen.add(image.sha256)
-        by_class[image.condition].append(image)
+        part = declared if image.split == VALIDATION_SPLIT else by_class
+        part[image.condition].append(image)
     train: list[ImageRef] = []
     validation: list[ImageRef] = []
+    has_declared = bool(declared)
     for condition in classes:
         images = by_class[condition]
         _seeded(seed, "split", condition).shuffle(images)
-        validation.extend(images[:validation_per_class])
-        rest = images[validation_per_class:]
+        if has_declared:
+            candidates = declared[condition]
+            _seeded(seed, "validation", condition).shuffle(candidates)
+            validation.extend(candidates[:validation_per_class])
+            rest = images
+        else:
+            validation.extend(images[:validation_per_class])
+            rest = images[validation_per_class:]
         train.extend(rest if n_real_per_class is None else rest[:n_real_per_class])
     return train, validation, test_kept, dropped
 
@@ -288,6 +310,7 @@ def _refs(session: Session, query: Any) -> list[ImageRef]:
         Image.skin_tone_group,
         Image.parent_image_id,
         Image.strategy,
+        Image.split,
     )
     rows = session.execute(query.with_only_columns(*columns))
     return [ImageRef(*row) for row in rows]
@@ -356,21 +379,33 @@ def pool_counts(
     test_split: str,
     test_dataset: str | None,
     test_per_class: int | None = None,
-) -> tuple[dict[str, int], int]:
-    """(training-pool images per condition, test images) without loading the rows; with
-    `test_per_class`, what is left of each condition after its test images."""
+) -> tuple[dict[str, int], int, dict[str, int]]:
+    """(training-pool images per condition, test images, images of the dataset's validation
+    split per condition) without loading the rows; with `test_per_class`, the pool is what is
+    left of each condition after its test images."""
     base = select(Image.condition, func.count()).where(Image.dataset_id == dataset_id)
+    declared = base.where(Image.split == VALIDATION_SPLIT)
+    base = base.where(or_(Image.split.is_(None), Image.split != VALIDATION_SPLIT))
     if test_per_class is not None:
-        total = {c: n for c, n in session.execute(base.group_by(Image.condition))}
-        counts = {c: max(n - test_per_class, 0) for c, n in total.items()}
-        return counts, sum(min(n, test_per_class) for n in total.values())
-    if test_dataset is None:
-        base = base.where(or_(Image.split.is_(None), Image.split != test_split))
-        test = select(func.count()).where(Image.dataset_id == dataset_id, Image.split == test_split)
+        test_count = 0
+        counts = {}
+        for condition, n in session.execute(base.group_by(Image.condition)):
+            counts[condition] = max(n - test_per_class, 0)
+            test_count += min(n, test_per_class)
     else:
-        test = select(func.count()).where(Image.dataset_id == test_dataset)
-    counts = {c: n for c, n in session.execute(base.group_by(Image.condition))}
-    return counts, int(session.scalar(test) or 0)
+        if test_dataset is None:
+            base = base.where(or_(Image.split.is_(None), Image.split != test_split))
+            test = select(func.count()).where(
+                Image.dataset_id == dataset_id, Image.split == test_split
+            )
+        else:
+            test = select(func.count()).where(Image.dataset_id == test_dataset)
+        counts = {c: n for c, n in session.execute(base.group_by(Image.condition))}
+        test_count = int(session.scalar(test) or 0)
+    if test_dataset is None and test_per_class is None and test_split == VALIDATION_SPLIT:
+        return counts, test_count, {}  # the validation split is the test set here
+    validation = {c: n for c, n in session.execute(declared.group_by(Image.condition))}
+    return counts, test_count, validation
 
 
 def check_datasets(

@@ -103,8 +103,9 @@ def setting_of(config: dict[str, Any]) -> tuple[Any, ...]:
 
 # Part of every run's config key. Bump it with any change to what a run computes (the
 # sampling, the training, the metrics): a finished twin is reused only when made by code that
-# computes the same thing. 2: sampling ordered by image bytes, not ids (2026-12-02).
-RESULTS_VERSION = 2
+# computes the same thing. 2: sampling ordered by image bytes, not ids; 3: validation from
+# the dataset's own validation split when it has one (both 2026-12-02).
+RESULTS_VERSION = 3
 
 
 def _config_key(*, shared: dict[str, Any], config: dict[str, Any], fingerprint: Any) -> str:
@@ -119,7 +120,7 @@ def _check_classes(*, session: Session, shared: dict[str, Any]) -> list[str]:
             "not both",
             field="test_per_class",
         )
-    counts, test_count = pool_counts(
+    counts, test_count, declared = pool_counts(
         session=session,
         dataset_id=shared["dataset"],
         test_split=shared["test_split"],
@@ -134,12 +135,22 @@ def _check_classes(*, session: Session, shared: dict[str, Any]) -> list[str]:
         )
         field = "test_dataset" if shared["test_dataset"] else "test_split"
         raise InvalidField(f"{field}: no test images in {where}", field=field)
-    return choose_classes(
+    classes = choose_classes(
         counts=counts,
         conditions=shared["conditions"],
         top_n=shared["top_n_classes"],
-        validation_per_class=shared["validation_per_class"],
+        # validation drawn from the dataset's own validation split leaves the pool whole
+        validation_per_class=0 if declared else shared["validation_per_class"],
     )
+    unvalidated = [c for c in classes if not declared.get(c)] if declared else []
+    if unvalidated:
+        raise InvalidField(
+            f"conditions: the dataset's validation split has no images of "
+            f"{', '.join(unvalidated)}; validation is drawn from that split when the dataset "
+            "has one",
+            field="conditions",
+        )
+    return classes
 
 
 def create_experiment(

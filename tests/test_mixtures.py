@@ -205,3 +205,25 @@ def test_choose_classes_top_n_and_errors_name_the_class():
 )
 def test_paper_batch_size_rule(rows, expected):
     assert paper_batch_size(rows) == expected
+
+
+def test_the_datasets_own_validation_split_is_the_validation(crafted):
+    """A dataset uploaded with train / validation / test: validation is drawn from its
+    validation split (all of a class's when fewer than validation_per_class), and no image
+    of that split ever trains."""
+    declared = [image(f"val-{c}-{i}", c, split="validation") for c in CLASSES for i in range(5)]
+    pool = [*crafted["pool"], *declared]
+    for seed in (1, 2):
+        split = build_split(pool=pool, test=crafted["test"], children=[], parent_sha256={},
+                            classes=CLASSES, validation_per_class=3, n_real_per_class=None,
+                            synthetic_per_real=0, seed=seed)  # fmt: skip
+        validation = [e.image for e in split.validation]
+        assert {i.split for i in validation} == {"validation"}
+        assert split.summary["validation"] == dict.fromkeys(CLASSES, 3)
+        # the 60 pool images per class all train; none of the 15 validation-split images
+        assert split.summary["train_real"] == dict.fromkeys(CLASSES, 60)
+        assert not {e.image.id for e in split.train} & {i.id for i in declared}
+    wide = build_split(pool=pool, test=crafted["test"], children=[], parent_sha256={},
+                       classes=CLASSES, validation_per_class=40, n_real_per_class=8,
+                       synthetic_per_real=0, seed=1)  # fmt: skip
+    assert wide.summary["validation"] == dict.fromkeys(CLASSES, 5)  # all there is

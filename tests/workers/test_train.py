@@ -223,6 +223,41 @@ def test_a_test_set_held_out_per_class_is_the_same_for_every_seed(data) -> None:
         assert all(config["test_per_class"] == 6 for config in rows)
 
 
+def test_the_datasets_validation_split_validates_and_never_trains(data) -> None:
+    stack, client, real, _synthetic = data
+    mark = text(
+        "UPDATE images SET split = 'validation' WHERE id IN (SELECT id FROM (SELECT id, "
+        "row_number() OVER (PARTITION BY condition ORDER BY id) AS r FROM images WHERE "
+        "dataset_id = :d AND split = 'train') t WHERE r <= 3)"
+    )
+    with stack.session() as session:
+        session.execute(mark, {"d": real})
+        session.commit()
+    response = client.post("/runs", json={"dataset": real, "seed": 3, **FAST_TRAINING})
+    assert response.status_code == 202, response.text
+    run_id = response.json()["id"]
+
+    def finished() -> dict | None:
+        body = client.get(f"/runs/{run_id}").json()
+        return body if body["status"] in ("succeeded", "failed", "canceled") else None
+
+    done = wait_for(finished, timeout=300, interval=0.5, what="run")
+    assert done["status"] == "succeeded", done["error"]
+    # the 3 declared per class (fewer than validation_per_class=8); the other 17 all train
+    assert done["split"]["validation"] == dict.fromkeys(SEPARABLE, 3)
+    assert done["split"]["train_real"] == dict.fromkeys(SEPARABLE, 17)
+
+    # a class the validation split lacks is named
+    with stack.session() as session:
+        session.execute(
+            text("UPDATE images SET split = 'train' WHERE dataset_id = :d AND split = "
+                 "'validation' AND condition = :c"), {"d": real, "c": "acne"})  # fmt: skip
+        session.commit()
+    refused = client.post("/experiments", json={"dataset": real, **FAST_TRAINING})
+    assert refused.status_code == 422, refused.text
+    assert "validation split has no images of acne" in refused.text
+
+
 def test_cancel_stops_a_run_and_resume_finishes_only_the_rest(data) -> None:
     stack, client, real, _synthetic = data
     body = {"dataset": real, "n_real_per_class": [3, 5], "seeds": [1], "cache_features": False,
