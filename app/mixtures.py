@@ -274,6 +274,11 @@ def build_split(
         "test": per_class(test_kept),
         "synthetic_missing": {c: missing.get(c, 0) for c in classes},
         "dropped_duplicates_of_test": len(dropped),
+        "validation_from": (
+            "validation split"
+            if any(i.split == VALIDATION_SPLIT for i in validation)
+            else "training pool"
+        ),
     }
     return Split(
         classes=classes,

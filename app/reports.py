@@ -147,6 +147,7 @@ def build_report(
         "synthetic_datasets": shown,
         "settings": settings,
         "warnings": _test_warnings(runs) + _warnings(settings),
+        "validation_from": next((r.split.get("validation_from") for r in runs if r.split), None),
     }
 
 
@@ -376,9 +377,16 @@ def experiment_markdown(
         f"**Data.** Real dataset {dataset(params.get('dataset'))}. Test set: {test}"
         f"{_test_images(report)}. Classes "
         f"({len(report.get('classes') or [])}): {', '.join(report.get('classes') or [])}. "
-        f"Validation: {params.get('validation_per_class')} real images per class, drawn with "
-        "each run's seed; training: n_real per class from the rest, plus k synthetic children "
-        "of each (children of validation and test images are never used)."
+        + (
+            f"Validation: up to {params.get('validation_per_class')} real images per class "
+            "from the dataset's validation split, drawn with each run's seed (none of that "
+            "split trains); training: n_real per class from the other real images"
+            if report.get("validation_from") == "validation split"
+            else f"Validation: {params.get('validation_per_class')} real images per class, "
+            "drawn with each run's seed; training: n_real per class from the rest"
+        )
+        + ", plus k synthetic children of each (children of validation and test images are "
+        "never used)."
         + (
             " Synthetic: "
             + ", ".join(dataset(i) for i in synthetic)

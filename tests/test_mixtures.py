@@ -219,6 +219,7 @@ def test_the_datasets_own_validation_split_is_the_validation(crafted):
                             synthetic_per_real=0, seed=seed)  # fmt: skip
         validation = [e.image for e in split.validation]
         assert {i.split for i in validation} == {"validation"}
+        assert split.summary["validation_from"] == "validation split"
         assert split.summary["validation"] == dict.fromkeys(CLASSES, 3)
         # the 60 pool images per class all train; none of the 15 validation-split images
         assert split.summary["train_real"] == dict.fromkeys(CLASSES, 60)

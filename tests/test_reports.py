@@ -323,3 +323,15 @@ def test_classes_the_test_set_barely_covers_are_said() -> None:
         "the test set has fewer than 5 images of some classes (b 1, c 0): their recall is "
         "undefined (0 images) or rests on one or a few images"
     ]
+
+
+def test_the_markdown_report_says_where_validation_came_from() -> None:
+    runs = grid_runs({})
+    assert "Validation: 40 real images per class, drawn with each run's seed; training: " \
+        "n_real per class from the rest, plus k" in experiment_markdown(
+            experiment_of(build_report(runs=runs, classes=CLASSES)))  # fmt: skip
+    for run in runs:
+        run.split = {**(run.split or {}), "validation_from": "validation split"}
+    text = experiment_markdown(experiment_of(build_report(runs=runs, classes=CLASSES)))
+    assert "Validation: up to 40 real images per class from the dataset's validation split" in text
+    assert "(none of that split trains)" in text
