@@ -141,13 +141,17 @@ def build_report(
                 treated=treated[0], control=baseline[0]
             )
         entry["versus_real_only"] = comparison
+    # every run of an experiment has the same test set and validation source: one says them
+    first_split: dict[str, Any] = next(
+        (r.split for r in runs if r.status == JobStatus.SUCCEEDED.value and r.split), {}
+    )
     return {
         "classes": classes,
         "runs": tally,
         "synthetic_datasets": shown,
         "settings": settings,
-        "warnings": _test_warnings(runs) + _warnings(settings),
-        "validation_from": next((r.split.get("validation_from") for r in runs if r.split), None),
+        "warnings": _test_warnings(first_split) + _warnings(settings),
+        "validation_from": first_split.get("validation_from"),
     }
 
 
@@ -163,12 +167,10 @@ def _missing(finished: list[Run]) -> dict[str, Any]:
 FEW_TEST_IMAGES = 5  # a class with fewer test images than this is named in the warnings
 
 
-def _test_warnings(runs: list[Run]) -> list[str]:
-    """Classes the test set barely covers (every run of an experiment scores the same test
-    set, so the first finished run's counts say it)."""
-    finished = [r for r in runs if r.status == JobStatus.SUCCEEDED.value and r.split]
-    counts = (finished[0].split or {}).get("test", {}) if finished else {}
-    few = {c: n for c, n in counts.items() if n < FEW_TEST_IMAGES}
+def _test_warnings(split: dict[str, Any]) -> list[str]:
+    """Classes the test set barely covers, from a finished run's split counts (every run of
+    an experiment scores the same test set)."""
+    few = {c: n for c, n in split.get("test", {}).items() if n < FEW_TEST_IMAGES}
     if not few:
         return []
     listed = ", ".join(f"{c} {n}" for c, n in few.items())

@@ -193,11 +193,11 @@ def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict
     # problems, every row of them (the first copy, already stored, is taken back out)
     sorted_copies = sort_copies(copies)
     problems += sorted_copies.conflicts
-    taken_out = [a for a in accepted if a["sha256"] in sorted_copies.conflicted]
+    taken_out = {a["storage_key"] for a in accepted if a["sha256"] in sorted_copies.conflicted}
     if taken_out:
-        _delete(store, [a["storage_key"] for a in taken_out])
-        stored_keys = [k for k in stored_keys if k not in {a["storage_key"] for a in taken_out}]
-        accepted = [a for a in accepted if a["sha256"] not in sorted_copies.conflicted]
+        _delete(store, sorted(taken_out))
+        stored_keys = [k for k in stored_keys if k not in taken_out]
+        accepted = [a for a in accepted if a["storage_key"] not in taken_out]
     duplicates = sorted(sorted_copies.duplicates, key=lambda d: d["row"])
 
     # 5. all or nothing (unless the user asked to skip bad rows)
