@@ -160,17 +160,7 @@ def table_panels(header: list[str], rows: list[list[str]], *, width: int) -> lis
     return [*panels, [0, *current]] if current else panels
 
 
-def print_report(experiment: dict[str, Any]) -> None:
-    from app.reports import report_rows, runs_text
-
-    report = experiment.get("report")
-    if not report or not report["settings"]:
-        console.print(
-            f"experiment {experiment['id']}: no finished runs yet ({experiment['status']})"
-        )
-        return
-    header, rows = report_rows(report)
-    console.print(f"{experiment['name']} ({experiment['id']})", style="bold")
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
     for panel in table_panels(header, rows, width=console.width):
         table = Table(show_lines=False)
         for i in panel:
@@ -178,6 +168,23 @@ def print_report(experiment: dict[str, Any]) -> None:
         for row in rows:
             table.add_row(*(row[i] for i in panel))
         console.print(table)
+
+
+def print_report(experiment: dict[str, Any]) -> None:
+    from app.reports import report_rows, runs_text, skin_tone_difference_rows
+
+    report = experiment.get("report")
+    if not report or not report["settings"]:
+        console.print(
+            f"experiment {experiment['id']}: no finished runs yet ({experiment['status']})"
+        )
+        return
+    console.print(f"{experiment['name']} ({experiment['id']})", style="bold")
+    _print_table(*report_rows(report))
+    header, rows = skin_tone_difference_rows(report)
+    if rows:
+        console.print("real+synthetic minus real-only, per Fitzpatrick group", style="bold")
+        _print_table(header, rows)
     console.print(f"classes: {', '.join(report['classes'])}")
     console.print(f"runs: {runs_text(report)}")
     for warning in report.get("warnings") or []:

@@ -257,7 +257,7 @@ def _draw_counts(rng: np.random.Generator, rows: int, n_images: int) -> np.ndarr
     return np.bincount(flat, minlength=rows * n_images).reshape(rows, n_images).astype(np.float64)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=8)  # a report's test set and its four groups, with room to spare
 def _one_block_of_counts(n_images: int, resamples: int, seed: int) -> np.ndarray:
     counts = _draw_counts(np.random.default_rng(seed), resamples, n_images)
     counts.setflags(write=False)
@@ -310,19 +310,114 @@ def paired_bootstrap_difference(
         [counts @ units for counts in _resample_counts(n_images, resamples, seed)]
     ) / (n_images * seeds_t * seeds_c)
 
+    return {
+        **_interval(
+            statistics,
+            point=float(per_image.mean()),
+            level=level,
+            n_images=n_images,
+            resamples=resamples,
+        ),
+        "seeds_treated": int(treated_matrix.shape[0]),
+        "seeds_control": int(control_matrix.shape[0]),
+    }
+
+
+def _interval(
+    statistics: np.ndarray, *, point: float, level: float, n_images: int, resamples: int
+) -> dict[str, Any]:
+    """A difference with the percentile CI and two-sided p-value of its resampled values."""
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(statistics, [tail, 1.0 - tail])
     p_value = min(1.0, 2.0 * min(float(np.mean(statistics <= 0)), float(np.mean(statistics >= 0))))
     return {
-        "difference": float(per_image.mean()),
+        "difference": float(point),
         "ci": [float(low), float(high)],
         "resamples": int(resamples),
         "level": float(level),
         "n_images": int(n_images),
-        "seeds_treated": int(treated_matrix.shape[0]),
-        "seeds_control": int(control_matrix.shape[0]),
         "p_value": p_value,
     }
+
+
+def _mean_gap(accuracies: np.ndarray) -> np.ndarray:
+    """(groups, ..., seeds) accuracies -> (...,) best minus worst group, averaged over seeds
+    (a run's gap, as group_metrics gives it, then the mean over seeds as the report's)."""
+    return (accuracies.max(axis=0) - accuracies.min(axis=0)).mean(axis=-1)
+
+
+def group_differences(
+    *,
+    treated: np.ndarray,
+    control: np.ndarray,
+    groups: list[str],
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Per Fitzpatrick group, accuracy of treated minus control with a paired bootstrap CI over
+    the group's test images; and the change of the skin-tone gap (best minus worst known group,
+    per run, mean over seeds; negative: the gap narrowed) with a bootstrap that resamples each
+    group's images apart, so every resample keeps the groups' sizes. A group without images
+    is None; the gap needs two known groups with images."""
+    treated_matrix = _correctness_matrix(treated, name="treated")
+    control_matrix = _correctness_matrix(control, name="control")
+    labels = np.asarray(groups, dtype=object)
+    if labels.shape != (treated_matrix.shape[1],) or control_matrix.shape[1] != len(labels):
+        raise ValueError(
+            f"groups must have one entry per test image: {len(labels)} groups, "
+            f"{treated_matrix.shape[1]} and {control_matrix.shape[1]} columns"
+        )
+    unknown_labels = sorted(set(groups) - set(FITZPATRICK_GROUPS))
+    if unknown_labels:
+        raise ValueError(f"groups must be in {FITZPATRICK_GROUPS}, got {unknown_labels}")
+
+    by_group: dict[str, Any] = {}
+    resampled: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # group -> (R, seeds) per arm
+    point: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for i, group in enumerate(FITZPATRICK_GROUPS):
+        columns = labels == group
+        n_images = int(columns.sum())
+        if not n_images:
+            by_group[group] = None
+            continue
+        # each group its own draws: groups of one size must not be resampled in step
+        group_seed = seed + 1 + i
+        t, c = treated_matrix[:, columns], control_matrix[:, columns]
+        by_group[group] = paired_bootstrap_difference(
+            treated=t, control=c, resamples=resamples, seed=group_seed, level=level
+        )
+        if group in GAP_GROUPS:
+            point[group] = (t.mean(axis=1), c.mean(axis=1))
+            # the draws of the group's difference above, again: the same resamples
+            resampled[group] = tuple(  # type: ignore[assignment]
+                np.concatenate(
+                    [counts @ arm.T for counts in _resample_counts(n_images, resamples, group_seed)]
+                )
+                / n_images
+                for arm in (t, c)
+            )
+
+    gap: dict[str, Any] | None = None
+    if len(point) >= 2:
+        scored = list(point)
+        observed = [_mean_gap(np.stack([point[g][arm] for g in scored])) for arm in (0, 1)]
+        statistics = _mean_gap(np.stack([resampled[g][0] for g in scored])) - _mean_gap(
+            np.stack([resampled[g][1] for g in scored])
+        )
+        gap = {
+            **_interval(
+                statistics,
+                point=float(observed[0] - observed[1]),
+                level=level,
+                n_images=sum(int((labels == g).sum()) for g in scored),
+                resamples=resamples,
+            ),
+            "treated": float(observed[0]),
+            "control": float(observed[1]),
+            "groups": scored,
+        }
+    return {"groups": by_group, "gap": gap}
 
 
 def correctness_string(correct: np.ndarray) -> str:

@@ -1,6 +1,7 @@
 """An experiment's figures, drawn from its report and runs: accuracy against n_real for each k
 (the paper's figure), the dose-response curve, per-skin-tone bars with confidence intervals,
-and the training curves. PNG or SVG bytes; matplotlib's Agg backend, no display, no torch.
+what synthetic data changed per skin tone, and the training curves. PNG or SVG bytes;
+matplotlib's Agg backend, no display, no torch.
 """
 
 from __future__ import annotations
@@ -20,14 +21,33 @@ from matplotlib.figure import Figure
 from app.db.tables import Run
 from app.errors import InvalidField, NotFound
 from app.metrics import FITZPATRICK_GROUPS
-from app.reports import build_report, has_skin_tones, setting_label, shown_datasets
+from app.reports import (
+    build_report,
+    has_skin_tones,
+    setting_label,
+    shown_datasets,
+    skin_tone_versus,
+)
 from app.runs import SETTING_FIELDS
 
-EXPERIMENT_PLOTS = ("accuracy-vs-n-real", "dose-response", "skin-tone", "training-curves")
+EXPERIMENT_PLOTS = (
+    "accuracy-vs-n-real",
+    "dose-response",
+    "skin-tone",
+    "skin-tone-difference",
+    "training-curves",
+)
 FORMATS = {"png": "image/png", "svg": "image/svg+xml"}
 LEGEND_INSIDE = 8  # more entries than this go beside the axes
 # pyplot keeps global state: one figure at a time per process
 _lock = threading.Lock()
+
+
+def plot_names(params: dict[str, Any]) -> list[str]:
+    """The figures an experiment lists: all but the difference from real-only per skin tone
+    when its grid has no real+synthetic setting (that figure would be empty)."""
+    compares = any(params.get("synthetic_per_real") or [])
+    return [n for n in EXPERIMENT_PLOTS if compares or n != "skin-tone-difference"]
 
 
 def _n_real_x(entry: dict[str, Any]) -> float:
@@ -151,6 +171,53 @@ def skin_tone_bars(report: dict[str, Any], limit: int = 8) -> Figure:
     return figure
 
 
+def skin_tone_difference(report: dict[str, Any], limit: int = 8) -> Figure:
+    """Per Fitzpatrick group, top-1 of each real+synthetic setting minus real-only (points,
+    paired bootstrap 95% CI), and the change of the skin-tone gap beside them."""
+    compared = [
+        (entry, by_tone) for entry in report["settings"] if (by_tone := skin_tone_versus(entry))
+    ]
+    compared = _spread(compared, limit)
+    figure, ax = plt.subplots(figsize=(10.5, 4.5))
+    columns = [g for g in FITZPATRICK_GROUPS if any(t["groups"][g] for _, t in compared)]
+    columns.append("gap")
+    width = 0.8 / max(len(compared), 1)
+    for i, (entry, by_tone) in enumerate(compared):
+        xs, ys, low, high = [], [], [], []
+        for c, column in enumerate(columns):
+            value = by_tone["gap"] if column == "gap" else by_tone["groups"][column]
+            if not value:
+                continue
+            lo, hi = value["ci"]
+            xs.append(c + (i - (len(compared) - 1) / 2) * width)
+            ys.append(value["difference"] * 100)
+            low.append((value["difference"] - lo) * 100)
+            high.append((hi - value["difference"]) * 100)
+        ax.errorbar(xs, ys, yerr=[low, high], fmt="o", capsize=3, label=entry["label"])
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    if len(columns) > 1:
+        ax.axvline(len(columns) - 1.5, color="grey", linestyle="--", linewidth=0.8)
+
+    def tick(column: str) -> str:
+        if column == "gap":
+            return "gap change\n(< 0: narrower)"
+        n = max((t["groups"][column]["n_images"] for _, t in compared if t["groups"][column]))
+        return f"{column}\n(n={n})"
+
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels([tick(c) for c in columns])
+    ax.set_ylabel("Δ test top-1 vs real-only (points, 95% CI)")
+    title = "Real+synthetic minus real-only, per Fitzpatrick skin type group"
+    if not has_skin_tones(report):
+        title += "\n(no test image has a Fitzpatrick type)"
+    elif not compared:
+        title += "\n(no real+synthetic setting with a real-only control)"
+    ax.set_title(title)
+    if compared:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return figure
+
+
 def training_curves(
     runs: list[Run], dataset_names: Mapping[str, str] | None = None, limit: int = 10
 ) -> Figure:
@@ -224,6 +291,7 @@ def experiment_plot(
             "accuracy-vs-n-real": lambda: accuracy_vs_n_real(report),
             "dose-response": lambda: dose_response(report),
             "skin-tone": lambda: skin_tone_bars(report),
+            "skin-tone-difference": lambda: skin_tone_difference(report),
         }[name]
     with _lock:
         return render(builder(), fmt)

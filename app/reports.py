@@ -55,14 +55,19 @@ def _skin_tone(finished: list[Run]) -> dict[str, Any]:
     return out
 
 
-def _correctness(finished: list[Run], name: str) -> tuple[np.ndarray, list[str]] | None:
-    """(seeds, test images) correctness matrix, when every run scored the same test images."""
+def _correctness(
+    finished: list[Run], name: str
+) -> tuple[np.ndarray, list[str], list[str] | None] | None:
+    """(seeds, test images) correctness matrix, the test image ids and their Fitzpatrick
+    groups (None from runs that did not store them), when every run scored the same test
+    images."""
     ids = [(run.metrics or {}).get("test_image_ids") for run in finished]
     strings = [(run.metrics or {}).get(name) for run in finished]
     if not finished or any(i is None or i != ids[0] for i in ids) or None in strings:
         return None
     matrix = np.stack([metrics.parse_correctness(s) for s in strings if s is not None])
-    return matrix, list(ids[0] or [])
+    groups = (finished[0].metrics or {}).get("test_groups")
+    return matrix, list(ids[0] or []), groups
 
 
 def build_report(
@@ -130,7 +135,7 @@ def build_report(
         control = by_key.get(control_key)
         if control is None:
             continue
-        comparison: dict[str, Any] = {"control": control["setting"]}
+        comparison: dict[str, Any] = {"control": control["setting"], "by_skin_tone": None}
         for name in ("test_correct_top1", "test_correct_top3"):
             treated = _correctness(groups[tuple(setting[f] for f in SETTING_FIELDS)], name)
             baseline = _correctness(groups[control_key], name)
@@ -140,6 +145,14 @@ def build_report(
             comparison[name.removeprefix("test_correct_")] = metrics.paired_bootstrap_difference(
                 treated=treated[0], control=baseline[0]
             )
+            test_groups = treated[2]
+            if name == "test_correct_top1" and test_groups is not None:
+                # does synthetic data help every skin tone, and does the gap narrow?
+                comparison["by_skin_tone"] = {
+                    "top1": metrics.group_differences(
+                        treated=treated[0], control=baseline[0], groups=test_groups
+                    )
+                }
         entry["versus_real_only"] = comparison
     # every run of an experiment has the same test set and validation source: one says them
     first_split: dict[str, Any] = next(
@@ -281,10 +294,7 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         if groups_shown:
             groups.append(_mean_sd(entry["skin_tone_gap_top1"]))
         versus = (entry.get("versus_real_only") or {}).get("top1")
-        difference = "-"
-        if versus:
-            lo, hi = versus["ci"]
-            difference = f"{versus['difference'] * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+        difference = _difference(versus)
         real = entry["train_real_images"]["mean"]
         synthetic = entry["train_synthetic_images"]["mean"]
         rows.append(
@@ -304,12 +314,54 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def report_markdown(report: dict[str, Any]) -> str:
-    """The report table in Markdown."""
-    header, rows = report_rows(report)
+def _difference(value: dict[str, Any] | None) -> str:
+    """'+2.1 [-1.0, +5.2]': a difference and its CI in points, or '-'."""
+    if not value:
+        return "-"
+    lo, hi = value["ci"]
+    return f"{value['difference'] * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+
+
+def skin_tone_versus(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """A setting's top-1 difference from real-only per Fitzpatrick group and of the gap
+    (metrics.group_differences), or None (real-only, no control, or runs without groups)."""
+    return ((entry.get("versus_real_only") or {}).get("by_skin_tone") or {}).get("top1")
+
+
+def skin_tone_difference_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per real+synthetic setting, its top-1 minus real-only's per Fitzpatrick group and the
+    change of the gap, each with its bootstrap 95% CI (header, rows); no rows when no test
+    image has a skin tone or no setting has a real-only control."""
+    header = [
+        "setting", *(f"Δ top-1 {g} (pts, 95% CI)" for g in metrics.FITZPATRICK_GROUPS),
+        "Δ gap (pts, 95% CI)",
+    ]  # fmt: skip
+    if not has_skin_tones(report):
+        return header, []
+    rows = []
+    for entry in report["settings"]:
+        by_tone = skin_tone_versus(entry)
+        if not by_tone:
+            continue
+        rows.append(
+            [
+                entry["label"],
+                *(_difference(by_tone["groups"][g]) for g in metrics.FITZPATRICK_GROUPS),
+                _difference(by_tone["gap"]),
+            ]
+        )
+    return header, rows
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report table in Markdown."""
+    return _markdown_table(*report_rows(report))
 
 
 def runs_text(report: dict[str, Any]) -> str:
@@ -426,6 +478,17 @@ def experiment_markdown(
         "",
     ]
     body = report_markdown(report) if report.get("settings") else "No finished runs.\n"
+    tone_header, tone_rows = skin_tone_difference_rows(report)
+    if tone_rows:
+        body += (
+            "\n### Per Fitzpatrick group: real+synthetic minus real-only\n\n"
+            "Does the synthetic data help every skin tone? Top-1 of each real+synthetic "
+            "setting minus the real-only setting at the same n_real and augmentation, per "
+            "group, in points, with a paired bootstrap 95% CI over the group's test images. "
+            "*Δ gap*: the change of the gap (best minus worst of I-II, III-IV and V-VI, per "
+            "run, mean over seeds), with a bootstrap that resamples each group's images apart; "
+            "negative: the gap narrowed.\n\n" + _markdown_table(tone_header, tone_rows)
+        )
     warnings = report.get("warnings") or []
     if warnings:
         body += "\n" + "".join(f"**Warning.** {w}.\n\n" for w in warnings)

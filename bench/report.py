@@ -46,6 +46,7 @@ def fake_run(config: dict[str, Any], *, classes: list[str], test_images: int, se
             y_true=y_true, probs=probs, groups=groups, class_names=classes
         ),
         "test_image_ids": [f"image-{i:08d}" for i in range(test_images)],
+        "test_groups": groups,
         "test_correct_top1": correct[1],
         "test_correct_top3": correct[3],
     }

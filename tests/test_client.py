@@ -161,6 +161,8 @@ def test_experiments_submit_wait_and_report(deployed: Stack, tmp_path: Path) -> 
     assert table[0].startswith("| setting |") and len(table) == 4  # header, rule, 2 rows
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
     assert len(figures) == 4 and all((out / name).is_file() for name in figures)
+    # real-only: no real+synthetic setting to compare per skin tone, so no such figure
+    assert not (out / "skin-tone-difference.png").exists()
     saved = json.loads((out / "report.json").read_text())
     assert (saved["params"]["cache_features"], saved["params"]["patience"],
             saved["params"]["image_size"]) == (False, 2, 96)  # fmt: skip

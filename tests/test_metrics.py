@@ -16,6 +16,7 @@ from app.metrics import (
     classification_metrics,
     correctness_string,
     fitzpatrick_group,
+    group_differences,
     group_metrics,
     macro_auroc,
     paired_bootstrap_difference,
@@ -533,6 +534,102 @@ def test_bootstrap_rejects_bad_input():
         paired_bootstrap_difference(treated=np.full((2, 5), 0.7), control=np.ones((2, 5)))
     with pytest.raises(ValueError, match="resamples"):
         paired_bootstrap_difference(treated=np.ones((2, 5)), control=np.ones((2, 5)), resamples=0)
+
+
+# --- group_differences -----------------------------------------------------------------------
+
+# Five test images: two I-II, two III-IV, one unknown, none V-VI; two seeds per arm.
+DIFF_GROUPS = ["I-II", "I-II", "III-IV", "III-IV", "unknown"]
+DIFF_TREATED = np.array([[1, 1, 0, 1, 1], [1, 0, 0, 1, 0]])
+DIFF_CONTROL = np.array([[0, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
+
+
+def test_group_differences_by_hand():
+    result = group_differences(
+        treated=DIFF_TREATED, control=DIFF_CONTROL, groups=DIFF_GROUPS, resamples=500
+    )
+    by_group = result["groups"]
+    # I-II: treated (1 + 1 + 1 + 0) / 4 = 3/4, control (0 + 1 + 0 + 1) / 4 = 1/2 -> +1/4
+    assert by_group["I-II"]["difference"] == pytest.approx(0.25)
+    assert by_group["I-II"]["n_images"] == 2
+    # III-IV: treated (0 + 1 + 0 + 1) / 4 = 1/2, control 1 -> -1/2
+    assert by_group["III-IV"]["difference"] == pytest.approx(-0.5)
+    # unknown: 1/2 and 1/2 -> 0; reported, but not a skin tone of the gap
+    assert by_group["unknown"]["difference"] == 0.0
+    assert by_group["V-VI"] is None  # no image
+    for group in ("I-II", "III-IV", "unknown"):
+        low, high = by_group[group]["ci"]
+        assert low <= by_group[group]["difference"] <= high
+    # gap per seed, best minus worst of I-II and III-IV:
+    #   treated seed 1: 1 - 1/2 = 1/2, seed 2: 1/2 - 1/2 = 0 -> mean 1/4
+    #   control seed 1: 1 - 1/2 = 1/2, seed 2: 1 - 1/2 = 1/2 -> mean 1/2
+    gap = result["gap"]
+    assert (gap["treated"], gap["control"]) == (pytest.approx(0.25), pytest.approx(0.5))
+    assert gap["difference"] == pytest.approx(-0.25)  # the gap narrowed by 25 points
+    assert gap["groups"] == ["I-II", "III-IV"]
+    assert gap["n_images"] == 4 and gap["resamples"] == 500
+    assert -1.0 <= gap["ci"][0] <= gap["ci"][1] <= 1.0
+    assert_json_ready(result)
+
+
+def test_group_difference_gap_resamples_each_group_on_its_own_draws():
+    # The vectorised gap against a loop over the same resamples: group i (of
+    # FITZPATRICK_GROUPS) draws with seed + 1 + i, and its per-group difference uses those
+    # draws too.
+    rng = np.random.default_rng(5)
+    groups = ["I-II"] * 7 + ["III-IV"] * 5 + ["V-VI"] * 3 + ["unknown"] * 2
+    treated, control = rng.random((3, 17)) < 0.6, rng.random((2, 17)) < 0.5
+    result = group_differences(
+        treated=treated, control=control, groups=groups, resamples=300, seed=4
+    )
+    labels = np.array(groups)
+    counts = {
+        g: metrics._one_block_of_counts(int((labels == g).sum()), 300, 4 + 1 + i)
+        for i, g in enumerate(FITZPATRICK_GROUPS[:3])
+    }
+    statistics = []
+    for r in range(300):
+        gaps = []
+        for arm in (treated, control):
+            per_seed = []
+            for run in arm:
+                accuracy = [counts[g][r] @ run[labels == g] / (labels == g).sum() for g in counts]
+                per_seed.append(max(accuracy) - min(accuracy))
+            gaps.append(np.mean(per_seed))
+        statistics.append(gaps[0] - gaps[1])
+    assert result["gap"]["ci"] == pytest.approx(list(np.quantile(statistics, [0.025, 0.975])))
+    v_vi = treated[:, labels == "V-VI"].mean() - control[:, labels == "V-VI"].mean()
+    assert result["groups"]["V-VI"]["difference"] == pytest.approx(v_vi)
+    assert result["groups"]["V-VI"] == paired_bootstrap_difference(
+        treated=treated[:, labels == "V-VI"], control=control[:, labels == "V-VI"],
+        resamples=300, seed=4 + 1 + 2,
+    )  # fmt: skip
+
+
+def test_group_difference_constant_groups_have_no_spread():
+    # I-II always right and III-IV always wrong with synthetic data, both always right without:
+    # the gap grows from 0 to 1 in every resample.
+    groups = ["I-II"] * 4 + ["III-IV"] * 3
+    treated = np.array([[1, 1, 1, 1, 0, 0, 0]] * 2)
+    control = np.ones((3, 7))
+    gap = group_differences(treated=treated, control=control, groups=groups)["gap"]
+    assert (gap["difference"], gap["ci"], gap["p_value"]) == (1.0, [1.0, 1.0], 0.0)
+
+
+def test_group_difference_gap_needs_two_skin_tone_groups():
+    result = group_differences(
+        treated=np.ones((1, 4)), control=np.zeros((1, 4)), groups=["V-VI"] * 3 + ["unknown"]
+    )
+    assert result["gap"] is None
+    assert result["groups"]["V-VI"]["difference"] == 1.0
+    assert result["groups"]["I-II"] is None and result["groups"]["III-IV"] is None
+
+
+def test_group_differences_rejects_bad_groups():
+    with pytest.raises(ValueError, match="one entry per test image"):
+        group_differences(treated=np.ones((1, 4)), control=np.ones((1, 4)), groups=["I-II"] * 3)
+    with pytest.raises(ValueError, match="groups must be in"):
+        group_differences(treated=np.ones((1, 2)), control=np.ones((1, 2)), groups=["V-Vl"] * 2)
 
 
 # --- correctness strings ---------------------------------------------------------------------

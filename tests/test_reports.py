@@ -10,7 +10,13 @@ import pytest
 
 from app import metrics, plots
 from app.db.tables import Run
-from app.reports import build_report, experiment_markdown, report_rows, setting_label
+from app.reports import (
+    build_report,
+    experiment_markdown,
+    report_rows,
+    setting_label,
+    skin_tone_difference_rows,
+)
 
 CLASSES = ["a", "b", "c"]
 INPAINT_SET = "11111111-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
@@ -35,6 +41,7 @@ def finished_run(
             y_true=y_true, probs=probs, groups=groups, class_names=CLASSES
         ),
         "test_image_ids": [f"img-{i}" for i in range(30)],
+        "test_groups": groups,
         "test_correct_top1": metrics.correctness_string(
             metrics.top_k_correct(y_true=y_true, probs=probs, k=1)
         ),
@@ -227,9 +234,17 @@ def test_the_markdown_report_says_what_was_trained_on_what_and_how() -> None:
     assert "features cached" in text
     # the table: header, rule, a row per setting, in the report's order
     start = lines.index(next(line for line in lines if line.startswith("| setting |")))
-    rows = [line for line in lines[start + 2 :] if line.startswith("| ")]
+    end = lines.index("", start)
+    rows = lines[start + 2 : end]
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [
         e["label"] for e in report["settings"]
+    ]
+    # then the k > 0 settings against real-only, per Fitzpatrick group
+    start = lines.index("### Per Fitzpatrick group: real+synthetic minus real-only", end)
+    start = lines.index(next(line for line in lines[start:] if line.startswith("| setting |")))
+    rows = lines[start + 2 : lines.index("", start)]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [
+        e["label"] for e in report["settings"] if e["setting"]["synthetic_per_real"]
     ]
     assert lines[-1] == "![skin-tone](skin-tone.png)"
     assert "![accuracy-vs-n-real](accuracy-vs-n-real.png)" in lines
@@ -335,3 +350,84 @@ def test_the_markdown_report_says_where_validation_came_from() -> None:
     text = experiment_markdown(experiment_of(build_report(runs=runs, classes=CLASSES)))
     assert "Validation: up to 40 real images per class from the dataset's validation split" in text
     assert "(none of that split trains)" in text
+
+
+def scored_run(config: dict[str, Any], *, top1: str, seed: int) -> Run:
+    """A finished run of `finished_run`'s kind whose eight test images (two per Fitzpatrick
+    group, in FITZPATRICK_GROUPS order) were right where `top1` says '1'."""
+    run = finished_run(config, accuracy=0.5, seed=seed)
+    run.metrics = {
+        **(run.metrics or {}),
+        "test_image_ids": [f"img-{i}" for i in range(8)],
+        "test_groups": [g for g in metrics.FITZPATRICK_GROUPS for _ in range(2)],
+        "test_correct_top1": top1,
+        "test_correct_top3": "11111111",
+    }
+    return run
+
+
+def test_the_difference_per_skin_tone_says_whom_synthetic_data_helped() -> None:
+    """Synthetic data fixed the two V-VI images and nothing else: V-VI +100 points, the other
+    groups 0, and the gap between the best and the worst skin tone closed (-100 points)."""
+    real = {"n_real_per_class": 4, "synthetic_per_real": 0, "strategy": None,
+            "synthetic_dataset": None, "augmentation": False}  # fmt: skip
+    synthetic = {**real, "synthetic_per_real": 2, "strategy": "inpaint",
+                 "synthetic_dataset": INPAINT_SET}  # fmt: skip
+    runs = [scored_run(real, top1="11110010", seed=s) for s in (1, 2)]
+    runs += [scored_run(synthetic, top1="11111110", seed=s) for s in (1, 2)]
+    report = build_report(runs=runs, classes=CLASSES)
+    by_tone = report["settings"][1]["versus_real_only"]["by_skin_tone"]["top1"]
+    assert by_tone["groups"]["V-VI"]["difference"] == 1.0
+    assert by_tone["groups"]["V-VI"]["ci"] == [1.0, 1.0]
+    assert by_tone["groups"]["I-II"]["difference"] == 0.0
+    assert by_tone["gap"]["control"] == 1.0 and by_tone["gap"]["treated"] == 0.0
+    assert report["settings"][0]["versus_real_only"] is None  # real-only: no comparison
+
+    header, rows = skin_tone_difference_rows(report)
+    assert header == ["setting", "Δ top-1 I-II (pts, 95% CI)", "Δ top-1 III-IV (pts, 95% CI)",
+                      "Δ top-1 V-VI (pts, 95% CI)", "Δ top-1 unknown (pts, 95% CI)",
+                      "Δ gap (pts, 95% CI)"]  # fmt: skip
+    assert rows == [
+        ["n=4 k=2 inpaint", "+0.0 [+0.0, +0.0]", "+0.0 [+0.0, +0.0]", "+100.0 [+100.0, +100.0]",
+         "+0.0 [+0.0, +0.0]", "-100.0 [-100.0, -100.0]"],
+    ]  # fmt: skip
+    text = experiment_markdown(experiment_of(report))
+    assert "### Per Fitzpatrick group: real+synthetic minus real-only" in text
+    assert "| n=4 k=2 inpaint | +0.0 [+0.0, +0.0] |" in text
+
+    figure = plots.skin_tone_difference(report)
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "I-II\n(n=2)", "III-IV\n(n=2)", "V-VI\n(n=2)", "unknown\n(n=2)",
+        "gap change\n(< 0: narrower)",
+    ]  # fmt: skip
+    points = ax.lines[0].get_ydata()  # one setting: its differences in points, left to right
+    assert list(points) == [0.0, 0.0, 100.0, 0.0, -100.0]
+    assert legend(figure) == ["n=4 k=2 inpaint"]
+
+
+def test_no_difference_per_skin_tone_without_skin_tones_or_groups() -> None:
+    # runs stored before test_groups was: no per-group comparison, the rest stands
+    runs = grid_runs({"inpaint": INPAINT_SET})
+    for run in runs:
+        del (run.metrics or {})["test_groups"]
+    report = build_report(runs=runs, classes=CLASSES)
+    versus = report["settings"][1]["versus_real_only"]
+    assert versus["top1"] is not None and versus["by_skin_tone"] is None
+    assert skin_tone_difference_rows(report)[1] == []
+    assert "### Per Fitzpatrick group" not in experiment_markdown(experiment_of(report))
+    figure = plots.skin_tone_difference(report)
+    assert "no real+synthetic setting with a real-only control" in figure.axes[0].get_title()
+    plots.plt.close(figure)
+    # a dermoscopy set (every image unknown): no table either
+    runs = [
+        finished_run({"n_real_per_class": 4, "synthetic_per_real": k, "strategy": s,
+                      "synthetic_dataset": d, "augmentation": False},
+                     accuracy=0.6, seed=seed, skin_tones=False)
+        for k, s, d, seed in ((0, None, None, 1), (2, "inpaint", INPAINT_SET, 2))
+    ]  # fmt: skip
+    report = build_report(runs=runs, classes=CLASSES)
+    assert skin_tone_difference_rows(report)[1] == []
+    figure = plots.skin_tone_difference(report)
+    assert "no test image has a Fitzpatrick type" in figure.axes[0].get_title()
+    plots.plt.close(figure)

@@ -110,7 +110,7 @@ def experiment_out(
         timings=base.timings,
         error=job.error,
         report=report,
-        plots=[f"/experiments/{job.id}/plots/{name}.png" for name in plots.EXPERIMENT_PLOTS],
+        plots=[f"/experiments/{job.id}/plots/{name}.png" for name in plots.plot_names(job.params)],
         runs=[run_out(r) for r in runs] if detail and runs is not None else None,
     )
 

@@ -101,6 +101,15 @@ def test_experiment_end_to_end(data, monkeypatch: pytest.MonkeyPatch) -> None:
             lo, hi = versus["top1"]["ci"]
             assert lo <= versus["top1"]["difference"] <= hi
             assert versus["top1"]["n_images"] == 24
+            # and per Fitzpatrick group, each on its own test images
+            by_tone = versus["by_skin_tone"]["top1"]
+            assert sum(g["n_images"] for g in by_tone["groups"].values() if g) == 24
+            for group, value in by_tone["groups"].items():
+                images = entry["by_skin_tone"][group]["pooled"]["n"]
+                assert (value is None) == (images == 0), group
+                if value:
+                    assert value["n_images"] == images
+                    assert value["ci"][0] <= value["difference"] <= value["ci"][1]
 
     # per-image predictions: JSON lines and CSV, from the store
     run = runs[0]
@@ -132,8 +141,13 @@ def test_experiment_end_to_end(data, monkeypatch: pytest.MonkeyPatch) -> None:
     bad = client.get(f"/experiments/{experiment['id']}/predictions", params={"format": "xml"})
     assert bad.status_code == 422 and "format" in bad.text
 
-    # plots: PNG and SVG of each figure
-    for name in ("accuracy-vs-n-real", "dose-response", "skin-tone", "training-curves"):
+    # plots: PNG and SVG of each figure the experiment lists
+    assert [path.rsplit("/", 1)[1] for path in done["plots"]] == [
+        "accuracy-vs-n-real.png", "dose-response.png", "skin-tone.png",
+        "skin-tone-difference.png", "training-curves.png",
+    ]  # fmt: skip
+    for name in ("accuracy-vs-n-real", "dose-response", "skin-tone", "skin-tone-difference",
+                 "training-curves"):  # fmt: skip
         png = client.get(f"/experiments/{experiment['id']}/plots/{name}.png")
         assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n", name
         svg = client.get(f"/experiments/{experiment['id']}/plots/{name}.svg")
