@@ -487,7 +487,9 @@ def experiment_markdown(
             "group, in points, with a paired bootstrap 95% CI over the group's test images. "
             "*Δ gap*: the change of the gap (best minus worst of I-II, III-IV and V-VI, per "
             "run, mean over seeds), with a bootstrap that resamples each group's images apart; "
-            "negative: the gap narrowed.\n\n" + _markdown_table(tone_header, tone_rows)
+            "negative: the gap narrowed, which is a gain only when no group lost accuracy "
+            "(a gap also narrows when the best group gets worse).\n\n"
+            + _markdown_table(tone_header, tone_rows)
         )
     warnings = report.get("warnings") or []
     if warnings:
