@@ -2,7 +2,10 @@
 
 A frozen backbone maps an image (by its bytes' sha256) under a transform to the same vector
 every time, so it is computed once and shared by every run and every worker. No torch here:
-vectors travel as float32 bytes.
+vectors travel as bytes, stored as little-endian float16 (half the bytes of float32 in the
+database, in a run's memory and on its device; pooled features lose ~3 decimal digits, which
+a linear head on them cannot use). Rows stored as float32 by earlier versions are read and
+rounded the same way, so a vector's value does not depend on when it was stored.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -18,16 +22,33 @@ from app.db.tables import FeatureCache, utcnow
 
 # sha256 values per IN list.
 LOOKUP_BATCH = 500
+STORED_DTYPE = np.dtype("<f2")
+_EARLIER_DTYPE = np.dtype("<f4")  # rows stored before 2026-12-02 (night)
+
+
+def encode_vector(vector: np.ndarray) -> bytes:
+    """A (dim,) vector -> the bytes stored: float16, little-endian."""
+    return np.asarray(vector).astype(STORED_DTYPE).tobytes()
+
+
+def decode_vector(data: bytes, *, dim: int) -> np.ndarray:
+    """Stored bytes -> (dim,) float16 (read-only when it is a view of `data`); float32 rows of
+    earlier versions are rounded to float16, as encode_vector would have stored them."""
+    if len(data) == dim * STORED_DTYPE.itemsize:
+        return np.frombuffer(data, dtype=STORED_DTYPE)
+    if len(data) == dim * _EARLIER_DTYPE.itemsize:
+        return np.frombuffer(data, dtype=_EARLIER_DTYPE).astype(STORED_DTYPE)
+    raise ValueError(f"a stored feature vector of {len(data)} bytes is not {dim} values")
 
 
 def iter_cached_features(
     *, session: Session, backbone: str, transform: str, sha256s: Iterable[str]
 ) -> Iterator[tuple[str, bytes]]:
-    """The stored vectors of those images under (backbone, transform), as (sha256, float32
-    bytes), a batch of rows at a time: a caller can put each where it belongs without holding
-    all of them as bytes too (a paper-size run reads gigabytes). On PostgreSQL the rows come in
-    binary (bytea as text would be hex, twice the bytes to send and decode) with one array
-    parameter per batch."""
+    """The stored vectors of those images under (backbone, transform), as (sha256, bytes for
+    decode_vector), a batch of rows at a time: a caller can put each where it belongs without
+    holding all of them as bytes too (a paper-size run reads gigabytes). On PostgreSQL the rows
+    come in binary (bytea as text would be hex, twice the bytes to send and decode) with one
+    array parameter per batch."""
     unique = sorted(set(sha256s))
     if session.get_bind().dialect.name == "postgresql":
         raw: Any = session.connection().connection.dbapi_connection  # a psycopg Connection

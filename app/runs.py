@@ -104,8 +104,9 @@ def setting_of(config: dict[str, Any]) -> tuple[Any, ...]:
 # Part of every run's config key. Bump it with any change to what a run computes (the
 # sampling, the training, the metrics): a finished twin is reused only when made by code that
 # computes the same thing. 2: sampling ordered by image bytes, not ids; 3: validation from
-# the dataset's own validation split when it has one (both 2026-12-02).
-RESULTS_VERSION = 3
+# the dataset's own validation split when it has one (both 2026-12-02); 4: cached features
+# stored and trained on as float16 (2026-12-02, night).
+RESULTS_VERSION = 4
 
 
 def _config_key(*, shared: dict[str, Any], config: dict[str, Any], fingerprint: Any) -> str:

@@ -1,15 +1,17 @@
-"""Reading a run's features from a warm cache: the worker's `FeatureBank.get` (rows in binary,
-each vector put straight into its rows of the result) against the way it read them before (the
-ORM's IN queries, bytea as hex text, every vector kept as bytes in a dict per transform, then
-stacked), in one run; and a later run of a grid on the same worker, served by its memo. The
-cache is PostgreSQL, filled by the benchmark with random vectors of EfficientNet-Lite0's size
-(2 x 1280 float32); each arm runs in a fresh subprocess, so its peak memory is its own. Prints
-seconds, peak RSS above the arm's start (the memo arm's memo is filled before it starts), and
-the ratios.
+"""Reading a run's features from a warm cache: the worker's `FeatureBank.get` (float16 rows in
+binary, each vector put straight into its rows of the result) against the way it read them
+before 2026-12-02 (float32 rows through the ORM's IN queries, bytea as hex text, every vector
+kept as bytes in a dict per transform, then stacked), in one run; and a later run of a grid on
+the same worker, served by its memo. The cache is PostgreSQL, filled by the benchmark with the
+same random vectors of EfficientNet-Lite0's size (2 x 1280) twice: as float32 for the baseline,
+as float16 as they are stored now. Each arm runs in a fresh subprocess, so its peak memory is
+its own. Prints seconds, peak RSS above the arm's start (the memo arm's memo is filled before
+it starts), and the ratios; the arms must agree on the values (the baseline's rounded to
+float16).
 
-    python -m bench.features                      # 20,000 images x 4 augmented views (820 MB)
+    python -m bench.features                      # 20,000 images x 4 augmented views
     python -m bench.features --images 60000       # nearer a paper-size run (the paper's largest
-                                                  # k has 154k children x 4 views: 6.3 GB)
+                                                  # k has 154k children x 4 views)
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from bench.manifest import PG_ADMIN_DSN, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 2 * 1280
-BACKBONE = "bench-features"
+BACKBONE = "bench-features"  # float16 rows, as stored now
+BEFORE = "bench-features-float32"  # the same vectors as float32, as stored before
 INSERT_ROWS = 500
 
 
@@ -56,7 +59,8 @@ def image_refs(n: int) -> list[ImageRef]:
 
 
 def fill(database: str, *, images: int, views: int) -> None:
-    """images x views random vectors in feature_cache, inserted in batches."""
+    """images x views random vectors in feature_cache, inserted in batches: under BACKBONE as
+    float16 and under BEFORE as float32."""
     rng = np.random.default_rng(0)
     dsn = f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{database}"
     statement = (
@@ -68,13 +72,15 @@ def fill(database: str, *, images: int, views: int) -> None:
             for start in range(0, images, INSERT_ROWS):
                 stop = min(start + INSERT_ROWS, images)
                 block = rng.standard_normal((stop - start, DIM), dtype=np.float32)
-                cursor.executemany(
-                    statement,
-                    [
-                        (f"{i:064x}", BACKBONE, transform, DIM, block[i - start].tobytes())
-                        for i in range(start, stop)
-                    ],
-                )
+                for backbone, dtype in ((BACKBONE, "<f2"), (BEFORE, "<f4")):
+                    cursor.executemany(
+                        statement,
+                        [
+                            (f"{i:064x}", backbone, transform, DIM,
+                             block[i - start].astype(dtype).tobytes())
+                            for i in range(start, stop)
+                        ],
+                    )  # fmt: skip
             conn.commit()
 
 
@@ -89,7 +95,7 @@ def naive_get(settings: Settings, images: list[ImageRef], names: list[str]) -> d
             for start in range(0, len(unique), feature_cache.LOOKUP_BATCH):
                 rows = session.execute(
                     select(FeatureCache.sha256, FeatureCache.vector).where(
-                        FeatureCache.backbone == BACKBONE,
+                        FeatureCache.backbone == BEFORE,
                         FeatureCache.transform == name,
                         FeatureCache.sha256.in_(unique[start : start + feature_cache.LOOKUP_BATCH]),
                     )
@@ -143,7 +149,10 @@ def child(arm: str, database_url: str, images: int, views: int) -> None:
         result = read(refs, names)
         seconds = time.perf_counter() - started
         peak = status_mb("VmHWM") - start_mb
-        checksum = float(sum(t[:: max(1, images // 97)].double().sum() for t in result.values()))
+        # on the values as float16: the baseline's float32 rounded as they are stored now
+        checksum = float(
+            sum(t[:: max(1, images // 97)].half().double().sum() for t in result.values())
+        )
         shapes = [list(t.shape) for t in result.values()]
     print(json.dumps({"seconds": seconds, "peak_mb": peak, "checksum": checksum,
                       "shapes": shapes, "computed": bank.computed,
@@ -173,9 +182,10 @@ def main() -> None:
     name, url = create_database()
     try:
         Base.metadata.create_all(make_engine(url))
-        vectors_mb = args.images * args.views * DIM * 4 / 2**20
+        vectors_mb = args.images * args.views * DIM * 2 / 2**20
         print(f"filling {args.images} images x {args.views} views ({vectors_mb:.0f} MB of "
-              f"float32 vectors) into a fresh PostgreSQL database ...", flush=True)  # fmt: skip
+              f"float16 vectors, and {2 * vectors_mb:.0f} MB of the same as float32) into a "
+              "fresh PostgreSQL database ...", flush=True)  # fmt: skip
         started = time.perf_counter()
         fill(name, images=args.images, views=args.views)
         print(f"filled in {time.perf_counter() - started:.0f} s", flush=True)

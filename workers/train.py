@@ -199,7 +199,8 @@ class FeatureBank:
         return augmented_views(pixels, image_sha256s=[i.sha256 for i in images], view=view)
 
     def get(self, images: Sequence[ImageRef], transforms: list[str]) -> dict[str, torch.Tensor]:
-        """transform -> (len(images), dim) float32, rows in the order of `images`. Each vector
+        """transform -> (len(images), dim) float16 (as stored), rows in the order of `images`.
+        Each vector
         goes straight into its rows, from the memo, the cache or the body: besides what the
         memo keeps, memory holds the result and one batch, not the result again as bytes."""
         make_session = session_factory(self.settings.database_url)
@@ -208,7 +209,9 @@ class FeatureBank:
         for row, image in enumerate(images):
             rows_of.setdefault(image.sha256, []).append(row)
         unique = {image.sha256: image for image in images}
-        out = {t: np.empty((len(images), dim), dtype=np.float32) for t in transforms}
+        out = {
+            t: np.empty((len(images), dim), dtype=feature_cache.STORED_DTYPE) for t in transforms
+        }
         have: dict[str, set[str]] = {t: set() for t in transforms}
 
         def place(transform: str, sha: str, vector: np.ndarray) -> None:
@@ -232,7 +235,7 @@ class FeatureBank:
                 for sha, vector in feature_cache.iter_cached_features(
                     session=session, backbone=self.key, transform=transform, sha256s=wanted
                 ):
-                    array = np.frombuffer(vector, dtype="<f4")
+                    array = feature_cache.decode_vector(vector, dim=dim)
                     place(transform, sha, array)
                     self.memo.add(self.key, transform, sha, array)
         self.reused += sum(len(h) for h in have.values())
@@ -253,12 +256,19 @@ class FeatureBank:
                     if not rows:
                         continue
                     inputs = self.transformed(pixels[rows], [part[i] for i in rows], transform)
-                    vectors = self.backbone.features(inputs).float().cpu().numpy()
+                    # rounded as stored: a vector is the same whether computed or read back
+                    vectors = (
+                        self.backbone.features(inputs)
+                        .float()
+                        .cpu()
+                        .numpy()
+                        .astype(feature_cache.STORED_DTYPE)
+                    )
                     new = []
                     for j, i in enumerate(rows):
                         place(transform, part[i].sha256, vectors[j])
                         self.memo.add(self.key, transform, part[i].sha256, vectors[j].copy())
-                        new.append((part[i].sha256, vectors[j].astype("<f4").tobytes()))
+                        new.append((part[i].sha256, vectors[j].tobytes()))
                     self.computed += len(new)
                     with make_session() as session:
                         feature_cache.store_features(
@@ -419,16 +429,17 @@ def _fit(
         views = [
             augmented_view_id(v, size=size) for v in range(settings.classifier_augmented_views)
         ]
-        # moved once to where the head trains
+        # moved once to where the head trains, in float16 as stored (half the memory of a
+        # paper-size run's views); each batch becomes float32 for the head
         train_views = [
             v.to(device)
             for v in bank.get(train_images, views if augmentation else [eval_id]).values()
         ]
-        val = bank.get([e.image for e in split.validation], [eval_id])[eval_id].to(device)
-        test_features = bank.get([e.image for e in split.test], [eval_id])[eval_id]
+        val = bank.get([e.image for e in split.validation], [eval_id])[eval_id].float().to(device)
+        test_features = bank.get([e.image for e in split.test], [eval_id])[eval_id].float()
 
         def train_features(epoch: int, rows: torch.Tensor) -> torch.Tensor:
-            return train_views[(epoch - 1) % len(train_views)][rows]
+            return train_views[(epoch - 1) % len(train_views)][rows.to(device)].float()
 
         def val_features() -> torch.Tensor:
             return val

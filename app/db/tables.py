@@ -265,5 +265,6 @@ class FeatureCache(Base):
     backbone: Mapped[str] = mapped_column(String(160), primary_key=True)
     transform: Mapped[str] = mapped_column(String(64), primary_key=True)
     dim: Mapped[int] = mapped_column(Integer)
-    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian
+    # float16, little-endian (float32 in rows of earlier versions): app.features.decode_vector
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -5,6 +5,7 @@ worker's memo of them, which spares later runs the database."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +94,23 @@ def test_rows_follow_the_callers_order_and_each_vector_is_computed_once(
     first = bank.get(asked, [EVAL, VIEW])
     assert set(first) == {EVAL, VIEW}
     for tensor in first.values():
-        assert tensor.shape == (4, 4) and tensor.dtype == torch.float32
+        assert tensor.shape == (4, 4) and tensor.dtype == torch.float16  # as stored
         assert torch.equal(tensor[0], tensor[2])  # the repeated image, both rows
         assert not torch.equal(tensor[0], tensor[1])
     assert not torch.equal(first[EVAL], first[VIEW])  # the augmented view is another vector
     assert body.images == 3 * 2 and bank.computed == 6 and bank.reused == 0
-    # what is stored is what was returned, bit for bit
+    # the body's float32 rounded to float16, nothing else
+    pixels = train.load_pixels(
+        train.object_store(settings), [images[3]], size=SIZE, pool=ThreadPoolExecutor(1)
+    )
+    assert torch.equal(first[EVAL][0], body.features(pixels)[0].half())
+    # what is stored is what was returned, bit for bit: 2 bytes a value
     for transform in (EVAL, VIEW):
         cache = stored(settings, transform, asked)
         assert len(cache) == 3
         for row, image in enumerate(asked):
-            vector = np.frombuffer(cache[image.sha256], dtype="<f4")
+            assert len(cache[image.sha256]) == 4 * 2
+            vector = np.frombuffer(cache[image.sha256], dtype="<f2")
             assert np.array_equal(vector, first[transform][row].numpy())
 
     # partly warm: images 0, 1, 3 are cached, 2 and 4 are not; only those go through the body
@@ -120,6 +127,35 @@ def test_rows_follow_the_callers_order_and_each_vector_is_computed_once(
     assert torch.equal(third.get(asked, [EVAL])[EVAL], first[EVAL]) and body.images == 0
 
 
+def test_float32_rows_of_earlier_versions_read_as_if_stored_now(
+    bank_parts: tuple[Settings, list[ImageRef]],
+) -> None:
+    """A cache filled before vectors were stored as float16 stays usable, and gives each run
+    the values a fresh computation would: its float32 rounded to float16."""
+    settings, images = bank_parts
+    body = CountingBody()
+    fresh = make_bank(settings, body).get(images[:2], [EVAL])[EVAL]
+    with session_factory(settings.database_url)() as session:  # as an earlier version stored
+        session.execute(FeatureCache.__table__.delete())
+        session.commit()
+        pixels = train.load_pixels(
+            train.object_store(settings), images[:2], size=SIZE, pool=ThreadPoolExecutor(1)
+        )
+        full = body.features(pixels).numpy()
+        feature_cache.store_features(
+            session=session, backbone=CountingBody.cache_key, transform=EVAL, dim=4,
+            vectors=[(i.sha256, full[j].astype("<f4").tobytes()) for j, i in enumerate(images[:2])],
+        )  # fmt: skip
+    body.images = 0
+    bank = make_bank(settings, body)
+    read = bank.get(images[:2], [EVAL])[EVAL]
+    assert body.images == 0 and bank.reused == 2
+    assert read.dtype == torch.float16 and torch.equal(read, fresh)
+    assert not np.array_equal(full.astype(np.float16).astype(np.float32), full)  # it did round
+    with pytest.raises(ValueError, match="6 bytes is not 4 values"):
+        feature_cache.decode_vector(b"\0" * 6, dim=4)
+
+
 def test_no_images_give_empty_tensors(bank_parts: tuple[Settings, list[ImageRef]]) -> None:
     settings, _images = bank_parts
     empty = make_bank(settings, CountingBody()).get([], [EVAL, VIEW])
@@ -134,7 +170,7 @@ def test_a_workers_memo_serves_the_next_run_without_the_database(
     body = CountingBody()
     first = make_bank(settings, body, memo)
     computed = first.get(images[:3], [EVAL, VIEW])
-    assert first.computed == 6 and memo.used == 6 * 4 * 4  # six vectors of 4 float32
+    assert first.computed == 6 and memo.used == 6 * 4 * 2  # six vectors of 4 float16
     with session_factory(settings.database_url)() as session:  # the database forgets them
         session.execute(FeatureCache.__table__.delete())
         session.commit()
@@ -155,7 +191,7 @@ def test_a_workers_memo_serves_the_next_run_without_the_database(
 
 
 def test_the_memo_keeps_to_its_budget_and_drops_other_backbones_first() -> None:
-    vector = np.zeros(4, dtype=np.float32)  # 16 bytes
+    vector = np.zeros(8, dtype=np.float16)  # 16 bytes
     memo = train.FeatureMemo(3 * 16)
     memo.add("old", "eval", "a", vector)
     memo.add("old", "view", "a", vector)
