@@ -185,6 +185,12 @@ def print_report(experiment: dict[str, Any]) -> None:
     if rows:
         console.print("real+synthetic minus real-only, per Fitzpatrick group", style="bold")
         _print_table(header, rows)
+    if (report.get("comparisons") or {}).get("top1"):
+        console.print(
+            "Δ: real+synthetic minus real-only, paired bootstrap 95% CI; *: p < 0.05 after "
+            "Holm's correction over the table's comparisons",
+            markup=False,
+        )
     console.print(f"classes: {', '.join(report['classes'])}")
     console.print(f"runs: {runs_text(report)}")
     for warning in report.get("warnings") or []:

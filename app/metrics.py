@@ -420,6 +420,20 @@ def group_differences(
     return {"groups": by_group, "gap": gap}
 
 
+def holm_adjust(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values, in their order: the i-th smallest
+    is multiplied by (m - i + 1), kept at least the one before it and at most 1. Below the
+    level, an adjusted value controls the chance of any false finding in the family."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def correctness_string(correct: np.ndarray) -> str:
     """(N,) bool -> "0110...", one character per test image, for compact storage."""
     flags = np.asarray(correct)

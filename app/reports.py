@@ -154,6 +154,7 @@ def build_report(
                     )
                 }
         entry["versus_real_only"] = comparison
+    comparisons = _adjust_for_multiplicity(settings)
     # every run of an experiment has the same test set and validation source: one says them
     first_split: dict[str, Any] = next(
         (r.split for r in runs if r.status == JobStatus.SUCCEEDED.value and r.split), {}
@@ -165,7 +166,31 @@ def build_report(
         "settings": settings,
         "warnings": _test_warnings(first_split) + _warnings(settings),
         "validation_from": first_split.get("validation_from"),
+        "comparisons": comparisons,
     }
+
+
+def _adjust_for_multiplicity(settings: list[dict[str, Any]]) -> dict[str, int]:
+    """Holm-adjusted p-values (`p_holm`) of every difference from real-only, in two families,
+    one per table: top-1 overall over the settings, and per Fitzpatrick group with the gaps'
+    changes. Many settings and groups give some CIs that exclude 0 by chance alone; an
+    adjusted value under 0.05 does not. Returns each family's size (top-3's too)."""
+    families: dict[str, list[dict[str, Any]]] = {"top1": [], "top3": [], "by_skin_tone": []}
+    for entry in settings:
+        versus = entry.get("versus_real_only") or {}
+        for name in ("top1", "top3"):
+            if versus.get(name):
+                families[name].append(versus[name])
+        by_tone = skin_tone_versus(entry)
+        if by_tone:
+            differences = [*by_tone["groups"].values(), by_tone["gap"]]
+            families["by_skin_tone"] += [d for d in differences if d]
+    for family in families.values():
+        for difference, adjusted in zip(
+            family, metrics.holm_adjust([d["p_value"] for d in family]), strict=True
+        ):
+            difference["p_holm"] = adjusted
+    return {name: len(family) for name, family in families.items()}
 
 
 def _missing(finished: list[Run]) -> dict[str, Any]:
@@ -314,12 +339,23 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+SIGNIFICANT = 0.05  # Holm-adjusted p-values under this are starred in the tables
+
+
 def _difference(value: dict[str, Any] | None) -> str:
-    """'+2.1 [-1.0, +5.2]': a difference and its CI in points, or '-'."""
+    """'+2.1 [-1.0, +5.2]': a difference and its CI in points, or '-'; starred when its
+    Holm-adjusted p-value is under SIGNIFICANT."""
     if not value:
         return "-"
     lo, hi = value["ci"]
-    return f"{value['difference'] * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+    p_holm = value.get("p_holm")
+    star = " *" if p_holm is not None and p_holm < SIGNIFICANT else ""
+    return f"{_points(value['difference'])} [{_points(lo)}, {_points(hi)}]{star}"
+
+
+def _points(fraction: float) -> str:
+    """'+2.1': a difference in points; no '-0.0' from a float a hair under zero."""
+    return f"{round(fraction * 100, 1) + 0.0:+.1f}"
 
 
 def skin_tone_versus(entry: dict[str, Any]) -> dict[str, Any] | None:
@@ -385,6 +421,18 @@ def _test_images(report: dict[str, Any]) -> str:
         return f", {sum(counts.values())} images, none with a Fitzpatrick type"
     parts = ", ".join(f"{g} {n}" for g, n in counts.items())
     return f", {sum(counts.values())} images (by Fitzpatrick group: {parts})"
+
+
+def _starred(report: dict[str, Any], family: str) -> str:
+    """What a star in a table means, with the size of its family of comparisons."""
+    size = (report.get("comparisons") or {}).get(family)
+    if not size:
+        return ""
+    return (
+        f"; \\*: p < {SIGNIFICANT} after Holm's correction for the {size} "
+        f"comparison{'s' if size > 1 else ''} of the table (with many, some 95% CIs exclude 0 "
+        "by chance alone)"
+    )
 
 
 def experiment_markdown(
@@ -474,7 +522,7 @@ def experiment_markdown(
         )
         + "*Δ*: top-1 of "
         "real+synthetic minus real-only at the same n_real and augmentation, with a paired "
-        "bootstrap 95% CI over the test images.",
+        "bootstrap 95% CI over the test images" + _starred(report, "top1") + ".",
         "",
     ]
     body = report_markdown(report) if report.get("settings") else "No finished runs.\n"
@@ -488,7 +536,9 @@ def experiment_markdown(
             "*Δ gap*: the change of the gap (best minus worst of I-II, III-IV and V-VI, per "
             "run, mean over seeds), with a bootstrap that resamples each group's images apart; "
             "negative: the gap narrowed, which is a gain only when no group lost accuracy "
-            "(a gap also narrows when the best group gets worse).\n\n"
+            "(a gap also narrows when the best group gets worse)"
+            + _starred(report, "by_skin_tone")
+            + ".\n\n"
             + _markdown_table(tone_header, tone_rows)
         )
     warnings = report.get("warnings") or []

@@ -18,6 +18,7 @@ from app.metrics import (
     fitzpatrick_group,
     group_differences,
     group_metrics,
+    holm_adjust,
     macro_auroc,
     paired_bootstrap_difference,
     parse_correctness,
@@ -630,6 +631,17 @@ def test_group_differences_rejects_bad_groups():
         group_differences(treated=np.ones((1, 4)), control=np.ones((1, 4)), groups=["I-II"] * 3)
     with pytest.raises(ValueError, match="groups must be in"):
         group_differences(treated=np.ones((1, 2)), control=np.ones((1, 2)), groups=["V-Vl"] * 2)
+
+
+def test_holm_by_hand():
+    # sorted: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06), 0.5 (x1 = 0.5); in the
+    # given order, each adjusted value at least the one ranked before it
+    assert holm_adjust([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    # capped at 1; monotone when a larger p times a smaller factor comes out lower
+    assert holm_adjust([0.4, 0.3]) == pytest.approx([0.6, 0.6])
+    assert holm_adjust([0.0, 0.0, 0.9]) == [0.0, 0.0, 0.9]
+    assert holm_adjust([0.6, 0.7]) == [1.0, 1.0]
+    assert holm_adjust([]) == []
 
 
 # --- correctness strings ---------------------------------------------------------------------

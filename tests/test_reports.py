@@ -387,12 +387,15 @@ def test_the_difference_per_skin_tone_says_whom_synthetic_data_helped() -> None:
     assert header == ["setting", "Δ top-1 I-II (pts, 95% CI)", "Δ top-1 III-IV (pts, 95% CI)",
                       "Δ top-1 V-VI (pts, 95% CI)", "Δ top-1 unknown (pts, 95% CI)",
                       "Δ gap (pts, 95% CI)"]  # fmt: skip
+    # starred: every resample moved V-VI and the gap (p = 0, after Holm's correction too)
     assert rows == [
-        ["n=4 k=2 inpaint", "+0.0 [+0.0, +0.0]", "+0.0 [+0.0, +0.0]", "+100.0 [+100.0, +100.0]",
-         "+0.0 [+0.0, +0.0]", "-100.0 [-100.0, -100.0]"],
+        ["n=4 k=2 inpaint", "+0.0 [+0.0, +0.0]", "+0.0 [+0.0, +0.0]",
+         "+100.0 [+100.0, +100.0] *", "+0.0 [+0.0, +0.0]", "-100.0 [-100.0, -100.0] *"],
     ]  # fmt: skip
+    assert report["comparisons"] == {"top1": 1, "top3": 1, "by_skin_tone": 5}
     text = experiment_markdown(experiment_of(report))
     assert "### Per Fitzpatrick group: real+synthetic minus real-only" in text
+    assert "\\*: p < 0.05 after Holm's correction for the 5 comparisons of the table" in text
     assert "| n=4 k=2 inpaint | +0.0 [+0.0, +0.0] |" in text
 
     figure = plots.skin_tone_difference(report)
@@ -431,3 +434,37 @@ def test_no_difference_per_skin_tone_without_skin_tones_or_groups() -> None:
     figure = plots.skin_tone_difference(report)
     assert "no test image has a Fitzpatrick type" in figure.axes[0].get_title()
     plots.plt.close(figure)
+
+
+def test_differences_are_starred_only_after_holms_correction() -> None:
+    """Many settings x groups: a raw p under 0.05 is not enough for a star; the family's
+    Holm-adjusted p is."""
+    report = build_report(
+        runs=grid_runs({"inpaint": INPAINT_SET, "text-to-image": TEXT_SET}), classes=CLASSES
+    )
+    assert report["comparisons"] == {"top1": 8, "top3": 8, "by_skin_tone": 8 * 5}
+    family = []
+    for entry in report["settings"][1:]:
+        if not entry["setting"]["synthetic_per_real"]:
+            continue
+        by_tone = entry["versus_real_only"]["by_skin_tone"]["top1"]
+        family += [*by_tone["groups"].values(), by_tone["gap"]]
+    p_values = [d["p_value"] for d in family]
+    assert [d["p_holm"] for d in family] == pytest.approx(metrics.holm_adjust(p_values))
+    assert all(d["p_holm"] >= d["p_value"] for d in family)
+    _header, rows = skin_tone_difference_rows(report)
+    cells = [cell for row in rows for cell in row[1:]]
+    assert [cell.endswith(" *") for cell in cells] == [d["p_holm"] < 0.05 for d in family]
+    # this grid has raw p-values under 0.05 that the correction does not star
+    assert any(d["p_value"] < 0.05 <= d["p_holm"] for d in family)
+
+
+def test_a_difference_a_hair_under_zero_reads_as_zero() -> None:
+    from app.reports import _difference
+
+    # the mean of per-image differences over seeds can come out as -1e-17
+    assert _difference({"difference": -1e-17, "ci": [-0.09, 0.108]}) == "+0.0 [-9.0, +10.8]"
+    assert _difference({"difference": -0.027, "ci": [-0.135, 0.081], "p_holm": 0.04}) == (
+        "-2.7 [-13.5, +8.1] *"
+    )
+    assert _difference(None) == "-"
