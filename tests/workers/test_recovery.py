@@ -174,3 +174,50 @@ def test_chunk_run_twice_never_duplicates(stack: Stack) -> None:
         )
     assert after == before  # same ids, same bytes (the seed is per image)
     assert_exact(stack, client, job, 8)
+
+
+def test_train_worker_killed_mid_run_finishes_the_experiment(deployed: Stack) -> None:
+    """A training worker SIGKILLed in the middle of a run (out of memory, a preempted node):
+    the run is left `running`, and once a worker is back the recovery step trains it again
+    from its first epoch; the experiment finishes with every run, each history whole."""
+    from tests.factories import make_classification_data
+
+    key = deployed.new_key()
+    real, _synthetic = make_classification_data(
+        deployed, key, pool_per_class=12, test_per_class=4, children_per_parent=0
+    )
+    client = deployed.client(key)
+    body = {"dataset": real, "n_real_per_class": [4], "seeds": [1, 2], "image_size": 64,
+            "validation_per_class": 4, "cache_features": False, "max_epochs": 12,
+            "patience": 12}  # fmt: skip
+    response = client.post("/experiments", json=body)
+    assert response.status_code == 202, response.text
+    experiment = response.json()
+
+    def mid_run() -> dict | None:
+        runs = client.get(f"/experiments/{experiment['id']}").json()["runs"]
+        return next((r for r in runs if r["progress"]["epoch"] >= 2), None)
+
+    killed = wait_for(mid_run, timeout=120, interval=0.05, what="a run at its second epoch")
+    deployed.worker.kill()
+    run = client.get(f"/runs/{killed['id']}").json()
+    assert run["status"] == "running" and run["metrics"] is None  # left by the dead worker
+
+    deployed.worker.start()
+
+    def finished() -> dict | None:
+        body = client.get(f"/experiments/{experiment['id']}").json()
+        return body if body["status"] in ("succeeded", "failed", "canceled") else None
+
+    done = wait_for(finished, timeout=240, interval=0.5, what="the experiment after the kill")
+    assert done["status"] == "succeeded", (done.get("error"), deployed.worker.log()[-3000:])
+    assert done["progress"]["done"] == 2
+    for run in done["runs"]:
+        assert run["status"] == "succeeded" and run["metrics"]["top1"]["value"] is not None
+        # trained again from epoch 1: no epoch twice, none missing, all 12 (patience 12)
+        assert [h["epoch"] for h in run["history"]] == list(range(1, 13)), run["history"]
+    attempts = count_rows(
+        deployed, "SELECT max(attempts) FROM job_chunks WHERE job_id = :j", j=experiment["id"]
+    )
+    assert attempts >= 2
+    assert "re-dispatched" in deployed.worker.log()
