@@ -213,7 +213,8 @@ def resume_experiment(
 def experiment_plot(
     experiment_id: str, filename: str, session: SessionDep, caller: CallerDep
 ) -> Response:
-    """A figure as PNG or SVG: accuracy-vs-n-real, dose-response, skin-tone, training-curves."""
+    """A figure as PNG or SVG: accuracy-vs-n-real, dose-response, skin-tone,
+    skin-tone-difference, training-curves."""
     name, _, fmt = filename.rpartition(".")
     if fmt not in plots.FORMATS:
         raise NotFound(f"no plot {filename!r}; ask for NAME.png or NAME.svg")
