@@ -262,6 +262,54 @@ def predictions(
     typer.echo(f"saved {written:,} bytes to {out}", err=True)
 
 
+def comparison_rows(result: dict[str, Any]) -> list[list[str]]:
+    """GET /experiments/{id}/compare as table rows: metric, difference, CI, p-value."""
+    from app.metrics import FITZPATRICK_GROUPS
+    from app.reports import format_points
+
+    def row(name: str, value: dict[str, Any] | None) -> list[str]:
+        if not value:
+            return [name, "-", "-", "-"]
+        lo, hi = value["ci"]
+        interval = f"[{format_points(lo)}, {format_points(hi)}]"
+        return [name, format_points(value["difference"]), interval, f"{value['p_value']:.3f}"]
+
+    rows = [row("top-1", result["top1"]), row("top-3", result["top3"])]
+    by_tone = (result.get("by_skin_tone") or {}).get("top1")
+    if by_tone:
+        rows += [row(f"top-1 {g}", by_tone["groups"][g]) for g in FITZPATRICK_GROUPS]
+        rows.append(row("gap change", by_tone["gap"]))
+    return rows
+
+
+@experiments_cli.command("compare")
+def compare(
+    experiment_id: str,
+    a: Annotated[str, typer.Argument(help="A setting's label, e.g. 'n=16 k=10 inpaint'.")],
+    b: Annotated[str, typer.Argument(help="The setting to compare it with, e.g. 'n=16 k=0'.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+) -> None:
+    """Setting A minus setting B on the same test images: top-1, top-3 and top-1 per
+    Fitzpatrick group, with paired bootstrap 95% CIs (labels as the report prints them)."""
+    from app.cli import _client
+
+    result = _client().get(f"/experiments/{experiment_id}/compare", a=a, b=b)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console.print(
+        f"{result['a']} (seeds {_seeds(result['seeds_a'])}) minus {result['b']} (seeds "
+        f"{_seeds(result['seeds_b'])})",
+        style="bold",
+        markup=False,
+    )
+    _print_table(["metric", "Δ (pts)", "95% CI", "p"], comparison_rows(result))
+
+
+def _seeds(seeds: list[int]) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
 @experiments_cli.command("list")
 def list_experiments() -> None:
     """Your experiments, newest first."""

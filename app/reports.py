@@ -13,6 +13,7 @@ import numpy as np
 
 from app import metrics
 from app.db.tables import Run
+from app.errors import InvalidField
 from app.runs import SETTING_FIELDS, setting_of
 from app.schemas import JobStatus
 
@@ -77,11 +78,9 @@ def build_report(
     `dataset_names` (id -> name) names the synthetic datasets in the labels."""
     tally = {status.value: 0 for status in JobStatus}
     shown = shown_datasets((run.config for run in runs), dataset_names or {})
-    groups: dict[tuple[Any, ...], list[Run]] = defaultdict(list)
     for run in runs:
         tally[run.status] = tally.get(run.status, 0) + 1
-        if run.status == JobStatus.SUCCEEDED.value and run.metrics:
-            groups[setting_of(run.config)].append(run)
+    groups = _finished_by_setting(runs)
 
     settings: list[dict[str, Any]] = []
     # numeric order, null (all real images; any strategy) last
@@ -191,6 +190,64 @@ def _adjust_for_multiplicity(settings: list[dict[str, Any]]) -> dict[str, int]:
         ):
             difference["p_holm"] = adjusted
     return {name: len(family) for name, family in families.items()}
+
+
+def _finished_by_setting(runs: Iterable[Run]) -> dict[tuple[Any, ...], list[Run]]:
+    """Setting key (SETTING_FIELDS) -> its finished runs with metrics."""
+    groups: dict[tuple[Any, ...], list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.status == JobStatus.SUCCEEDED.value and run.metrics:
+            groups[setting_of(run.config)].append(run)
+    return groups
+
+
+def compare_settings(
+    *, runs: list[Run], a: str, b: str, dataset_names: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Any two settings of an experiment by their labels (the report's, e.g. `n=16 k=10
+    inpaint` against `n=16 k=10 text-to-image`): top-1 and top-3 of `a` minus `b` with a
+    paired bootstrap 95% CI over the shared test images, and the top-1 difference per
+    Fitzpatrick group with the change of the gap. Raises InvalidField naming `a` or `b` for a
+    label with no finished run."""
+    shown = shown_datasets((run.config for run in runs), dataset_names or {})
+    groups = _finished_by_setting(runs)
+    by_label = {
+        setting_label(dict(zip(SETTING_FIELDS, key, strict=True)), datasets=shown): key
+        for key in groups
+    }
+    chosen = {}
+    for field, label in (("a", a), ("b", b)):
+        if label not in by_label:
+            known = "; ".join(f"'{name}'" for name in by_label) or "none yet"
+            raise InvalidField(
+                f"{field}: no finished setting is labelled {label!r}; settings: {known}",
+                field=field,
+            )
+        chosen[field] = groups[by_label[label]]
+    result: dict[str, Any] = {"a": a, "b": b}
+    for field in ("a", "b"):
+        result[f"seeds_{field}"] = sorted(r.config["seed"] for r in chosen[field])
+    for name in ("top1", "top3"):
+        first = _correctness(chosen["a"], f"test_correct_{name}")
+        second = _correctness(chosen["b"], f"test_correct_{name}")
+        if first is None or second is None or first[1] != second[1]:
+            raise InvalidField(
+                "a, b: the two settings' runs did not score the same test images (runs of "
+                "an older synthderm store no per-image results)",
+                field="b",
+            )
+        result[name] = metrics.paired_bootstrap_difference(treated=first[0], control=second[0])
+        if name == "top1":
+            result["by_skin_tone"] = (
+                None
+                if first[2] is None
+                else {
+                    "top1": metrics.group_differences(
+                        treated=first[0], control=second[0], groups=first[2]
+                    )
+                }
+            )
+    return result
 
 
 def _missing(finished: list[Run]) -> dict[str, Any]:
@@ -350,10 +407,11 @@ def _difference(value: dict[str, Any] | None) -> str:
     lo, hi = value["ci"]
     p_holm = value.get("p_holm")
     star = " *" if p_holm is not None and p_holm < SIGNIFICANT else ""
-    return f"{_points(value['difference'])} [{_points(lo)}, {_points(hi)}]{star}"
+    interval = f"[{format_points(lo)}, {format_points(hi)}]"
+    return f"{format_points(value['difference'])} {interval}{star}"
 
 
-def _points(fraction: float) -> str:
+def format_points(fraction: float) -> str:
     """'+2.1': a difference in points; no '-0.0' from a float a hair under zero."""
     return f"{round(fraction * 100, 1) + 0.0:+.1f}"
 

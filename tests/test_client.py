@@ -172,6 +172,22 @@ def test_experiments_submit_wait_and_report(deployed: Stack, tmp_path: Path) -> 
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert b"<svg" in (out / f"{name}.svg").read_bytes()[:500]
 
+    # two settings of the grid, paired on the same test images
+    compared = run_cli(deployed, key, tmp_path, "experiments", "compare", summary["id"],
+                       "n=all k=0", "n=2 k=0", columns=200)  # fmt: skip
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    assert "n=all k=0 (seeds 1, 2) minus n=2 k=0 (seeds 1, 2)" in compared.stdout
+    for metric in ("top-1", "top-3", "top-1 V-VI", "gap change"):
+        assert re.search(rf"│ {metric}\s+│ [+-]\d+\.\d\s+│ \[", compared.stdout), compared.stdout
+    as_json = run_cli(deployed, key, tmp_path, "experiments", "compare", summary["id"],
+                      "n=all k=0", "n=2 k=0", "--json")  # fmt: skip
+    assert json.loads(as_json.stdout)["top1"]["n_images"] == 4 * len(SEPARABLE)
+    wrong = run_cli(deployed, key, tmp_path, "experiments", "compare", summary["id"],
+                    "n=3 k=0", "n=2 k=0")  # fmt: skip
+    assert wrong.returncode != 0 and "a: no finished setting is labelled 'n=3 k=0'" in (
+        wrong.stdout + wrong.stderr
+    )
+
     # every run's predictions in one CSV: 4 runs x 4 classes x 4 test images
     table = tmp_path / "predictions.csv"
     saved = run_cli(deployed, key, tmp_path, "experiments", "predictions", summary["id"],

@@ -468,3 +468,38 @@ def test_a_difference_a_hair_under_zero_reads_as_zero() -> None:
         "-2.7 [-13.5, +8.1] *"
     )
     assert _difference(None) == "-"
+
+
+def test_any_two_settings_compare_as_the_report_compares_with_real_only() -> None:
+    from app.errors import InvalidField
+    from app.reports import compare_settings
+
+    names = {INPAINT_SET: "inpaint-v1", TEXT_SET: "t2i-v1"}
+    runs = grid_runs({"inpaint": INPAINT_SET, "text-to-image": TEXT_SET})
+    report = build_report(runs=runs, classes=CLASSES, dataset_names=names)
+    entry = next(e for e in report["settings"] if e["label"] == "n=8 k=4 inpaint inpaint-v1")
+    versus = entry["versus_real_only"]
+    result = compare_settings(runs=runs, a=entry["label"], b="n=8 k=0", dataset_names=names)
+    assert (result["a"], result["b"]) == ("n=8 k=4 inpaint inpaint-v1", "n=8 k=0")
+    assert result["seeds_a"] == entry["seeds"] and len(result["seeds_b"]) == 2
+    for name in ("top1", "top3"):
+        assert result[name] == {k: v for k, v in versus[name].items() if k != "p_holm"}
+    by_tone = versus["by_skin_tone"]["top1"]
+    assert result["by_skin_tone"]["top1"]["gap"] == {
+        k: v for k, v in by_tone["gap"].items() if k != "p_holm"
+    }
+    # two strategies at one n and k: what the report alone cannot say; b minus a is -(a - b)
+    pair = compare_settings(runs=runs, a="n=8 k=4 inpaint inpaint-v1",
+                            b="n=8 k=4 text-to-image t2i-v1", dataset_names=names)  # fmt: skip
+    swapped = compare_settings(runs=runs, a="n=8 k=4 text-to-image t2i-v1",
+                               b="n=8 k=4 inpaint inpaint-v1", dataset_names=names)  # fmt: skip
+    assert pair["top1"]["difference"] == pytest.approx(-swapped["top1"]["difference"])
+    low, high = pair["top1"]["ci"]
+    assert low <= pair["top1"]["difference"] <= high
+    # a label that names no finished setting: the field, and the labels there are
+    with pytest.raises(InvalidField, match="a: no finished setting is labelled 'n=8 k=4'") as bad:
+        compare_settings(runs=runs, a="n=8 k=4", b="n=8 k=0", dataset_names=names)
+    assert bad.value.field == "a" and "'n=8 k=4 inpaint inpaint-v1'" in str(bad.value)
+    with pytest.raises(InvalidField, match="b: no finished setting") as bad:
+        compare_settings(runs=runs, a="n=8 k=0", b="n=9 k=0", dataset_names=names)
+    assert bad.value.field == "b"

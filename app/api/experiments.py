@@ -21,7 +21,7 @@ from app.api.jobs import dispatch_after_commit, job_out
 from app.config import Settings
 from app.db.tables import Job, Run
 from app.errors import InvalidField, NotFound
-from app.reports import build_report, setting_label, shown_datasets
+from app.reports import build_report, compare_settings, setting_label, shown_datasets
 from app.schemas import (
     ExperimentCreate,
     ExperimentList,
@@ -226,6 +226,26 @@ def experiment_plot(
         name=name, fmt=fmt, runs=runs, classes=classes, dataset_names=names
     )
     return Response(body, media_type=plots.FORMATS[fmt])
+
+
+@router.get("/experiments/{experiment_id}/compare")
+def experiment_compare(
+    experiment_id: str,
+    session: SessionDep,
+    caller: CallerDep,
+    a: str = Query(..., description="A setting's label, e.g. 'n=16 k=10 inpaint'."),
+    b: str = Query(..., description="The setting it is compared with, e.g. 'n=16 k=0'."),
+) -> dict[str, Any]:
+    """Setting `a` minus setting `b`: top-1 and top-3 with paired bootstrap 95% CIs over the
+    shared test images, and top-1 per Fitzpatrick group with the change of the gap (as the
+    report's comparison with real-only, for any two settings: strategies, datasets, k)."""
+    job = service.get_experiment(session=session, experiment_id=experiment_id, owner=caller)
+    return compare_settings(
+        runs=service.runs_of(session=session, experiment_id=job.id),
+        a=a,
+        b=b,
+        dataset_names=service.synthetic_dataset_names(session=session, job=job),
+    )
 
 
 @router.get("/experiments/{experiment_id}/predictions")

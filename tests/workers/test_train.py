@@ -111,6 +111,26 @@ def test_experiment_end_to_end(data, monkeypatch: pytest.MonkeyPatch) -> None:
                     assert value["n_images"] == images
                     assert value["ci"][0] <= value["difference"] <= value["ci"][1]
 
+    # any two settings compared the same way: a k=2 setting against its real-only control
+    treated = next(e for e in report["settings"] if e["setting"]["synthetic_per_real"])
+    control = next(
+        e for e in report["settings"]
+        if e["setting"] == treated["versus_real_only"]["control"]
+    )  # fmt: skip
+    compared = client.get(f"/experiments/{experiment['id']}/compare",
+                          params={"a": treated["label"], "b": control["label"]})  # fmt: skip
+    assert compared.status_code == 200, compared.text
+    assert (
+        compared.json()["top1"]["difference"] == treated["versus_real_only"]["top1"]["difference"]
+    )
+    assert compared.json()["top1"]["ci"] == treated["versus_real_only"]["top1"]["ci"]
+    unknown = client.get(f"/experiments/{experiment['id']}/compare",
+                         params={"a": "n=999 k=0", "b": control["label"]})  # fmt: skip
+    assert unknown.status_code == 422 and unknown.json()["errors"][0]["field"] == "a"
+    assert control["label"] in unknown.json()["detail"]
+    missing = client.get(f"/experiments/{experiment['id']}/compare", params={"a": "x"})
+    assert missing.status_code == 422 and missing.json()["errors"][0]["field"] == "b"
+
     # per-image predictions: JSON lines and CSV, from the store
     run = runs[0]
     lines = client.get(f"/runs/{run['id']}/predictions").text.splitlines()
