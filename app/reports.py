@@ -357,15 +357,18 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The report as a table (header, rows): a row per setting, accuracies in percent as
     mean ± sd over seeds, per Fitzpatrick group the mean over seeds, and the paired
     difference in top-1 from real-only with its bootstrap 95% CI. The per-group columns and
-    the gap are left out when no test image has a skin tone."""
+    the gap are left out when no test image has a skin tone, and top-3 with three classes or
+    fewer (every run's top-3 is then 100%)."""
     groups_shown = metrics.FITZPATRICK_GROUPS if has_skin_tones(report) else ()
+    classes = max(len(report.get("classes") or []), 1)
+    top3_shown = classes > 3
     header = [
-        "setting", "seeds", "real/class", "synthetic", "top-1 %", "top-3 %", "balanced %",
-        "AUROC", *(f"top-1 {g} %" for g in groups_shown),
-        *(["gap (pts)"] if groups_shown else []), "Δ top-1 vs real-only (pts, 95% CI)",
+        "setting", "seeds", "real/class", "synthetic", "top-1 %",
+        *(["top-3 %"] if top3_shown else []), "balanced %", "AUROC",
+        *(f"top-1 {g} %" for g in groups_shown), *(["gap (pts)"] if groups_shown else []),
+        "Δ top-1 vs real-only (pts, 95% CI)",
     ]  # fmt: skip
     rows = []
-    classes = max(len(report.get("classes") or []), 1)
     for entry in report["settings"]:
         groups = []
         for group in groups_shown:
@@ -386,7 +389,7 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 "-" if real is None else f"{real / classes:.0f}{_range(entry)}",
                 "-" if synthetic is None else f"{synthetic:.0f}",
                 _mean_sd(entry["top1"]),
-                _mean_sd(entry["top3"]),
+                *([_mean_sd(entry["top3"])] if top3_shown else []),
                 _mean_sd(entry["balanced_accuracy"]),
                 _mean_sd(entry["macro_auroc"], percent=False),
                 *groups,

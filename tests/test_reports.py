@@ -290,8 +290,9 @@ def test_a_test_set_without_skin_tones_leaves_out_the_group_columns() -> None:
     ]  # fmt: skip
     report = build_report(runs=runs, classes=CLASSES)
     header, rows = report_rows(report)
-    assert header == ["setting", "seeds", "real/class", "synthetic", "top-1 %", "top-3 %",
-                      "balanced %", "AUROC", "Δ top-1 vs real-only (pts, 95% CI)"]  # fmt: skip
+    # and three classes: top-3 is every run's 100%, no column either
+    assert header == ["setting", "seeds", "real/class", "synthetic", "top-1 %", "balanced %",
+                      "AUROC", "Δ top-1 vs real-only (pts, 95% CI)"]  # fmt: skip
     assert all(len(row) == len(header) for row in rows) and len(rows) == 2
     text = experiment_markdown(experiment_of(report))
     assert "30 images, none with a Fitzpatrick type." in text
@@ -300,9 +301,12 @@ def test_a_test_set_without_skin_tones_leaves_out_the_group_columns() -> None:
     figure = plots.skin_tone_bars(report)
     assert figure.axes[0].get_title().endswith("(no test image has a Fitzpatrick type)")
     plots.plt.close(figure)
-    # with skin tones, the columns are there (the other tests read them)
+    # with skin tones, the columns are there (the other tests read them); with four classes,
+    # top-3 too
     header, _rows = report_rows(build_report(runs=grid_runs({}), classes=CLASSES))
-    assert "top-1 V-VI %" in header and "gap (pts)" in header
+    assert "top-1 V-VI %" in header and "gap (pts)" in header and "top-3 %" not in header
+    header, rows = report_rows(build_report(runs=grid_runs({}), classes=[*CLASSES, "d"]))
+    assert "top-3 %" in header and all(len(row) == len(header) for row in rows)
 
 
 def test_missing_synthetic_children_are_said() -> None:
