@@ -45,9 +45,38 @@ def _strings(text: str | None) -> list[str] | None:
     return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
 
 
+# The paper's two classifier grids (PAPER.md section 4), for `submit --preset`; options given
+# on the command line override a preset's fields. 228 is the paper's largest n_real (its
+# largest class less 40 for validation); classes with fewer train on all they have.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "n_real_per_class": [1, 8, 16, 32, 64, 128, 228],
+        "synthetic_per_real": [0, 10],
+        "strategies": ["inpaint", "inpaint-outpaint"],
+        "augmentation": [False, True],
+        "top_n_classes": 9,
+    },
+    "paper-dose-response": {
+        "n_real_per_class": [128, 228],
+        "synthetic_per_real": [0, 10, 25, 50, 75],
+        "strategies": ["text-to-image"],
+        "augmentation": [False, True],
+        "top_n_classes": 9,
+    },
+}
+
+
 @experiments_cli.command("submit")
 def submit(
     dataset: Annotated[str, typer.Option(help="Real dataset id (training pool and test).")],
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="The paper's grid: 'paper' (n_real 1..228 x k 0,10 x inpaint, "
+            "inpaint-outpaint x augmentation off,on; 9 classes) or 'paper-dose-response' "
+            "(n_real 128,228 x k 0,10,25,50,75 x text-to-image). Other options override it."
+        ),
+    ] = None,
     n_real: Annotated[
         str | None, typer.Option(help="Real images per class, e.g. 1,8,16,all.")
     ] = None,
@@ -118,6 +147,12 @@ def submit(
         "backbone": backbone,
         "name": name,
     }
+    if preset is not None:
+        if preset not in PRESETS:
+            raise typer.BadParameter(
+                f"{preset!r} is not one of {', '.join(PRESETS)}", param_hint="--preset"
+            )
+        body = {**PRESETS[preset], **{k: v for k, v in body.items() if v is not None}}
     client = _client()
     experiment = client.post("/experiments", {k: v for k, v in body.items() if v is not None})
     if not wait:

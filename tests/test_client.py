@@ -111,6 +111,38 @@ def test_client_reports_api_errors(deployed: Stack, tmp_path: Path) -> None:
     assert unauthorized.returncode != 0
 
 
+def test_a_preset_submits_the_papers_grid_and_options_override_it(
+    deployed: Stack, tmp_path: Path
+) -> None:
+    from tests.factories import make_classification_data
+
+    key = deployed.new_key()
+    real, synthetic = make_classification_data(
+        deployed, key, pool_per_class=12, test_per_class=4, children_per_parent=1
+    )
+    submitted = run_cli(
+        deployed, key, tmp_path, "experiments", "submit", "--dataset", real, "--preset",
+        "paper", "--synthetic", synthetic, "--strategies", "inpaint", "--seeds", "1",
+        "--validation-per-class", "4", "--max-epochs", "1",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    summary = json.loads(submitted.stdout)
+    # 7 n_real x (real-only + k=10 inpaint) x augmentation off, on x 1 seed
+    assert summary["progress"]["total"] == 7 * 2 * 2
+    client = deployed.client(key)
+    params = client.get(f"/experiments/{summary['id']}", params={"runs": "false"}).json()["params"]
+    assert params["n_real_per_class"] == [1, 8, 16, 32, 64, 128, 228]
+    assert params["synthetic_per_real"] == [0, 10] and params["augmentation"] == [False, True]
+    assert params["strategies"] == ["inpaint"]  # the command line's, not the preset's two
+    assert params["top_n_classes"] == 9 and params["seeds"] == [1]
+    assert client.post(f"/experiments/{summary['id']}/cancel").status_code == 200
+
+    unknown = run_cli(deployed, key, tmp_path, "experiments", "submit", "--dataset", real,
+                      "--preset", "paper-2023")  # fmt: skip
+    assert unknown.returncode != 0
+    assert "'paper-2023' is not one of paper, paper-dose-response" in unknown.stderr
+
+
 def test_experiments_submit_wait_and_report(deployed: Stack, tmp_path: Path) -> None:
     from tests.factories import SEPARABLE, make_classification_data
 
