@@ -202,13 +202,19 @@ def _finished_by_setting(runs: Iterable[Run]) -> dict[tuple[Any, ...], list[Run]
 
 
 def compare_settings(
-    *, runs: list[Run], a: str, b: str, dataset_names: Mapping[str, str] | None = None
+    *,
+    runs: list[Run],
+    a: str,
+    b: str,
+    classes: list[str],
+    dataset_names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Any two settings of an experiment by their labels (the report's, e.g. `n=16 k=10
     inpaint` against `n=16 k=10 text-to-image`): top-1 and top-3 of `a` minus `b` with a
-    paired bootstrap 95% CI over the shared test images, and the top-1 difference per
-    Fitzpatrick group with the change of the gap. Raises InvalidField naming `a` or `b` for a
-    label with no finished run."""
+    paired bootstrap 95% CI over the shared test images (top-3 None with three classes or
+    fewer, where it is always 100%), and the top-1 difference per Fitzpatrick group with the
+    change of the gap. Raises InvalidField naming `a` or `b` for a label with no finished
+    run."""
     shown = shown_datasets((run.config for run in runs), dataset_names or {})
     groups = _finished_by_setting(runs)
     by_label = {
@@ -236,7 +242,11 @@ def compare_settings(
                 "an older synthderm store no per-image results)",
                 field="b",
             )
-        result[name] = metrics.paired_bootstrap_difference(treated=first[0], control=second[0])
+        result[name] = (
+            None
+            if name == "top3" and len(classes) <= 3
+            else metrics.paired_bootstrap_difference(treated=first[0], control=second[0])
+        )
         if name == "top1":
             result["by_skin_tone"] = (
                 None

@@ -483,7 +483,9 @@ def test_any_two_settings_compare_as_the_report_compares_with_real_only() -> Non
     report = build_report(runs=runs, classes=CLASSES, dataset_names=names)
     entry = next(e for e in report["settings"] if e["label"] == "n=8 k=4 inpaint inpaint-v1")
     versus = entry["versus_real_only"]
-    result = compare_settings(runs=runs, a=entry["label"], b="n=8 k=0", dataset_names=names)
+    four = [*CLASSES, "d"]  # top-3 is compared with four classes or more
+    result = compare_settings(runs=runs, a=entry["label"], b="n=8 k=0", classes=four,
+                              dataset_names=names)  # fmt: skip
     assert (result["a"], result["b"]) == ("n=8 k=4 inpaint inpaint-v1", "n=8 k=0")
     assert result["seeds_a"] == entry["seeds"] and len(result["seeds_b"]) == 2
     for name in ("top1", "top3"):
@@ -494,16 +496,19 @@ def test_any_two_settings_compare_as_the_report_compares_with_real_only() -> Non
     }
     # two strategies at one n and k: what the report alone cannot say; b minus a is -(a - b)
     pair = compare_settings(runs=runs, a="n=8 k=4 inpaint inpaint-v1",
-                            b="n=8 k=4 text-to-image t2i-v1", dataset_names=names)  # fmt: skip
+                            b="n=8 k=4 text-to-image t2i-v1", classes=CLASSES,
+                            dataset_names=names)  # fmt: skip
     swapped = compare_settings(runs=runs, a="n=8 k=4 text-to-image t2i-v1",
-                               b="n=8 k=4 inpaint inpaint-v1", dataset_names=names)  # fmt: skip
+                               b="n=8 k=4 inpaint inpaint-v1", classes=CLASSES,
+                               dataset_names=names)  # fmt: skip
+    assert pair["top3"] is None  # three classes: every run's top-3 is 100%
     assert pair["top1"]["difference"] == pytest.approx(-swapped["top1"]["difference"])
     low, high = pair["top1"]["ci"]
     assert low <= pair["top1"]["difference"] <= high
     # a label that names no finished setting: the field, and the labels there are
     with pytest.raises(InvalidField, match="a: no finished setting is labelled 'n=8 k=4'") as bad:
-        compare_settings(runs=runs, a="n=8 k=4", b="n=8 k=0", dataset_names=names)
+        compare_settings(runs=runs, a="n=8 k=4", b="n=8 k=0", classes=CLASSES, dataset_names=names)
     assert bad.value.field == "a" and "'n=8 k=4 inpaint inpaint-v1'" in str(bad.value)
     with pytest.raises(InvalidField, match="b: no finished setting") as bad:
-        compare_settings(runs=runs, a="n=8 k=0", b="n=9 k=0", dataset_names=names)
+        compare_settings(runs=runs, a="n=8 k=0", b="n=9 k=0", classes=CLASSES, dataset_names=names)
     assert bad.value.field == "b"

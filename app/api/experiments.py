@@ -244,6 +244,7 @@ def experiment_compare(
         runs=service.runs_of(session=session, experiment_id=job.id),
         a=a,
         b=b,
+        classes=list(job.params.get("classes", [])),
         dataset_names=service.synthetic_dataset_names(session=session, job=job),
     )
 
