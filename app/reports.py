@@ -134,25 +134,12 @@ def build_report(
         control = by_key.get(control_key)
         if control is None:
             continue
-        comparison: dict[str, Any] = {"control": control["setting"], "by_skin_tone": None}
-        for name in ("test_correct_top1", "test_correct_top3"):
-            treated = _correctness(groups[tuple(setting[f] for f in SETTING_FIELDS)], name)
-            baseline = _correctness(groups[control_key], name)
-            if treated is None or baseline is None or treated[1] != baseline[1]:
-                comparison[name.removeprefix("test_correct_")] = None
-                continue
-            comparison[name.removeprefix("test_correct_")] = metrics.paired_bootstrap_difference(
-                treated=treated[0], control=baseline[0]
-            )
-            test_groups = treated[2]
-            if name == "test_correct_top1" and test_groups is not None:
-                # does synthetic data help every skin tone, and does the gap narrow?
-                comparison["by_skin_tone"] = {
-                    "top1": metrics.group_differences(
-                        treated=treated[0], control=baseline[0], groups=test_groups
-                    )
-                }
-        entry["versus_real_only"] = comparison
+        entry["versus_real_only"] = {
+            "control": control["setting"],
+            **_paired_differences(
+                groups[tuple(setting[f] for f in SETTING_FIELDS)], groups[control_key]
+            ),
+        }
     comparisons = _adjust_for_multiplicity(settings)
     # every run of an experiment has the same test set and validation source: one says them
     first_split: dict[str, Any] = next(
@@ -190,6 +177,28 @@ def _adjust_for_multiplicity(settings: list[dict[str, Any]]) -> dict[str, int]:
         ):
             difference["p_holm"] = adjusted
     return {name: len(family) for name, family in families.items()}
+
+
+def _paired_differences(treated: list[Run], control: list[Run]) -> dict[str, Any]:
+    """Top-1 and top-3 of one setting's runs minus another's, paired on their shared test
+    images (None where they did not score the same images), and the top-1 difference per
+    Fitzpatrick group with the gap's change (None from runs that stored no groups): does
+    synthetic data help every skin tone, and does the gap narrow?"""
+    out: dict[str, Any] = {"by_skin_tone": None}
+    for name in ("top1", "top3"):
+        first = _correctness(treated, f"test_correct_{name}")
+        second = _correctness(control, f"test_correct_{name}")
+        if first is None or second is None or first[1] != second[1]:
+            out[name] = None
+            continue
+        out[name] = metrics.paired_bootstrap_difference(treated=first[0], control=second[0])
+        if name == "top1" and first[2] is not None:
+            out["by_skin_tone"] = {
+                "top1": metrics.group_differences(
+                    treated=first[0], control=second[0], groups=first[2]
+                )
+            }
+    return out
 
 
 def _finished_by_setting(runs: Iterable[Run]) -> dict[tuple[Any, ...], list[Run]]:
@@ -230,34 +239,22 @@ def compare_settings(
                 field=field,
             )
         chosen[field] = groups[by_label[label]]
-    result: dict[str, Any] = {"a": a, "b": b}
-    for field in ("a", "b"):
-        result[f"seeds_{field}"] = sorted(r.config["seed"] for r in chosen[field])
-    for name in ("top1", "top3"):
-        first = _correctness(chosen["a"], f"test_correct_{name}")
-        second = _correctness(chosen["b"], f"test_correct_{name}")
-        if first is None or second is None or first[1] != second[1]:
-            raise InvalidField(
-                "a, b: the two settings' runs did not score the same test images (runs of "
-                "an older synthderm store no per-image results)",
-                field="b",
-            )
-        result[name] = (
-            None
-            if name == "top3" and len(classes) <= 3
-            else metrics.paired_bootstrap_difference(treated=first[0], control=second[0])
+    differences = _paired_differences(chosen["a"], chosen["b"])
+    if differences["top1"] is None or differences["top3"] is None:
+        raise InvalidField(
+            "a, b: the two settings' runs did not score the same test images (runs of an "
+            "older synthderm store no per-image results)",
+            field="b",
         )
-        if name == "top1":
-            result["by_skin_tone"] = (
-                None
-                if first[2] is None
-                else {
-                    "top1": metrics.group_differences(
-                        treated=first[0], control=second[0], groups=first[2]
-                    )
-                }
-            )
-    return result
+    if len(classes) <= 3:
+        differences["top3"] = None
+    return {
+        "a": a,
+        "b": b,
+        "seeds_a": sorted(r.config["seed"] for r in chosen["a"]),
+        "seeds_b": sorted(r.config["seed"] for r in chosen["b"]),
+        **differences,
+    }
 
 
 def _missing(finished: list[Run]) -> dict[str, Any]:

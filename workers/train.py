@@ -200,9 +200,9 @@ class FeatureBank:
 
     def get(self, images: Sequence[ImageRef], transforms: list[str]) -> dict[str, torch.Tensor]:
         """transform -> (len(images), dim) float16 (as stored), rows in the order of `images`.
-        Each vector
-        goes straight into its rows, from the memo, the cache or the body: besides what the
-        memo keeps, memory holds the result and one batch, not the result again as bytes."""
+        Each vector goes straight into its rows, from the memo, the cache or the body: besides
+        what the memo keeps, memory holds the result and one batch, not the result again as
+        bytes."""
         make_session = session_factory(self.settings.database_url)
         dim = 2 * self.backbone.feature_dim
         rows_of: dict[str, list[int]] = {}
@@ -268,7 +268,7 @@ class FeatureBank:
                     for j, i in enumerate(rows):
                         place(transform, part[i].sha256, vectors[j])
                         self.memo.add(self.key, transform, part[i].sha256, vectors[j].copy())
-                        new.append((part[i].sha256, vectors[j].tobytes()))
+                        new.append((part[i].sha256, feature_cache.encode_vector(vectors[j])))
                     self.computed += len(new)
                     with make_session() as session:
                         feature_cache.store_features(
