@@ -4,8 +4,8 @@ Two stacks share one code path:
 - `deployed`: PostgreSQL 127.0.0.1:5432 (a fresh database per run), Redis 127.0.0.1:6379 (a
   private db index), moto's ThreadedMotoServer as S3;
 - `embedded`: SQLite, the SQLite broker and a local-directory store in a temporary folder.
-Each stack runs the API with uvicorn on a free port and a Celery worker as a subprocess (so
-tests can SIGKILL it).
+Each stack runs the API (`uvicorn app.main:app`) on a free port and a Celery worker, each as a
+subprocess configured by the environment as in production (tests can SIGKILL the worker).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +28,6 @@ import httpx
 import psycopg
 import pytest
 import redis
-import uvicorn
 from sqlalchemy import text, update
 
 from app.cli import build_tiny_models, upgrade_database
@@ -157,6 +155,7 @@ def s3_endpoint() -> Iterator[str]:
     """moto's S3 server on a free port."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -168,26 +167,53 @@ def s3_endpoint() -> Iterator[str]:
 
 
 class ApiServer:
-    """uvicorn serving create_app(settings) in a thread, on a real socket."""
+    """`uvicorn app.main:app` as a subprocess on a real socket, configured by the environment
+    as in production. Not a thread of the test process: the API draws matplotlib figures and
+    writes Parquet in its threads, and the test process also loads torch; in one process that
+    mix crashed the interpreter's garbage collector twice (docs/DEVELOPING.md)."""
 
-    def __init__(self, settings: Settings, port: int) -> None:
-        from app.main import create_app
-
+    def __init__(self, settings: Settings, port: int, log_path: Path) -> None:
+        self.settings = settings
         self.port = port
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
-        config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=port, log_level="warning"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.thread.start()
-        wait_for(lambda: self.server.started, timeout=20, what="uvicorn start")
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+                "--port", str(self.port), "--log-level", "warning", "--no-access-log",
+            ],
+            cwd=ROOT,
+            env=settings_env(self.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        wait_for(self.serving, timeout=60, what=f"uvicorn start (log: {self.log_path})")
+
+    def serving(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the API exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
 
 class Worker:
@@ -302,7 +328,7 @@ def _make_stack(name: str, settings: Settings, tmp: Path) -> Iterator[Stack]:
     from app.storage import make_store
 
     port = int(settings.public_base_url.rsplit(":", 1)[1])
-    api = ApiServer(settings, port)
+    api = ApiServer(settings, port, tmp / f"api-{name}.log")
     api.start()
     worker = Worker(settings, tmp / f"worker-{name}.log", name)
     worker.start()

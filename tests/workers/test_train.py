@@ -14,6 +14,9 @@ import pytest
 from sqlalchemy import text
 
 from app import runs as runs_module
+from app.db.session import session_factory
+from app.db.tables import ApiKey, Job
+from app.schemas import ExperimentCreate
 from tests.conftest import Stack, count_rows, wait_for
 from tests.factories import SEPARABLE, make_classification_data
 
@@ -196,14 +199,23 @@ def test_experiment_end_to_end(data, monkeypatch: pytest.MonkeyPatch) -> None:
         assert twin["reused_from"] == original["id"]
         assert twin["metrics"] == original["metrics"]
 
-    # code that computes runs differently (RESULTS_VERSION bumped) does not reuse them
+    # code that computes runs differently (RESULTS_VERSION bumped) does not reuse them: the
+    # API's own create_experiment, run here with the bumped version against the same
+    # database (the API is another process), gives every run a key no finished run has
     monkeypatch.setattr(runs_module, "RESULTS_VERSION", runs_module.RESULTS_VERSION + 1)
-    fresh = client.post("/experiments", json=body).json()
-    client.post(f"/experiments/{fresh['id']}/cancel")
     keys = "SELECT DISTINCT config_key FROM runs WHERE job_id IN (:a, :b)"
-    with stack.session() as session:
+    session = session_factory(stack.settings.database_url)()
+    try:
+        owner = session.get(ApiKey, session.get(Job, experiment["id"]).owner_id)
+        fresh, created = runs_module.create_experiment(
+            session=session, settings=stack.settings, params=ExperimentCreate(**body), owner=owner
+        )
+        assert created
+        new_keys = set(session.execute(text(keys), {"a": fresh.id, "b": fresh.id}))
         old_keys = set(session.execute(text(keys), {"a": experiment["id"], "b": again["id"]}))
-        new_keys = set(session.execute(text(keys), {"a": fresh["id"], "b": fresh["id"]}))
+    finally:
+        session.rollback()  # nothing of it is stored
+        session.close()
     assert len(new_keys) == len(old_keys) == len(runs) and not new_keys & old_keys
 
 
