@@ -10,6 +10,7 @@ subprocess configured by the environment as in production (tests can SIGKILL the
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import os
@@ -166,82 +167,32 @@ def s3_endpoint() -> Iterator[str]:
 # --- the stacks ---------------------------------------------------------------------------
 
 
-class ApiServer:
-    """`uvicorn app.main:app` as a subprocess on a real socket, configured by the environment
-    as in production. Not a thread of the test process: the API draws matplotlib figures and
-    writes Parquet in its threads, and the test process also loads torch; in one process that
-    mix crashed the interpreter's garbage collector twice (docs/DEVELOPING.md)."""
+class ServiceProcess(abc.ABC):
+    """A service of the stack as a subprocess, configured by the environment as in production,
+    in its own process group (a kill takes all of it), its output in a log file."""
 
-    def __init__(self, settings: Settings, port: int, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path) -> None:
         self.settings = settings
-        self.port = port
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @abc.abstractmethod
+    def command(self) -> list[str]:
+        """The module and arguments `python -m` runs."""
 
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                "--port", str(self.port), "--log-level", "warning", "--no-access-log",
-            ],
+            [sys.executable, "-m", *self.command()],
             cwd=ROOT,
             env=settings_env(self.settings),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
-        wait_for(self.serving, timeout=60, what=f"uvicorn start (log: {self.log_path})")
-
-    def serving(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the API exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-class Worker:
-    """A Celery worker subprocess (its own process group, so a kill takes all of it)."""
-
-    def __init__(self, settings: Settings, log_path: Path, name: str) -> None:
-        self.settings = settings
-        self.log_path = log_path
-        self.name = name
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-                "-Q", "gpu,train", "--pool", "solo", "--concurrency", "1",
-                "-n", f"{self.name}-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO",
-            ],
-            cwd=ROOT,
-            env=settings_env(self.settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        )
 
     def kill(self) -> None:
-        """SIGKILL the whole worker: no warm shutdown, no message restored."""
+        """SIGKILL the whole process group: no warm shutdown, no message restored."""
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
@@ -253,11 +204,51 @@ class Worker:
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+            self.kill()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class ApiServer(ServiceProcess):
+    """`uvicorn app.main:app` on a real socket. Not a thread of the test process: the API
+    draws matplotlib figures and writes Parquet in its threads, and the test process also
+    loads torch; in one process that mix crashed the interpreter's garbage collector twice
+    (docs/DEVELOPING.md)."""
+
+    def __init__(self, settings: Settings, port: int, log_path: Path) -> None:
+        super().__init__(settings, log_path)
+        self.port = port
+
+    def command(self) -> list[str]:
+        return ["uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", "warning", "--no-access-log"]  # fmt: skip
+
+    def start(self) -> None:
+        super().start()
+        wait_for(self.serving, timeout=60, what=f"uvicorn start (log: {self.log_path})")
+
+    def serving(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the API exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+class Worker(ServiceProcess):
+    """A Celery worker on both queues, one task at a time."""
+
+    def __init__(self, settings: Settings, log_path: Path, name: str) -> None:
+        super().__init__(settings, log_path)
+        self.name = name
+
+    def command(self) -> list[str]:
+        return ["celery", "-A", "workers.celery_app", "worker", "-Q", "gpu,train", "--pool",
+                "solo", "--concurrency", "1", "-n", f"{self.name}-{uuid.uuid4().hex[:6]}@%h",
+                "--loglevel", "INFO"]  # fmt: skip
 
 
 @dataclass
