@@ -181,15 +181,15 @@ class ServiceProcess(abc.ABC):
         """The module and arguments `python -m` runs."""
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", *self.command()],
-            cwd=ROOT,
-            env=settings_env(self.settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with self.log_path.open("ab") as log:  # the child holds its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", *self.command()],
+                cwd=ROOT,
+                env=settings_env(self.settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def kill(self) -> None:
         """SIGKILL the whole process group: no warm shutdown, no message restored."""
