@@ -37,7 +37,7 @@ from PIL import Image, ImageEnhance
 from app.config import Settings
 from app.db.session import make_engine
 from app.db.tables import Base
-from app.mixtures import ImageRef, build_split
+from app.experiments.mixtures import ImageRef, build_split
 from app.storage import LocalStore
 
 # fit_split's timings: features (the cache, or the test set's on the uncached path), the

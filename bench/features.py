@@ -33,11 +33,11 @@ import psycopg
 import torch
 from sqlalchemy import select
 
-from app import features as feature_cache
 from app.config import Settings
 from app.db.session import make_engine, session_factory
 from app.db.tables import Base, FeatureCache
-from app.mixtures import ImageRef
+from app.experiments import features as feature_cache
+from app.experiments.mixtures import ImageRef
 from bench.manifest import PG_ADMIN_DSN, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -159,7 +159,8 @@ def worker_path(
     from app.cli import upgrade_database
     from app.config import Settings
     from app.db.session import session_scope
-    from app.jobs import claim_chunk, create_job
+    from app.engine import claim_chunk
+    from app.generation.service import create_job
     from app.keys import create_key
     from app.schemas import JobCreate
     from workers import generate

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from app import metrics, plots
 from app.db.tables import Run
-from app.reports import build_report
+from app.experiments import metrics, plots
+from app.experiments.reports import build_report
 
 N_REAL = (8, 16, 32, 64, 128, None)
 KS = (0, 10, 25, 50, 75)

@@ -131,7 +131,7 @@ def main() -> None:
                 [sys.executable, "-m", "app.cli", "keys", "create", "--name", "bench"],
                 cwd=ROOT, env=env, capture_output=True, text=True, check=True,
             ).stdout.strip()  # fmt: skip
-            from app.client import Client
+            from app.cli.client import Client
 
             client = Client(url=base, key=key, timeout=600)
             started = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from app.datasets import upsert_image
+from app.datasets.repository import upsert_image
 from app.db.tables import Dataset
 from app.ids import new_id
 from app.keys import authenticate

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app import metrics
-from app.metrics import (
+from app.experiments import metrics
+from app.experiments.metrics import (
     FITZPATRICK_GROUPS,
     classification_metrics,
     correctness_string,

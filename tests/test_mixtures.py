@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from app.errors import InvalidField
-from app.mixtures import (
+from app.experiments.mixtures import (
     ImageRef,
     build_split,
     choose_classes,

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app import metrics, plots
 from app.db.tables import Run
-from app.reports import (
+from app.experiments import metrics, plots
+from app.experiments.reports import (
     build_report,
     experiment_markdown,
     report_rows,
@@ -164,7 +164,7 @@ def test_training_curves_show_at_most_limit_settings() -> None:
 
 
 def test_table_panels_fit_the_width_keep_the_order_and_lead_with_the_setting() -> None:
-    from app.cli_experiments import table_panels
+    from app.cli.experiments import table_panels
 
     header = ["setting", "a", "bb", "a long header", "d", "e"]
     rows = [["n=8 k=10 inpaint", "1", "22", "x", "48.6 ± 1.9", "+2.3 [-4.1, +8.2]"]]
@@ -464,7 +464,7 @@ def test_differences_are_starred_only_after_holms_correction() -> None:
 
 
 def test_a_difference_a_hair_under_zero_reads_as_zero() -> None:
-    from app.reports import _difference
+    from app.experiments.reports import _difference
 
     # the mean of per-image differences over seeds can come out as -1e-17
     assert _difference({"difference": -1e-17, "ci": [-0.09, 0.108]}) == "+0.0 [-9.0, +10.8]"
@@ -476,7 +476,7 @@ def test_a_difference_a_hair_under_zero_reads_as_zero() -> None:
 
 def test_any_two_settings_compare_as_the_report_compares_with_real_only() -> None:
     from app.errors import InvalidField
-    from app.reports import compare_settings
+    from app.experiments.reports import compare_settings
 
     names = {INPAINT_SET: "inpaint-v1", TEXT_SET: "t2i-v1"}
     runs = grid_runs({"inpaint": INPAINT_SET, "text-to-image": TEXT_SET})

@@ -23,16 +23,17 @@ from typing import Any
 
 from celery import Task
 
-from app import exports, jobs
+from app import engine
 from app.broker import EXPORT_TASK
 from app.config import Settings
+from app.datasets import exports
 from app.db.session import session_factory
 from app.db.tables import Image
 from app.schemas import JobStatus
 from app.storage import ObjectNotFound, ObjectStore
 from app.vocabulary import list_conditions
 from workers.celery_app import app
-from workers.generate import claim_task_chunk, heartbeat, object_store
+from workers.chunk_task import Canceled, claim_task_chunk, heartbeat, job_stopped, object_store
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ READ_BATCH = 64
 DOWNLOAD_THREADS = 8
 CARD_NAME = "README.md"
 CROISSANT_NAME = "croissant.json"
-
-
-class ExportCanceled(Exception):
-    """The job was canceled while the export ran."""
 
 
 @dataclass
@@ -121,7 +118,7 @@ def discard(store: ObjectStore, prefix: str) -> None:
 
 
 def run_export(
-    settings: Settings, claim: jobs.ChunkClaim, progress: ExportProgress
+    settings: Settings, claim: engine.ChunkClaim, progress: ExportProgress
 ) -> dict[str, Any]:
     """Write the export's shards, card and Croissant file; returns the job's result."""
     assert claim.dataset_id is not None
@@ -147,11 +144,11 @@ def run_export(
             return
         last_report = now
         with make_session() as session:
-            jobs.record_progress(
+            engine.record_progress(
                 session=session, job_id=claim.job_id, index=claim.index, done=progress.samples
             )
-            if jobs.job_status(session=session, job_id=claim.job_id) != JobStatus.RUNNING:
-                raise ExportCanceled()
+            if job_stopped(session=session, job_id=claim.job_id):
+                raise Canceled()
 
     # 2. the shards: samples into a tar on disk, each full shard streamed to the store
     summary = exports.ExportSummary.empty()
@@ -255,7 +252,7 @@ def export_dataset(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
     try:
         with heartbeat(settings, job_id=job_id, index=chunk_index, worker=worker):
             result = run_export(settings, claim, progress)
-    except ExportCanceled:
+    except Canceled:
         status = "canceled"
     except Exception as exc:
         log.exception("export %s failed", job_id)
@@ -265,8 +262,8 @@ def export_dataset(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
     with make_session() as session:
         if result is not None:
             # the result first: a client that sees `succeeded` finds the files listed
-            exports.set_export_result(session=session, job_id=job_id, result=result)
-        job_status = jobs.finish_chunk(
+            engine.set_job_result(session=session, job_id=job_id, result=result)
+        job_status = engine.finish_chunk(
             session=session,
             job_id=job_id,
             index=chunk_index,
@@ -277,6 +274,6 @@ def export_dataset(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
         if result is not None and job_status != JobStatus.SUCCEEDED:
             # canceled after the last shard was written: keep nothing, as for any cancel
             discard(store, prefix)
-            exports.set_export_result(session=session, job_id=job_id, result=None)
+            engine.set_job_result(session=session, job_id=job_id, result=None)
     log.info("export %s %s with %s samples", job_id, job_status, progress.samples)
     return {"job_id": job_id, "status": job_status, "samples": progress.samples}

@@ -11,13 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,22 +21,19 @@ from typing import Any
 from celery import Task
 from PIL import Image as PILImage
 
-from app import datasets, jobs
+from app import engine
 from app.broker import GENERATE_TASK, send_generate_chunk
-from app.config import Settings, get_settings
+from app.config import Settings
+from app.datasets import repository as datasets
 from app.db.session import session_factory
 from app.db.tables import utcnow
 from app.ids import image_seed, synthetic_image_id
-from app.schemas import JobStatus
-from app.storage import ObjectStore, image_key, make_store
+from app.storage import ObjectStore, image_key
 from app.vocabulary import get_condition, get_model
 from workers.celery_app import app
+from workers.chunk_task import Canceled, claim_task_chunk, heartbeat, job_stopped, object_store
 
 log = logging.getLogger(__name__)
-
-
-class ChunkCanceled(Exception):
-    """The job was canceled while the chunk ran."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +44,6 @@ class ChunkOutcome:
 
 _state_lock = threading.Lock()
 _pipelines: Any = None
-_store: ObjectStore | None = None
 
 
 def pipeline_cache(settings: Settings) -> Any:
@@ -69,55 +61,6 @@ def pipeline_cache(settings: Settings) -> Any:
                 compile_unet=settings.torch_compile,
             )
         return _pipelines
-
-
-def object_store(settings: Settings) -> ObjectStore:
-    global _store
-    with _state_lock:
-        if _store is None:
-            _store = make_store(settings)
-        return _store
-
-
-def worker_name(task: Task) -> str:
-    return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
-
-
-def claim_task_chunk(
-    task: Task, job_id: str, chunk_index: int
-) -> tuple[Settings, str, jobs.ChunkClaim | None]:
-    """Every task's prologue: the settings, this worker's name, and the chunk claimed for it
-    (None: the job is over, the chunk is done or another live worker holds it)."""
-    settings = get_settings()
-    worker = worker_name(task)
-    with session_factory(settings.database_url)() as session:
-        claim = jobs.claim_chunk(
-            session=session, settings=settings, job_id=job_id, index=chunk_index, worker=worker
-        )
-    return settings, worker, claim
-
-
-@contextmanager
-def heartbeat(settings: Settings, *, job_id: str, index: int, worker: str) -> Iterator[None]:
-    """Touch the chunk's heartbeat every `heartbeat_interval_s` while the body runs."""
-    stop = threading.Event()
-    make_session = session_factory(settings.database_url)
-
-    def beat() -> None:
-        while not stop.wait(settings.heartbeat_interval_s):
-            try:
-                with make_session() as session:
-                    jobs.heartbeat(session=session, job_id=job_id, index=index, worker=worker)
-            except Exception:
-                log.exception("heartbeat of chunk %s/%s failed", job_id, index)
-
-    thread = threading.Thread(target=beat, name="synthderm-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 def encode_png(image: PILImage.Image) -> bytes:
@@ -221,10 +164,10 @@ class StepControl:
             return self.canceled
         self._last = now
         with session_factory(self.settings.database_url)() as session:
-            jobs.record_step(
+            engine.record_step(
                 session=session, job_id=self.job_id, index=self.index, step=step, steps=total
             )
-            self.canceled = jobs.job_status(session=session, job_id=self.job_id) != "running"
+            self.canceled = job_stopped(session=session, job_id=self.job_id)
         return self.canceled
 
 
@@ -256,7 +199,7 @@ def fixed_batches(start: int, stop: int, size: int) -> list[list[int]]:
     return [list(range(first, min(first + size, stop))) for first in range(start, stop, size)]
 
 
-def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkOutcome:
+def run_chunk(settings: Settings, claim: engine.ChunkClaim, worker: str) -> ChunkOutcome:
     """Generate the chunk's missing images; a cancel ends it as `canceled`."""
     import diffusers
     import torch
@@ -383,7 +326,7 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
             written += len(ready)
             now = time.monotonic()
             if wait_all or now - last_progress >= settings.progress_update_interval_s:
-                jobs.record_progress(
+                engine.record_progress(
                     session=session, job_id=claim.job_id, index=claim.index, done=written
                 )
                 last_progress = now
@@ -394,7 +337,7 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
                 if done.issuperset(group):
                     continue
                 if control.canceled or not _job_running(settings, claim.job_id):
-                    raise ChunkCanceled()
+                    raise Canceled()
                 for first in range(0, len(group), limit.limit):
                     sub = group[first : first + limit.limit]
                     for batch, images in strategies.generate_adaptive(
@@ -418,7 +361,7 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
                             future = pool.submit(_store_image, store, key, image)
                             pending.append((index, provenance, key, future))
                     write_rows(wait_all=False)
-        except (ChunkCanceled, strategies.Interrupted):
+        except (Canceled, strategies.Interrupted):
             write_rows(wait_all=True)
             return ChunkOutcome("canceled", written)
         write_rows(wait_all=True)
@@ -427,7 +370,7 @@ def run_chunk(settings: Settings, claim: jobs.ChunkClaim, worker: str) -> ChunkO
 
 def _job_running(settings: Settings, job_id: str) -> bool:
     with session_factory(settings.database_url)() as session:
-        return jobs.job_status(session=session, job_id=job_id) == JobStatus.RUNNING
+        return not job_stopped(session=session, job_id=job_id)
 
 
 @app.task(name=GENERATE_TASK, bind=True, acks_late=True, ignore_result=True)
@@ -456,13 +399,13 @@ def generate_chunk(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
             # thread on the embedded transport, beside the task the main thread is running.
             time.sleep(min(30.0, 2.0 ** (claim.attempt - 1)))
             with make_session() as session:
-                jobs.release_for_retry(
+                engine.release_for_retry(
                     session=session, job_id=job_id, index=chunk_index, error=error
                 )
             send_generate_chunk(settings, job_id=job_id, chunk_index=chunk_index)
             return {"job_id": job_id, "chunk": chunk_index, "status": "retrying"}
         with make_session() as session:
-            jobs.finish_chunk(
+            engine.finish_chunk(
                 session=session,
                 job_id=job_id,
                 index=chunk_index,
@@ -472,7 +415,7 @@ def generate_chunk(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
             )
         return {"job_id": job_id, "chunk": chunk_index, "status": "failed"}
     with make_session() as session:
-        status = jobs.finish_chunk(
+        status = engine.finish_chunk(
             session=session,
             job_id=job_id,
             index=chunk_index,

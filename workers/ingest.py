@@ -7,7 +7,6 @@ are kept and the report lists the others. A rerun overwrites the same keys and r
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 import time
@@ -17,13 +16,11 @@ from typing import Any
 
 from celery import Task
 
-from app import jobs
+from app import engine
 from app.broker import INGEST_TASK
 from app.config import Settings
-from app.datasets import upsert_image
-from app.db.session import session_factory
-from app.db.tables import Condition, utcnow
-from app.ingest import (
+from app.datasets import uploads
+from app.datasets.ingest import (
     Archive,
     IngestError,
     Limits,
@@ -31,25 +28,22 @@ from app.ingest import (
     Problem,
     Row,
     check_image,
-    discard_upload,
     find_metadata,
     parse_csv,
     resolve_files,
     sort_copies,
 )
-from app.schemas import JobStatus
-from app.storage import ObjectNotFound, image_key, upload_key
+from app.datasets.repository import upsert_image
+from app.db.session import session_factory
+from app.db.tables import Condition, utcnow
+from app.storage import image_key
 from app.vocabulary import condition_name
 from workers.celery_app import app
-from workers.generate import claim_task_chunk, heartbeat, object_store
+from workers.chunk_task import Canceled, claim_task_chunk, heartbeat, job_stopped, object_store
 
 log = logging.getLogger(__name__)
 _IMAGE_NAMESPACE = uuid.UUID("8b1f2c55-0e55-4a8a-8f57-0a86a3c5c0de")
 MAX_REPORTED = 1000  # problems listed in a report; the count is always exact
-
-
-class Canceled(Exception):
-    pass
 
 
 def limits_of(settings: Settings) -> Limits:
@@ -71,7 +65,7 @@ def _report(problems: list[Problem]) -> list[dict[str, Any]]:
     return [p.as_dict() for p in _in_row_order(problems)[:MAX_REPORTED]]
 
 
-def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict[str, Any]:
+def run_ingest(settings: Settings, claim: engine.ChunkClaim, folder: Path) -> dict[str, Any]:
     """Read the upload; returns the job's result. Raises IngestError for a refused upload."""
     store = object_store(settings)
     make_session = session_factory(settings.database_url)
@@ -81,7 +75,7 @@ def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict
 
     # 1. the staged upload, to local disk (streamed)
     archive_path = folder / "archive"
-    store.get_file(upload_key(claim.job_id, "archive"), archive_path)
+    store.get_file(uploads.archive_key(claim.job_id), archive_path)
     limits = limits_of(settings)
     with archive_path.open("rb") as handle:
         archive = Archive(handle, limits)
@@ -89,7 +83,7 @@ def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict
             members = archive.check()
             if params.get("has_metadata"):
                 csv_path = folder / "metadata.csv"
-                store.get_file(upload_key(claim.job_id, "metadata.csv"), csv_path)
+                store.get_file(uploads.metadata_key(claim.job_id), csv_path)
                 csv_bytes = csv_path.read_bytes()
             else:
                 name = find_metadata(members)
@@ -113,7 +107,7 @@ def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict
             problems += missing
             rows = [r for r in rows if r.file in found]
             with make_session() as session:
-                jobs.set_job_count(
+                engine.set_job_count(
                     session=session, job_id=claim.job_id, count=len(rows) + len(problems)
                 )
             by_member: dict[str, list[Row]] = {}
@@ -175,13 +169,10 @@ def run_ingest(settings: Settings, claim: jobs.ChunkClaim, folder: Path) -> dict
                     if time.monotonic() - last > 1.0:
                         last = time.monotonic()
                         with make_session() as session:
-                            jobs.record_progress(
+                            engine.record_progress(
                                 session=session, job_id=claim.job_id, index=0, done=processed
                             )
-                            if (
-                                jobs.job_status(session=session, job_id=claim.job_id)
-                                != JobStatus.RUNNING
-                            ):
+                            if job_stopped(session=session, job_id=claim.job_id):
                                 raise Canceled()
             except BaseException:
                 _delete(store, stored_keys)
@@ -249,15 +240,12 @@ def _delete(store: Any, keys: list[str]) -> None:
 
 
 def _drop_upload(settings: Settings, job_id: str) -> None:
-    store = object_store(settings)
-    for name in ("archive", "metadata.csv"):
-        with contextlib.suppress(ObjectNotFound, FileNotFoundError):
-            store.delete(upload_key(job_id, name))
+    uploads.discard_staged_files(object_store(settings), job_id)
 
 
 def _discard_dataset(settings: Settings, job_id: str, dataset_id: str | None) -> None:
     with session_factory(settings.database_url)() as session:
-        discard_upload(session=session, job_id=job_id, dataset_id=dataset_id)
+        uploads.discard_upload(session=session, job_id=job_id, dataset_id=dataset_id)
         session.commit()
 
 
@@ -288,8 +276,8 @@ def ingest_dataset(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
         _discard_dataset(settings, job_id, claim.dataset_id)
     with make_session() as session:
         if result is not None:
-            jobs.set_job_result(session=session, job_id=job_id, result=result)
-        final = jobs.finish_chunk(
+            engine.set_job_result(session=session, job_id=job_id, result=result)
+        final = engine.finish_chunk(
             session=session, job_id=job_id, index=0, status=status, done=done, error=error
         )
     if status != "canceled" or final == "canceled":

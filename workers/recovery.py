@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from app import jobs
+from app import engine
 from app.broker import JOB_TASKS, queue_depth, send_chunk
 from app.config import Settings
 from app.db.session import session_factory
@@ -26,17 +26,17 @@ def recover_once(settings: Settings) -> int:
 def recover_kind(settings: Settings, kind: str) -> int:
     make_session = session_factory(settings.database_url)
     with make_session() as session:
-        if not jobs.has_active_chunks(session=session, kind=kind):
+        if not engine.has_active_chunks(session=session, kind=kind):
             return 0
     depth = queue_depth(settings, JOB_TASKS[kind][1])
     with make_session() as session:
-        lost = jobs.find_lost_chunks(
+        lost = engine.find_lost_chunks(
             session=session, settings=settings, kind=kind, queue_is_empty=depth == 0
         )
     sent = 0
     for chunk in lost:
         with make_session() as session, session.begin():
-            won = jobs.requeue_chunk(session=session, settings=settings, chunk=chunk)
+            won = engine.requeue_chunk(session=session, settings=settings, chunk=chunk)
         if not won:
             continue  # another worker's recovery took it, or a worker claimed it meanwhile
         send_chunk(settings, kind=kind, job_id=chunk.job_id, chunk_index=chunk.index)

@@ -25,13 +25,21 @@ import numpy as np
 import torch
 from celery import Task
 
-from app import features as feature_cache
-from app import jobs, metrics, runs
+from app import engine
 from app.broker import TRAIN_TASK
 from app.config import Settings
 from app.db.session import session_factory
-from app.mixtures import Example, ImageRef, Split, build_split, paper_batch_size, real_pool
-from app.mixtures import synthetic_children as load_children
+from app.experiments import features as feature_cache
+from app.experiments import metrics, runs
+from app.experiments.mixtures import (
+    Example,
+    ImageRef,
+    Split,
+    build_split,
+    paper_batch_size,
+    real_pool,
+)
+from app.experiments.mixtures import synthetic_children as load_children
 from app.schemas import JobStatus
 from app.storage import ObjectStore
 from models.backbones import Backbone, load_backbone
@@ -46,7 +54,7 @@ from models.transforms import (
     resize_crop,
 )
 from workers.celery_app import app
-from workers.generate import claim_task_chunk, heartbeat, object_store
+from workers.chunk_task import Canceled, claim_task_chunk, heartbeat, job_canceled, object_store
 
 log = logging.getLogger(__name__)
 DOWNLOAD_THREADS = 8
@@ -62,10 +70,6 @@ def feature_batch(settings: Settings, device: torch.device) -> int:
     if settings.classifier_feature_batch is not None:
         return settings.classifier_feature_batch
     return GPU_FEATURE_BATCH if device.type == "cuda" else CPU_FEATURE_BATCH
-
-
-class Canceled(Exception):
-    """The experiment was canceled while the run trained."""
 
 
 def predictions_key(run_id: str) -> str:
@@ -326,7 +330,7 @@ def evaluate(
 
 
 def run_training(
-    settings: Settings, claim: runs.RunClaim, *, chunk: jobs.ChunkClaim, worker: str
+    settings: Settings, claim: runs.RunClaim, *, chunk: engine.ChunkClaim, worker: str
 ) -> dict[str, Any]:
     """Train and evaluate one run; returns the values its row is closed with."""
     config = claim.config
@@ -335,7 +339,7 @@ def run_training(
 
     def check() -> None:
         with make_session() as session:
-            if jobs.job_status(session=session, job_id=claim.experiment_id) == "canceled":
+            if job_canceled(session=session, job_id=claim.experiment_id):
                 raise Canceled()
 
     # 1. the mixture
@@ -374,7 +378,7 @@ def run_training(
                 session=session, run_id=claim.run_id, epoch=epoch, history=history,
                 split=split.summary,
             )  # fmt: skip
-            jobs.record_step(
+            engine.record_step(
                 session=session, job_id=claim.experiment_id, index=claim.index, step=epoch,
                 steps=int(config["max_epochs"]),
             )  # fmt: skip
@@ -525,7 +529,7 @@ def train_run(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
         twin = runs.finished_twin(session=session, claim=claim)
         if twin is not None:
             runs.copy_results(session=session, run_id=claim.run_id, twin=twin)
-            jobs.finish_chunk(
+            engine.finish_chunk(
                 session=session, job_id=job_id, index=chunk_index, status="succeeded", done=1,
                 fail_fast=False,
             )  # fmt: skip
@@ -543,7 +547,7 @@ def train_run(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
         status, error = JobStatus.FAILED.value, f"{type(exc).__name__}: {exc}"[:4000]
     with make_session() as session:
         runs.finish_run(session=session, run_id=claim.run_id, status=status, error=error, **values)
-        jobs.finish_chunk(
+        engine.finish_chunk(
             session=session,
             job_id=job_id,
             index=chunk_index,

@@ -27,9 +27,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from app import datasets as service
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.config import Settings
+from app.datasets import repository as service
 from app.db.session import session_factory
 from app.schemas import (
     MANIFEST_COLUMNS,

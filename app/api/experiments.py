@@ -7,21 +7,18 @@ import csv
 import io
 import json
 from collections.abc import Iterator
-from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session
 
-from app import jobs, plots
-from app import runs as service
+from app import engine
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
-from app.api.jobs import dispatch_after_commit, job_out
-from app.config import Settings
-from app.db.tables import Job, Run
+from app.api.views import experiment_out, experiment_with_report, run_out
 from app.errors import InvalidField, NotFound
-from app.reports import build_report, compare_settings, setting_label, shown_datasets
+from app.experiments import plots
+from app.experiments import runs as service
+from app.experiments.reports import compare_settings, setting_label, shown_datasets
 from app.schemas import (
     ExperimentCreate,
     ExperimentList,
@@ -30,7 +27,6 @@ from app.schemas import (
     RunCreate,
     RunList,
     RunOut,
-    RunProgress,
 )
 from app.storage import ObjectNotFound, ObjectStore
 
@@ -62,74 +58,6 @@ RUN_COLUMNS = (
 )
 
 
-def run_out(run: Run) -> RunOut:
-    # the per-image correctness strings are for the report, not for reading
-    metrics = {
-        k: v
-        for k, v in (run.metrics or {}).items()
-        if k not in ("test_correct_top1", "test_correct_top3", "test_image_ids", "test_groups")
-    }
-    return RunOut(
-        id=run.id,
-        experiment_id=run.job_id,
-        index=run.index,
-        status=JobStatus(run.status),
-        config=run.config,
-        split=run.split,
-        progress=RunProgress(epoch=run.epoch, max_epochs=int(run.config.get("max_epochs", 0))),
-        history=run.history or [],
-        best_epoch=run.best_epoch,
-        metrics=metrics or None,
-        reused_from=run.reused_from,
-        timings=run.timings,
-        error=run.error,
-        created_at=run.created_at,
-        started_at=run.started_at,
-        finished_at=run.finished_at,
-    )
-
-
-def experiment_out(
-    job: Job,
-    runs: list[Run] | None = None,
-    detail: bool = False,
-    dataset_names: dict[str, str] | None = None,
-) -> ExperimentOut:
-    base = job_out(job)
-    report = None
-    if runs is not None:
-        report = build_report(
-            runs=runs, classes=list(job.params.get("classes", [])), dataset_names=dataset_names
-        )
-    return ExperimentOut(
-        id=job.id,
-        name=str(job.params.get("name", "")),
-        status=base.status,
-        params=job.params,
-        progress=base.progress,
-        timings=base.timings,
-        error=job.error,
-        report=report,
-        plots=[f"/experiments/{job.id}/plots/{name}.png" for name in plots.plot_names(job.params)],
-        runs=[run_out(r) for r in runs] if detail and runs is not None else None,
-    )
-
-
-def experiment_with_report(session: Session, job: Job, detail: bool = False) -> ExperimentOut:
-    """An experiment with its report (and with detail, every run)."""
-    return experiment_out(
-        job,
-        service.runs_of(session=session, experiment_id=job.id),
-        detail=detail,
-        dataset_names=service.synthetic_dataset_names(session=session, job=job),
-    )
-
-
-def _dispatch(background: BackgroundTasks, settings: Settings, job_id: str) -> None:
-    # Commit first, enqueue after: a fast worker must find the rows it reads.
-    background.add_task(partial(dispatch_after_commit, settings, job_id, "experiment"))
-
-
 @router.post("/experiments", status_code=status.HTTP_202_ACCEPTED, response_model=ExperimentOut)
 def create_experiment(
     body: ExperimentCreate,
@@ -146,7 +74,7 @@ def create_experiment(
     session.commit()
     response.headers["Location"] = f"/experiments/{job.id}"
     if created:
-        _dispatch(background, settings, job.id)
+        engine.enqueue_after_commit(background, settings, job)
     else:
         response.status_code = status.HTTP_200_OK
     return experiment_with_report(session, job)
@@ -160,7 +88,7 @@ def list_experiments(
     cursor: str | None = None,
 ) -> ExperimentList:
     """The caller's experiments (single runs included), newest first, without reports."""
-    rows, next_cursor = jobs.list_jobs(
+    rows, next_cursor = engine.list_jobs(
         session=session,
         owner=caller,
         status=None,
@@ -205,7 +133,7 @@ def resume_experiment(
     not redone."""
     job = service.resume_experiment(session=session, experiment_id=experiment_id, owner=caller)
     session.commit()
-    _dispatch(background, settings, job.id)
+    engine.enqueue_after_commit(background, settings, job)
     return experiment_with_report(session, job)
 
 
@@ -312,7 +240,7 @@ def create_run(
     run = service.runs_of(session=session, experiment_id=job.id)[0]
     response.headers["Location"] = f"/runs/{run.id}"
     if created:
-        _dispatch(background, settings, job.id)
+        engine.enqueue_after_commit(background, settings, job)
     else:
         response.status_code = status.HTTP_200_OK
     return run_out(run)

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 
-from app import exports as service
+from app import engine
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
-from app.api.jobs import dispatch_after_commit, job_out
-from app.db.tables import Job
-from app.exports import ExportCreate
+from app.api.views import export_out, job_out
+from app.datasets import exports as export_service
+from app.datasets.exports import ExportCreate
 from app.schemas import JobList, JobOut
-from app.storage import ObjectStore
 
 router = APIRouter(prefix="/datasets", tags=["exports"])
-
-
-def _export_out(job: Job, store: ObjectStore) -> JobOut:
-    out = job_out(job)
-    # URLs expire: every read signs them again
-    out.result = service.with_fresh_urls(result=job.result, url=store.url)
-    return out
 
 
 @router.post("/{dataset_id}/exports", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
@@ -36,13 +26,12 @@ def create_export(
 ) -> JobOut:
     """Queue an export job: shards of at most `shard_size` samples, README.md and
     croissant.json under exports/{dataset_id}/{job_id}/; the job's result lists them."""
-    job = service.create_export_job(
+    job = export_service.create_export_job(
         session=session, dataset_id=dataset_id, params=body, owner=caller
     )
     session.commit()
     response.headers["Location"] = f"/datasets/{dataset_id}/exports/{job.id}"
-    # Commit first, enqueue after: a fast worker must find the rows it reads.
-    background.add_task(partial(dispatch_after_commit, settings, job.id, "export"))
+    engine.enqueue_after_commit(background, settings, job)
     return job_out(job)
 
 
@@ -55,8 +44,10 @@ def list_exports(
     limit: int = Query(50, ge=1, le=1000),
 ) -> JobList:
     """The dataset's exports, newest first."""
-    rows = service.list_exports(session=session, dataset_id=dataset_id, owner=caller, limit=limit)
-    return JobList(items=[_export_out(job, store) for job in rows], next_cursor=None)
+    rows = export_service.list_exports(
+        session=session, dataset_id=dataset_id, owner=caller, limit=limit
+    )
+    return JobList(items=[export_out(job, store.url) for job in rows], next_cursor=None)
 
 
 @router.get("/{dataset_id}/exports/{job_id}", response_model=JobOut)
@@ -64,5 +55,7 @@ def get_export(
     dataset_id: str, job_id: str, session: SessionDep, store: StoreDep, caller: CallerDep
 ) -> JobOut:
     """One export job, with fresh download URLs for its files."""
-    job = service.get_export(session=session, dataset_id=dataset_id, job_id=job_id, owner=caller)
-    return _export_out(job, store)
+    job = export_service.get_export(
+        session=session, dataset_id=dataset_id, job_id=job_id, owner=caller
+    )
+    return export_out(job, store.url)

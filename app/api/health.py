@@ -17,11 +17,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import text
 
-from app import datasets, jobs
 from app.api.deps import CallerDep, SettingsDep, StoreDep
 from app.broker import GPU_QUEUE, TRAIN_QUEUE, check_broker, queue_depth
 from app.config import Settings
+from app.datasets import repository as datasets
 from app.db.session import session_factory
+from app.engine import metrics as job_metrics
 from app.schemas import CheckResult, Readiness
 
 router = APIRouter(tags=["health"])
@@ -71,26 +72,28 @@ class ServiceCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with session_factory(self.settings.database_url)() as session:
-            by_status = jobs.jobs_by_status(session=session)
+            by_status = job_metrics.jobs_by_kind_and_status(session=session)
             images = datasets.count_images(session=session, source="synthetic")
-            counts, total, n = jobs.chunk_durations(session=session, buckets=DURATION_BUCKETS)
+            durations = job_metrics.chunk_durations(session=session, buckets=DURATION_BUCKETS)
         family = GaugeMetricFamily(
-            "synthderm_jobs", "Generation jobs by status.", labels=["status"]
+            "synthderm_jobs", "Jobs by kind and status.", labels=["kind", "status"]
         )
-        for status, count in sorted(by_status.items()):
-            family.add_metric([status], count)
+        for (kind, status), count in sorted(by_status.items()):
+            family.add_metric([kind, status], count)
         yield family
         yield CounterMetricFamily(
             "synthderm_images_generated", "Synthetic images written.", value=images
         )
-        buckets = [(str(b), c) for b, c in zip(DURATION_BUCKETS, counts, strict=True)]
-        buckets.append(("+Inf", n))
-        yield HistogramMetricFamily(
+        histogram = HistogramMetricFamily(
             "synthderm_task_duration_seconds",
-            "Duration of succeeded generation chunk tasks.",
-            buckets=buckets,
-            sum_value=total,
+            "Duration of succeeded chunk tasks by job kind (a training run is one chunk).",
+            labels=["kind"],
         )
+        for kind, (counts, total, n) in sorted(durations.items()):
+            buckets = [(str(b), c) for b, c in zip(DURATION_BUCKETS, counts, strict=True)]
+            buckets.append(("+Inf", n))
+            histogram.add_metric([kind], buckets, sum_value=total)
+        yield histogram
         gauge = GaugeMetricFamily("synthderm_queue_depth", "Messages waiting.", labels=["queue"])
         try:
             for queue in (GPU_QUEUE, TRAIN_QUEUE):

@@ -7,21 +7,18 @@ an ingest job on a worker reads it, checks every row and image, and fills the da
 from __future__ import annotations
 
 from enum import StrEnum
-from functools import partial
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, BackgroundTasks, File, Form, Response, UploadFile, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from app import jobs as job_service
+from app import engine
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
-from app.api.jobs import dispatch_after_commit, job_out
-from app.combine import Part, combine
-from app.db.tables import Dataset
+from app.api.views import dataset_out, job_out
+from app.datasets import uploads as upload_service
+from app.datasets.combine import Part, combine
 from app.errors import InvalidField, ProblemError
-from app.ids import new_id
 from app.schemas import DatasetOut, JobOut, Strategy
-from app.storage import upload_key
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -71,14 +68,6 @@ def upload_dataset(
         )
     if size == 0:
         raise InvalidField("archive: the file is empty", field="archive")
-    dataset = Dataset(
-        id=new_id(),
-        owner_id=caller.id,
-        name=name or (archive.filename or "upload").rsplit(".", 1)[0][:200],
-        kind="real",
-    )
-    session.add(dataset)
-    session.flush()
     params = {
         "archive_name": archive.filename,
         "archive_bytes": size,
@@ -90,20 +79,17 @@ def upload_dataset(
         "split_column": split_column,
         "on_error": on_error.value,
     }
-    job = job_service.create_single_chunk_job(
-        session=session, owner=caller, kind="ingest", dataset_id=dataset.id, count=0,
+    job = upload_service.stage_upload(
+        session=session,
+        store=store,
+        owner=caller,
+        name=name or (archive.filename or "upload").rsplit(".", 1)[0][:200],
+        archive=archive.file,
+        metadata=metadata.file if metadata is not None else None,
         params=params,
-    )  # fmt: skip
-    # the bytes go to the store before the job is visible: a worker must find them
-    archive.file.seek(0)
-    store.put_file(
-        upload_key(job.id, "archive"), archive.file, content_type="application/octet-stream"
     )
-    if metadata is not None:
-        metadata.file.seek(0)
-        store.put_file(upload_key(job.id, "metadata.csv"), metadata.file, content_type="text/csv")
     session.commit()
-    background.add_task(partial(dispatch_after_commit, settings, job.id, "ingest"))
+    engine.enqueue_after_commit(background, settings, job)
     response.headers["Location"] = f"/jobs/{job.id}"
     return job_out(job)
 
@@ -143,11 +129,4 @@ def combine_datasets(body: CombineIn, session: SessionDep, caller: CallerDep) ->
         session=session, owner=caller, name=body.name, parts=parts, description=body.description
     )
     session.commit()
-    return DatasetOut(
-        id=dataset.id,
-        name=dataset.name,
-        kind=dataset.kind,
-        description=dataset.description,
-        created_at=dataset.created_at,
-        image_count=count,
-    )
+    return dataset_out(dataset, count)

@@ -67,28 +67,42 @@ def test_readyz_reports_each_dependency(stack: Stack) -> None:
 def test_metrics_text_format(stack: Stack) -> None:
     key = stack.new_key()
     text = stack.client(key).get("/metrics").text
-    assert 'synthderm_jobs{status="succeeded"}' in text
+    assert 'synthderm_jobs{kind="generate",status="succeeded"}' in text
     assert "synthderm_images_generated_total" in text
-    assert "synthderm_task_duration_seconds_bucket" in text
+    assert 'synthderm_task_duration_seconds_bucket{kind="experiment"' in text
     samples = scrape(stack, key)
-    statuses = {dict(labels)["status"] for name, labels in samples if name == "synthderm_jobs"}
-    assert statuses == {"queued", "running", "succeeded", "failed", "canceled"}
-    buckets = sorted(
-        (float(dict(labels)["le"]), value)
-        for (name, labels), value in samples.items()
-        if name == "synthderm_task_duration_seconds_bucket"
-    )
-    assert buckets[-1][0] == float("inf")
-    assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
-    assert buckets[-1][1] == samples[("synthderm_task_duration_seconds_count", ())]
+    pairs = {
+        (dict(labels)["kind"], dict(labels)["status"])
+        for name, labels in samples
+        if name == "synthderm_jobs"
+    }
+    statuses = {"queued", "running", "succeeded", "failed", "canceled"}
+    kinds = {"generate", "ingest", "export", "experiment"}
+    assert pairs == {(k, s) for k in kinds for s in statuses}
+    for kind in kinds:
+        buckets = sorted(
+            (float(dict(labels)["le"]), value)
+            for (name, labels), value in samples.items()
+            if name == "synthderm_task_duration_seconds_bucket" and dict(labels)["kind"] == kind
+        )
+        assert buckets[-1][0] == float("inf")
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
+        count = samples[("synthderm_task_duration_seconds_count", (("kind", kind),))]
+        assert buckets[-1][1] == count
 
 
-def test_metrics_count_a_finished_job(stack: Stack) -> None:
+def test_metrics_count_each_job_kind_apart(stack: Stack) -> None:
+    """A generation job and an export of its images: each is counted under its own kind (the
+    figures were once all called "generation")."""
     key = stack.new_key()
     client = stack.client(key)
     quiet(stack)
     before = scrape(stack, key)
     job = stack.wait_job(client, submit(client, count=3)["id"])
+    response = client.post(f"/datasets/{job['dataset_id']}/exports", json={})
+    assert response.status_code == 202, response.text
+    export = stack.wait_job(client, response.json()["id"])
+    assert export["status"] == "succeeded", export
     after = scrape(stack, key)
 
     def delta(name: str, **labels: str) -> float:
@@ -96,10 +110,14 @@ def test_metrics_count_a_finished_job(stack: Stack) -> None:
         return after[sample] - before.get(sample, 0.0)
 
     assert delta("synthderm_images_generated_total") == 3
-    assert delta("synthderm_jobs", status="succeeded") == 1
-    assert delta("synthderm_task_duration_seconds_count") == job["chunks"] == 1
-    assert delta("synthderm_task_duration_seconds_sum") > 0
-    assert delta("synthderm_task_duration_seconds_bucket", le="+Inf") == 1
+    assert delta("synthderm_jobs", kind="generate", status="succeeded") == 1
+    assert delta("synthderm_jobs", kind="export", status="succeeded") == 1
+    duration = "synthderm_task_duration_seconds"
+    assert delta(f"{duration}_count", kind="generate") == job["chunks"] == 1
+    assert delta(f"{duration}_sum", kind="generate") > 0
+    assert delta(f"{duration}_bucket", kind="generate", le="+Inf") == 1
+    assert delta(f"{duration}_count", kind="export") == 1
+    assert delta(f"{duration}_count", kind="experiment") == 0
 
 
 def test_readyz_fails_when_the_broker_is_down(stack: Stack) -> None:

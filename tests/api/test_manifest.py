@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import select, update
 
-from app import datasets
 from app.api import datasets as api
-from app.datasets import ManifestFilter, upsert_image
+from app.datasets import repository as datasets
+from app.datasets.repository import ManifestFilter, upsert_image
 from app.db.tables import Image, Job
 from app.ids import new_id
 from app.keys import authenticate

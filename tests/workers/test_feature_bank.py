@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from app import features as feature_cache
 from app.config import Settings
 from app.db.session import make_engine, session_factory
 from app.db.tables import Base, FeatureCache
-from app.mixtures import ImageRef
+from app.experiments import features as feature_cache
+from app.experiments.mixtures import ImageRef
 from app.storage import LocalStore
 from models.transforms import augmented_view_id, eval_transform_id
 from tests.workers.test_ingest import png

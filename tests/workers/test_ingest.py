@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from app.ingest import FITZPATRICK17K_COLUMNS
+from app.datasets.ingest import FITZPATRICK17K_COLUMNS
 from tests.conftest import Stack, count_rows
 from tests.factories import SHARED_DATA
 

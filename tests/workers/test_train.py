@@ -13,9 +13,9 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from app import runs as runs_module
 from app.db.session import session_factory
 from app.db.tables import ApiKey, Job
+from app.experiments import runs as runs_module
 from app.schemas import ExperimentCreate
 from tests.conftest import Stack, count_rows, wait_for
 from tests.factories import SEPARABLE, make_classification_data

@@ -22,13 +22,13 @@ import typer
 from rich.console import Console
 from sqlalchemy.orm import Session
 
-from app.cli_experiments import experiments_cli
+from app.cli.experiments import experiments_cli
 from app.config import Settings, get_settings
 
 if TYPE_CHECKING:
-    from app.client import Client
+    from app.cli.client import Client
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: alembic.ini, migrations/
 console = Console(stderr=True)
 
 
@@ -212,7 +212,7 @@ def images_regenerate(
 
 
 def _client() -> Client:
-    from app.client import Client
+    from app.cli.client import Client
 
     return Client.from_environment()
 
@@ -263,7 +263,7 @@ def login(
     key: Annotated[str, typer.Option(prompt=True, hide_input=True, help="Your API key.")] = "",
 ) -> None:
     """Save the API URL and key for the client commands."""
-    from app.client import save_config
+    from app.cli.client import save_config
 
     typer.echo(f"saved to {save_config(url=url, key=key)}")
 
@@ -291,7 +291,7 @@ def jobs_submit(
     wait: Annotated[bool, typer.Option(help="Follow it with a progress bar.")] = False,
 ) -> None:
     """Submit a generation job."""
-    from app.client import ApiError
+    from app.cli.client import ApiError
 
     client = _client()
     body = {
@@ -322,7 +322,7 @@ def jobs_submit(
 @jobs_cli.command("show")
 def jobs_show(job_id: str) -> None:
     """A job's status, progress and result."""
-    from app.client import ApiError
+    from app.cli.client import ApiError
 
     try:
         typer.echo(json.dumps(_client().get(f"/jobs/{job_id}"), indent=2))
@@ -333,7 +333,7 @@ def jobs_show(job_id: str) -> None:
 @jobs_cli.command("wait")
 def jobs_wait(job_id: str) -> None:
     """Follow a job to its end with a progress bar; exit 1 unless it succeeds."""
-    from app.client import ApiError
+    from app.cli.client import ApiError
 
     client = _client()
     try:
@@ -379,7 +379,7 @@ def jobs_list(status: Annotated[str | None, typer.Option()] = None) -> None:
 @jobs_cli.command("cancel")
 def jobs_cancel(job_id: str) -> None:
     """Cancel a queued or running job."""
-    from app.client import ApiError
+    from app.cli.client import ApiError
 
     try:
         typer.echo(json.dumps(_client().post(f"/jobs/{job_id}/cancel"), indent=2))
@@ -408,7 +408,7 @@ def datasets_show(dataset_id: str) -> None:
     """A dataset's counts by condition x skin tone x strategy."""
     from rich.table import Table
 
-    from app.client import ApiError
+    from app.cli.client import ApiError
 
     try:
         body = _client().get(f"/datasets/{dataset_id}")
@@ -466,7 +466,7 @@ def datasets_upload(
     """Upload a real labelled dataset: an archive of images and a metadata CSV."""
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
-    from app.client import ApiError
+    from app.cli.client import ApiError
 
     client = _client()
     form = {
@@ -509,7 +509,7 @@ def datasets_download(
     """Download every image (parallel, resumable), verifying each sha256."""
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
-    from app.client import ApiError
+    from app.cli.client import ApiError
 
     client = _client()
     filters = {"condition": condition, "skin_tone": skin_tone, "strategy": strategy}
@@ -559,7 +559,7 @@ def datasets_export(
     wait: Annotated[bool, typer.Option(help="Follow the export job.")] = True,
 ) -> None:
     """Export WebDataset shards, a dataset card and Croissant metadata to the store."""
-    from app.client import ApiError
+    from app.cli.client import ApiError
 
     client = _client()
     try:
@@ -704,7 +704,7 @@ def run(
 
 
 def main() -> None:
-    from app.client import ApiError
+    from app.cli.client import ApiError
 
     try:
         cli()

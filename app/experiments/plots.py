@@ -20,15 +20,15 @@ from matplotlib.figure import Figure
 
 from app.db.tables import Run
 from app.errors import InvalidField, NotFound
-from app.metrics import FITZPATRICK_GROUPS
-from app.reports import (
+from app.experiments.metrics import FITZPATRICK_GROUPS
+from app.experiments.reports import (
     build_report,
     has_skin_tones,
     setting_label,
     shown_datasets,
     skin_tone_versus,
 )
-from app.runs import SETTING_FIELDS
+from app.experiments.runs import SETTING_FIELDS
 
 EXPERIMENT_PLOTS = (
     "accuracy-vs-n-real",

@@ -500,18 +500,6 @@ def count_images(*, session: Session, source: str | None = None) -> int:
     return int(session.scalar(query) or 0)
 
 
-def count_job_images(*, session: Session, job_id: str, start: int, stop: int) -> int:
-    """Rows written for images [start, stop) of a job."""
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(Image)
-            .where(Image.job_id == job_id, Image.index >= start, Image.index < stop)
-        )
-        or 0
-    )
-
-
 def parent_candidates(
     *, session: Session, dataset_id: str, condition: str, skin_tone: int | None
 ) -> list[str]:

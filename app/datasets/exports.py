@@ -18,11 +18,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app import jobs
-from app.datasets import ManifestFilter, _filtered, get_dataset
+from app import engine
+from app.datasets.repository import ManifestFilter, _filtered, get_dataset
 from app.db.tables import ApiKey, Dataset, Image, Job, utcnow
 from app.errors import InvalidField, NotFound
 from app.schemas import Strategy
@@ -178,23 +178,17 @@ def create_export_job(
         "as_of": as_of.isoformat(),
         **{k: getattr(filters, k) for k in FILTER_NAMES if getattr(filters, k) is not None},
     }
-    job = jobs.create_single_chunk_job(
+    return engine.insert_job(
         session=session,
         owner=owner,
         kind="export",
         dataset_id=dataset.id,
         count=count,
+        chunk_size=max(count, 1),
+        seed=seed if params.shuffle and seed is not None else 0,
         params=stored,
+        created_at=as_of,
     )
-    job.seed = seed if params.shuffle and seed is not None else 0
-    job.created_at = as_of
-    return job
-
-
-def set_export_result(*, session: Session, job_id: str, result: dict[str, Any] | None) -> None:
-    """Record what an export wrote (None: nothing kept). Commits."""
-    session.execute(update(Job).where(Job.id == job_id).values(result=result))
-    session.commit()
 
 
 def get_export(*, session: Session, dataset_id: str, job_id: str, owner: ApiKey) -> Job:

@@ -21,12 +21,7 @@ from pathlib import PurePosixPath
 from typing import IO, Any
 
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import delete
-from sqlalchemy.orm import Session
 
-from app.db.tables import Dataset
-from app.db.tables import Image as ImageRow
-from app.jobs import detach_dataset
 from app.vocabulary import slugify
 
 FORMATS = ("generic", "fitzpatrick17k", "ddi")
@@ -520,15 +515,3 @@ def check_image(data: bytes, limits: Limits) -> CheckedImage:
         raise ValueError(f"image format {kind or 'unknown'} is not JPEG, PNG, WebP, BMP or TIFF")
     extension, content_type = IMAGE_FORMATS[kind]
     return CheckedImage(hashlib.sha256(data).hexdigest(), width, height, extension, content_type)
-
-
-def discard_upload(*, session: Session, job_id: str, dataset_id: str | None) -> None:
-    """A refused or canceled upload keeps nothing: its rows and dataset go, and the job
-    forgets the dataset. Not committed."""
-    if dataset_id is None:
-        return
-    detach_dataset(session=session, job_id=job_id)
-    session.execute(delete(ImageRow).where(ImageRow.dataset_id == dataset_id))
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is not None:
-        session.delete(dataset)

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from app import metrics
 from app.db.tables import Run
 from app.errors import InvalidField
-from app.runs import SETTING_FIELDS, setting_of
+from app.experiments import metrics
+from app.experiments.runs import SETTING_FIELDS, setting_of
 from app.schemas import JobStatus
 
 HEADLINE = ("top1", "top3", "balanced_accuracy", "macro_auroc")

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app.client import ApiError, Client
+from app.cli.client import ApiError, Client
 
 console = Console()
 experiments_cli = typer.Typer(
@@ -206,7 +206,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def print_report(experiment: dict[str, Any]) -> None:
-    from app.reports import report_rows, runs_text, skin_tone_difference_rows
+    from app.experiments.reports import report_rows, runs_text, skin_tone_difference_rows
 
     report = experiment.get("report")
     if not report or not report["settings"]:
@@ -257,7 +257,7 @@ def report(
 ) -> None:
     """Print an experiment's table and save its report and plots (PNG and SVG)."""
     from app.cli import _client
-    from app.reports import experiment_markdown
+    from app.experiments.reports import experiment_markdown
 
     client = _client()
     experiment = client.get(f"/experiments/{experiment_id}", runs="false")
@@ -299,8 +299,8 @@ def predictions(
 
 def comparison_rows(result: dict[str, Any]) -> list[list[str]]:
     """GET /experiments/{id}/compare as table rows: metric, difference, CI, p-value."""
-    from app.metrics import FITZPATRICK_GROUPS
-    from app.reports import format_points
+    from app.experiments.metrics import FITZPATRICK_GROUPS
+    from app.experiments.reports import format_points
 
     def row(name: str, value: dict[str, Any] | None) -> list[str]:
         if not value:

@@ -15,13 +15,13 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from app import jobs
+from app import engine
 from app.config import Settings
 from app.db.paging import newest_first
 from app.db.tables import ApiKey, Dataset, Job, JobChunk, Run, utcnow
 from app.errors import Conflict, InvalidField, NotFound
+from app.experiments.mixtures import check_datasets, choose_classes, data_fingerprint, pool_counts
 from app.ids import new_id
-from app.mixtures import check_datasets, choose_classes, data_fingerprint, pool_counts
 from app.schemas import ExperimentCreate, JobStatus, RunCreate
 
 EXPERIMENT_KIND = "experiment"
@@ -164,7 +164,7 @@ def create_experiment(
 ) -> tuple[Job, bool]:
     """Validate a grid and insert its job, chunks and runs; (job, created). Not committed."""
     # 1. idempotency: the same key returns the experiment it made before
-    existing = jobs.job_with_key(session=session, owner=owner, key=params.idempotency_key)
+    existing = engine.job_with_key(session=session, owner=owner, key=params.idempotency_key)
     if existing is not None:
         return existing, False
 
@@ -188,35 +188,23 @@ def create_experiment(
 
     # 3. the job, one chunk and one run per grid point
     now = utcnow()
-    job = Job(
-        id=new_id(),
-        owner_id=owner.id,
-        dataset_id=params.dataset,
+    job = engine.insert_job(
+        session=session,
+        owner=owner,
         kind=EXPERIMENT_KIND,
-        status=JobStatus.QUEUED.value,
+        dataset_id=params.dataset,
         count=len(configs),
-        seed=params.seeds[0],
         chunk_size=1,
+        seed=params.seeds[0],
         params={
             **params.model_dump(mode="json", exclude={"idempotency_key"}),
             **shared,
             "name": name or params.name or f"experiment on {params.dataset}",
             "classes": classes,
         },
-        done=0,
         idempotency_key=params.idempotency_key,
         created_at=now,
     )
-    session.add(job)
-    session.flush()
-    session.execute(
-        insert(JobChunk),
-        [
-            {"job_id": job.id, "index": i, "start": i, "stop": i + 1, "status": "pending",
-             "done": 0, "attempts": 0, "dispatches": 0}
-            for i in range(len(configs))
-        ],
-    )  # fmt: skip
     session.execute(
         insert(Run),
         [
@@ -311,7 +299,7 @@ def cancel_experiment(*, session: Session, experiment_id: str, owner: ApiKey) ->
     """Cancel an experiment: queued runs never start, a running one stops at its next epoch.
     Not committed."""
     job = get_experiment(session=session, experiment_id=experiment_id, owner=owner)
-    jobs.cancel_job(session=session, job_id=job.id, owner=owner)
+    engine.cancel_job(session=session, job_id=job.id, owner=owner)
     session.execute(
         update(Run)
         .where(Run.job_id == job.id, Run.status == JobStatus.QUEUED.value)

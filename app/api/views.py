@@ -1,0 +1,164 @@
+"""Row -> schema mappers: the public view of jobs, datasets, experiments and runs.
+
+Routers import these; no router imports another router.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sqlalchemy.orm import Session
+
+from app import engine
+from app.datasets import exports as export_service
+from app.db.tables import Dataset, Job, JobChunk, Run
+from app.experiments import plots
+from app.experiments import runs as run_service
+from app.experiments.reports import build_report
+from app.schemas import (
+    ChunkStep,
+    CountRow,
+    DatasetOut,
+    ExperimentOut,
+    JobOut,
+    JobStatus,
+    Progress,
+    RunOut,
+    RunProgress,
+    SplitCountRow,
+    Strategy,
+    Timings,
+)
+
+
+def job_out(job: Job, running: list[JobChunk] | None = None) -> JobOut:
+    """The public view of a job row (with its running chunks' steps when given)."""
+    now = datetime.now(UTC)
+    queued_s = running_s = None
+    if job.started_at is not None:
+        queued_s = (job.started_at - job.created_at).total_seconds()
+        running_s = ((job.finished_at or now) - job.started_at).total_seconds()
+    return JobOut(
+        id=job.id,
+        kind=job.kind,
+        status=JobStatus(job.status),
+        dataset_id=job.dataset_id,
+        condition=job.condition,
+        skin_tone=job.skin_tone,
+        strategy=Strategy(job.strategy) if job.strategy else None,
+        model=job.model_id,
+        count=job.count,
+        seed=job.seed,
+        chunk_size=job.chunk_size,
+        chunks=engine.chunk_count(job),
+        params=job.params or {},
+        progress=Progress(
+            done=job.done,
+            total=job.count,
+            running=[
+                ChunkStep(chunk=c.index, done=c.done, step=c.step, steps=c.steps)
+                for c in running or []
+            ],
+        ),
+        timings=Timings(
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            canceled_at=job.canceled_at,
+            queued_s=queued_s,
+            running_s=running_s,
+        ),
+        error=job.error,
+        result=job.result,
+        idempotency_key=job.idempotency_key,
+    )
+
+
+def export_out(job: Job, url: Callable[[str], str]) -> JobOut:
+    """An export job, with its download URLs signed again (they expire)."""
+    out = job_out(job)
+    out.result = export_service.with_fresh_urls(result=job.result, url=url)
+    return out
+
+
+def dataset_out(
+    dataset: Dataset,
+    image_count: int,
+    counts: list[CountRow] | None = None,
+    splits: list[SplitCountRow] | None = None,
+) -> DatasetOut:
+    """The public view of a dataset row (with its counts when given)."""
+    return DatasetOut(
+        id=dataset.id,
+        name=dataset.name,
+        kind=dataset.kind,
+        description=dataset.description,
+        created_at=dataset.created_at,
+        image_count=image_count,
+        counts=counts,
+        splits=splits,
+    )
+
+
+def run_out(run: Run) -> RunOut:
+    # the per-image correctness strings are for the report, not for reading
+    metrics = {
+        k: v
+        for k, v in (run.metrics or {}).items()
+        if k not in ("test_correct_top1", "test_correct_top3", "test_image_ids", "test_groups")
+    }
+    return RunOut(
+        id=run.id,
+        experiment_id=run.job_id,
+        index=run.index,
+        status=JobStatus(run.status),
+        config=run.config,
+        split=run.split,
+        progress=RunProgress(epoch=run.epoch, max_epochs=int(run.config.get("max_epochs", 0))),
+        history=run.history or [],
+        best_epoch=run.best_epoch,
+        metrics=metrics or None,
+        reused_from=run.reused_from,
+        timings=run.timings,
+        error=run.error,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+    )
+
+
+def experiment_out(
+    job: Job,
+    runs: list[Run] | None = None,
+    detail: bool = False,
+    dataset_names: dict[str, str] | None = None,
+) -> ExperimentOut:
+    base = job_out(job)
+    report = None
+    if runs is not None:
+        report = build_report(
+            runs=runs, classes=list(job.params.get("classes", [])), dataset_names=dataset_names
+        )
+    return ExperimentOut(
+        id=job.id,
+        name=str(job.params.get("name", "")),
+        status=base.status,
+        params=job.params,
+        progress=base.progress,
+        timings=base.timings,
+        error=job.error,
+        report=report,
+        plots=[f"/experiments/{job.id}/plots/{name}.png" for name in plots.plot_names(job.params)],
+        runs=[run_out(r) for r in runs] if detail and runs is not None else None,
+    )
+
+
+def experiment_with_report(session: Session, job: Job, detail: bool = False) -> ExperimentOut:
+    """An experiment with its report (and with detail, every run)."""
+    return experiment_out(
+        job,
+        run_service.runs_of(session=session, experiment_id=job.id),
+        detail=detail,
+        dataset_names=run_service.synthetic_dataset_names(session=session, job=job),
+    )

@@ -1,0 +1,78 @@
+"""The job engine: the life of every job kind (generate, ingest, export, experiment).
+
+A job is inserted with its chunks (`insert_job`), committed by its caller, then dispatched
+(`enqueue_after_commit`); workers claim chunks, beat, report progress and finish them here, and
+the recovery step finds chunks whose messages were lost. The database is the source of truth;
+the broker only delivers ids. The engine imports no domain (datasets, generation, experiments):
+they import it.
+
+Commit rule: functions a worker calls (claims, progress, finish, recovery) commit, and say so;
+functions a service calls inside its own unit of work (insert, cancel, lookups) never do, and
+the API request that called the service commits once.
+"""
+
+from app.engine.claims import (
+    ChunkClaim,
+    claim_chunk,
+    finish_chunk,
+    job_status,
+    record_heartbeat,
+    record_progress,
+    record_step,
+    release_for_retry,
+)
+from app.engine.dispatch import dispatch_after_commit, dispatch_job, enqueue_after_commit
+from app.engine.jobs import (
+    ACTIVE_STATUS_VALUES,
+    ChunkStatus,
+    cancel_job,
+    chunk_count,
+    count_job_images,
+    detach_dataset,
+    get_job,
+    insert_job,
+    job_with_key,
+    list_jobs,
+    running_chunks,
+    set_job_count,
+    set_job_result,
+)
+from app.engine.recovery import (
+    DISPATCH_GRACE_S,
+    LostChunk,
+    find_lost_chunks,
+    has_active_chunks,
+    requeue_chunk,
+)
+
+__all__ = [
+    "ACTIVE_STATUS_VALUES",
+    "DISPATCH_GRACE_S",
+    "ChunkClaim",
+    "ChunkStatus",
+    "LostChunk",
+    "cancel_job",
+    "chunk_count",
+    "claim_chunk",
+    "count_job_images",
+    "detach_dataset",
+    "dispatch_after_commit",
+    "dispatch_job",
+    "enqueue_after_commit",
+    "find_lost_chunks",
+    "finish_chunk",
+    "get_job",
+    "has_active_chunks",
+    "insert_job",
+    "job_status",
+    "job_with_key",
+    "list_jobs",
+    "record_heartbeat",
+    "record_progress",
+    "record_step",
+    "release_for_retry",
+    "requeue_chunk",
+    "running_chunks",
+    "set_job_count",
+    "set_job_result",
+]

@@ -1,0 +1,189 @@
+"""Job and chunk rows: insert (one function for every kind), look up, list, cancel, settle.
+
+None of these commit: a service calls them inside its unit of work and the request commits.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from app.db.paging import newest_first
+from app.db.tables import ApiKey, Image, Job, JobChunk, utcnow
+from app.errors import Conflict, NotFound
+from app.ids import new_id
+from app.schemas import ACTIVE_JOB_STATUSES, JobStatus
+
+ACTIVE_STATUS_VALUES = tuple(s.value for s in ACTIVE_JOB_STATUSES)
+# Kinds whose count is split into chunks of chunk_size; every other kind is one chunk.
+CHUNKED_KINDS = ("generate", "experiment")
+
+
+class ChunkStatus(StrEnum):
+    """A chunk's state; a job's (JobStatus) is settled from its chunks'."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+UNFINISHED_CHUNKS = (ChunkStatus.PENDING.value, ChunkStatus.RUNNING.value)
+
+
+def insert_job(
+    *,
+    session: Session,
+    owner: ApiKey,
+    kind: str,
+    count: int,
+    chunk_size: int,
+    params: dict[str, Any],
+    dataset_id: str | None = None,
+    seed: int = 0,
+    idempotency_key: str | None = None,
+    condition: str | None = None,
+    skin_tone: int | None = None,
+    strategy: str | None = None,
+    model_id: str | None = None,
+    created_at: datetime | None = None,
+) -> Job:
+    """A queued job of `kind` and its chunks: [start, stop) ranges of `chunk_size` over
+    max(count, 1) images (or runs, or rows). Flushed, not committed."""
+    job = Job(
+        id=new_id(),
+        owner_id=owner.id,
+        dataset_id=dataset_id,
+        kind=kind,
+        status=JobStatus.QUEUED.value,
+        condition=condition,
+        skin_tone=skin_tone,
+        strategy=strategy,
+        model_id=model_id,
+        count=count,
+        seed=seed,
+        chunk_size=chunk_size,
+        params=params,
+        done=0,
+        idempotency_key=idempotency_key,
+        created_at=created_at or utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    total = max(count, 1)
+    session.execute(
+        insert(JobChunk),
+        [
+            {"job_id": job.id, "index": i, "start": start,
+             "stop": min(start + chunk_size, total), "status": ChunkStatus.PENDING.value,
+             "done": 0, "attempts": 0, "dispatches": 0}
+            for i, start in enumerate(range(0, total, chunk_size))
+        ],
+    )  # fmt: skip
+    return job
+
+
+def job_with_key(*, session: Session, owner: ApiKey, key: str | None) -> Job | None:
+    """The caller's job made with this idempotency key, if any."""
+    if not key:
+        return None
+    return session.scalar(select(Job).where(Job.owner_id == owner.id, Job.idempotency_key == key))
+
+
+def set_job_count(*, session: Session, job_id: str, count: int) -> None:
+    """An ingest learns its row count once it has read the CSV. Commits."""
+    session.execute(update(Job).where(Job.id == job_id).values(count=count))
+    session.commit()
+
+
+def set_job_result(*, session: Session, job_id: str, result: dict[str, Any] | None) -> None:
+    """Record what a job made (None: nothing kept). Commits."""
+    session.execute(update(Job).where(Job.id == job_id).values(result=result))
+    session.commit()
+
+
+def detach_dataset(*, session: Session, job_id: str) -> None:
+    """A failed ingest keeps nothing: the job forgets the dataset it was filling."""
+    session.execute(update(Job).where(Job.id == job_id).values(dataset_id=None))
+
+
+def chunk_count(job: Job) -> int:
+    """How many chunks a job has (from its row, without reading them)."""
+    if job.kind not in CHUNKED_KINDS:
+        return 1
+    return -(-job.count // job.chunk_size)
+
+
+def count_job_images(*, session: Session, job_id: str, start: int, stop: int) -> int:
+    """Rows written for images [start, stop) of a job."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Image)
+            .where(Image.job_id == job_id, Image.index >= start, Image.index < stop)
+        )
+        or 0
+    )
+
+
+def get_job(*, session: Session, job_id: str, owner: ApiKey) -> Job:
+    """The caller's job; NotFound for a missing job or another key's."""
+    job = session.get(Job, job_id)
+    if job is None or job.owner_id != owner.id:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+def list_jobs(
+    *,
+    session: Session,
+    owner: ApiKey,
+    status: JobStatus | None,
+    limit: int,
+    cursor: str | None,
+    kind: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """The caller's jobs (of one kind when given), newest first, keyset-paged on
+    (created_at, id)."""
+    query = select(Job).where(Job.owner_id == owner.id)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    if status is not None:
+        query = query.where(Job.status == status.value)
+    return newest_first(
+        session=session, query=query, table=Job, owner_id=owner.id, limit=limit, cursor=cursor
+    )
+
+
+def running_chunks(*, session: Session, job_id: str) -> list[JobChunk]:
+    """The job's chunks being worked on now, with their step."""
+    return list(
+        session.scalars(
+            select(JobChunk)
+            .where(JobChunk.job_id == job_id, JobChunk.status == ChunkStatus.RUNNING.value)
+            .order_by(JobChunk.index)
+        )
+    )
+
+
+def cancel_job(*, session: Session, job_id: str, owner: ApiKey) -> Job:
+    """Cancel a queued or running job: pending chunks never run, a running one stops at its
+    next batch. What was already written stays."""
+    job = get_job(session=session, job_id=job_id, owner=owner)
+    if job.status not in ACTIVE_JOB_STATUSES:
+        raise Conflict(f"job {job.id} is already {job.status}; only queued or running jobs cancel")
+    now = utcnow()
+    job.status = JobStatus.CANCELED.value
+    job.canceled_at = now
+    job.finished_at = now
+    session.execute(
+        update(JobChunk)
+        .where(JobChunk.job_id == job.id, JobChunk.status == ChunkStatus.PENDING.value)
+        .values(status=ChunkStatus.CANCELED.value, finished_at=now)
+    )
+    return job

@@ -1,0 +1,189 @@
+"""The generation service: validate a POST /jobs body and insert its job. Not committed.
+
+Strategies' parameters, the model check, parent selection and the synthetic dataset the images
+go to; the engine inserts the job and its chunks.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from typing import Any
+
+from sqlalchemy import insert
+from sqlalchemy.orm import Session
+
+from app import engine
+from app.config import Settings
+from app.datasets.repository import parent_candidates
+from app.db.tables import ApiKey, Dataset, Job, JobParent
+from app.errors import InvalidField
+from app.ids import new_id
+from app.schemas import JobCreate, Strategy
+from app.vocabulary import get_condition, get_model
+
+# Strategies that edit a real parent image, and those that need an inpainting pipeline.
+EDIT_STRATEGIES = (Strategy.INPAINT, Strategy.INPAINT_OUTPAINT, Strategy.IMAGE_TO_IMAGE)
+INPAINT_STRATEGIES = (Strategy.INPAINT, Strategy.INPAINT_OUTPAINT)
+MAX_COUNT = 1_000_000
+
+
+def _job_params(params: JobCreate) -> dict[str, Any]:
+    keys = (
+        "guidance_scale",
+        "num_inference_steps",
+        "strength",
+        "width",
+        "height",
+        "mask_fraction",
+        "outpaint_strength",
+        "frame_px",
+        "source_dataset",
+    )
+    out: dict[str, Any] = {k: getattr(params, k) for k in keys if getattr(params, k) is not None}
+    if params.negative_prompt:
+        out["negative_prompt"] = params.negative_prompt
+    out["synthetic_per_real"] = params.synthetic_per_real
+    return out
+
+
+def _check_model(*, session: Session, settings: Settings, params: JobCreate) -> str:
+    """The generator the job uses, checked against its strategy."""
+    inpaint = params.strategy in INPAINT_STRATEGIES
+    model_id = params.model or (
+        settings.default_inpaint_model if inpaint else settings.default_model
+    )
+    model = get_model(session=session, model_id=model_id)
+    if model is None:
+        raise InvalidField(
+            f"model: unknown model {model_id!r} (GET /models lists them)", field="model"
+        )
+    is_inpaint_model = "Inpaint" in model.pipeline_class
+    if inpaint and not is_inpaint_model:
+        raise InvalidField(
+            f"model: strategy {params.strategy.value} needs an inpainting pipeline; "
+            f"{model_id} is a {model.pipeline_class}",
+            field="model",
+        )
+    if not inpaint and is_inpaint_model:
+        raise InvalidField(
+            f"model: strategy {params.strategy.value} needs a text-to-image pipeline; "
+            f"{model_id} is a {model.pipeline_class}",
+            field="model",
+        )
+    return model_id
+
+
+def _select_parents(
+    *, session: Session, params: JobCreate, owner: ApiKey, seed: int
+) -> tuple[list[str], int]:
+    """The parent images (in the order the job uses them) and the job's image count.
+
+    Parents are the source dataset's images of the job's condition (and skin tone when set),
+    in a seeded shuffle; image i derives from parent i // k (PAPER.md section 4)."""
+    k = params.synthetic_per_real
+    if params.source_dataset is None:
+        if params.strategy in EDIT_STRATEGIES:
+            raise InvalidField(
+                f"source_dataset: strategy {params.strategy.value} edits real images; "
+                "name the real dataset to take them from",
+                field="source_dataset",
+            )
+        if params.count is None:
+            raise InvalidField("count: required (1..1,000,000)", field="count")
+        return [], params.count
+    source = session.get(Dataset, params.source_dataset)
+    if source is None or source.owner_id != owner.id:
+        raise InvalidField(
+            f"source_dataset: no dataset {params.source_dataset!r}", field="source_dataset"
+        )
+    if source.kind != "real":
+        raise InvalidField("source_dataset: must be a real dataset", field="source_dataset")
+    candidates = parent_candidates(
+        session=session,
+        dataset_id=source.id,
+        condition=params.condition,
+        skin_tone=params.skin_tone,
+    )
+    tone = f" on skin type {params.skin_tone}" if params.skin_tone else ""
+    if not candidates:
+        raise InvalidField(
+            f"source_dataset: no {params.condition} images{tone} in dataset {source.id}",
+            field="source_dataset",
+        )
+    random.Random(seed).shuffle(candidates)
+    count = params.count if params.count is not None else len(candidates) * k
+    if count > len(candidates) * k:
+        raise InvalidField(
+            f"count: {count} images at synthetic_per_real={k} need {-(-count // k)} parents; "
+            f"the source has {len(candidates)} {params.condition} images{tone}",
+            field="count",
+        )
+    if count > MAX_COUNT:
+        raise InvalidField(
+            f"count: {len(candidates)} parents x {k} is {count} images, more than "
+            f"{MAX_COUNT:,}; give a smaller count",
+            field="count",
+        )
+    return candidates[: -(-count // k)], count
+
+
+def create_job(
+    *, session: Session, settings: Settings, params: JobCreate, owner: ApiKey
+) -> tuple[Job, bool]:
+    """Validate and insert a job, its dataset, its parents and its chunks; (job, created).
+    Not committed."""
+    # 1. idempotency: the same key returns the job it made before
+    existing = engine.job_with_key(session=session, owner=owner, key=params.idempotency_key)
+    if existing is not None:
+        return existing, False
+
+    # 2. vocabulary, model, parents
+    if get_condition(session=session, slug=params.condition) is None:
+        raise InvalidField(
+            f"condition: unknown condition {params.condition!r} (GET /conditions lists them)",
+            field="condition",
+        )
+    model_id = _check_model(session=session, settings=settings, params=params)
+    seed = params.seed if params.seed is not None else secrets.randbits(62)
+    parents, count = _select_parents(session=session, params=params, owner=owner, seed=seed)
+
+    # 3. the synthetic dataset the images go to
+    if params.dataset_id is not None:
+        dataset = session.get(Dataset, params.dataset_id)
+        if dataset is None or dataset.owner_id != owner.id:
+            raise InvalidField(f"dataset_id: no dataset {params.dataset_id!r}", field="dataset_id")
+        if dataset.kind != "synthetic":
+            raise InvalidField("dataset_id: must be a synthetic dataset", field="dataset_id")
+    else:
+        tone = f"fst{params.skin_tone}" if params.skin_tone else "fst-any"
+        dataset = Dataset(
+            id=new_id(),
+            owner_id=owner.id,
+            name=params.dataset_name or f"{params.condition}-{tone}-{params.strategy.value}",
+            kind="synthetic",
+        )
+        session.add(dataset)
+
+    # 4. the job and its chunks
+    job = engine.insert_job(
+        session=session,
+        owner=owner,
+        kind="generate",
+        dataset_id=dataset.id,
+        condition=params.condition,
+        skin_tone=params.skin_tone,
+        strategy=params.strategy.value,
+        model_id=model_id,
+        count=count,
+        seed=seed,
+        chunk_size=settings.chunk_size,
+        params=_job_params(params),
+        idempotency_key=params.idempotency_key,
+    )
+    if parents:
+        session.execute(
+            insert(JobParent),
+            [{"job_id": job.id, "position": p, "image_id": i} for p, i in enumerate(parents)],
+        )
+    return job, True
