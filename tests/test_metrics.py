@@ -12,10 +12,8 @@ import pytest
 
 from app.experiments import metrics
 from app.experiments.metrics import (
-    FITZPATRICK_GROUPS,
     classification_metrics,
     correctness_string,
-    fitzpatrick_group,
     group_differences,
     group_metrics,
     holm_adjust,
@@ -26,6 +24,7 @@ from app.experiments.metrics import (
     summarize,
     top_k_correct,
 )
+from app.fitzpatrick import FITZPATRICK_GROUPS
 
 Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal
 
@@ -67,39 +66,6 @@ def assert_json_ready(value: Any, where: str = "result") -> None:
             assert_json_ready(item, f"{where}[{index}]")
     else:
         assert value is None or type(value) in (int, float, str), (where, type(value))
-
-
-# --- fitzpatrick_group -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("skin_tone", "skin_tone_group", "expected"),
-    [
-        (1, None, "I-II"),
-        (2, None, "I-II"),
-        (3, None, "III-IV"),
-        (4, None, "III-IV"),
-        (5, None, "V-VI"),
-        (6, None, "V-VI"),
-        (2, "V-VI", "I-II"),  # a known tone wins over the source's group
-        (None, None, "unknown"),
-        (-1, None, "unknown"),  # Fitzpatrick17k's "not labelled"
-        (0, None, "unknown"),
-        (7, None, "unknown"),
-        (-1, "V-VI", "V-VI"),  # DDI gives only groups
-        (None, "III-IV", "III-IV"),
-        (0, "I-II", "I-II"),
-        (None, "unknown", "unknown"),
-        (None, "VII", "unknown"),
-    ],
-)
-def test_fitzpatrick_group(skin_tone: int | None, skin_tone_group: str | None, expected: str):
-    assert fitzpatrick_group(skin_tone=skin_tone, skin_tone_group=skin_tone_group) == expected
-
-
-def test_fitzpatrick_group_defaults_to_no_source_group():
-    assert fitzpatrick_group(skin_tone=-1) == "unknown"
-    assert fitzpatrick_group(skin_tone=5) == "V-VI"
 
 
 # --- proportion_ci ---------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from app.experiments.mixtures import (
     real_pool,
 )
 from app.experiments.mixtures import synthetic_children as load_children
+from app.fitzpatrick import fitzpatrick_group
 from app.schemas import JobStatus
 from app.storage import ObjectStore
 from models.backbones import Backbone, load_backbone
@@ -293,9 +294,7 @@ def evaluate(
     y_true = np.array([e.label for e in test], dtype=np.int64)
     p = probs.double().numpy()
     groups = [
-        metrics.fitzpatrick_group(
-            skin_tone=e.image.skin_tone, skin_tone_group=e.image.skin_tone_group
-        )
+        fitzpatrick_group(skin_tone=e.image.skin_tone, skin_tone_group=e.image.skin_tone_group)
         for e in test
     ]
     overall = metrics.classification_metrics(y_true=y_true, probs=p, class_names=classes)

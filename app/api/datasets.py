@@ -31,6 +31,7 @@ from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.config import Settings
 from app.datasets import repository as service
 from app.db.session import session_factory
+from app.fitzpatrick import UNKNOWN_GROUP
 from app.schemas import (
     MANIFEST_COLUMNS,
     CountRow,
@@ -59,7 +60,7 @@ class SkinToneGroup(StrEnum):
     I_II = "I-II"
     III_IV = "III-IV"
     V_VI = "V-VI"
-    UNKNOWN = service.UNKNOWN_GROUP
+    UNKNOWN = UNKNOWN_GROUP
 
 
 class Split(StrEnum):

@@ -299,8 +299,8 @@ def predictions(
 
 def comparison_rows(result: dict[str, Any]) -> list[list[str]]:
     """GET /experiments/{id}/compare as table rows: metric, difference, CI, p-value."""
-    from app.experiments.metrics import FITZPATRICK_GROUPS
     from app.experiments.reports import format_points
+    from app.fitzpatrick import FITZPATRICK_GROUPS
 
     def row(name: str, value: dict[str, Any] | None) -> list[str]:
         if not value:

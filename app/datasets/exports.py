@@ -25,6 +25,7 @@ from app import engine
 from app.datasets.repository import ManifestFilter, _filtered, get_dataset
 from app.db.tables import ApiKey, Dataset, Image, Job, utcnow
 from app.errors import InvalidField, NotFound
+from app.fitzpatrick import UNKNOWN_GROUP, fitzpatrick_group
 from app.schemas import Strategy
 
 # The paper's public release holds at most 5,000 samples per shard (PAPER.md section 5).
@@ -35,7 +36,6 @@ PAPER = (
     "diffusion models (arXiv 2308.12453)"
 )
 FILTER_NAMES = ("condition", "skin_tone", "strategy", "source")
-FITZPATRICK_GROUPS = {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6: "V-VI"}
 # The magic bytes of the formats an ingest accepts, and WebDataset's extension for each.
 _FORMATS = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -249,9 +249,9 @@ def sample_key(image: Image) -> str:
 
 
 def skin_tone_group(image: Image) -> str | None:
-    if image.skin_tone_group:
-        return image.skin_tone_group
-    return FITZPATRICK_GROUPS.get(image.skin_tone) if image.skin_tone else None
+    """The sample's Fitzpatrick group (app.fitzpatrick's rule); None when unknown."""
+    group = fitzpatrick_group(skin_tone=image.skin_tone, skin_tone_group=image.skin_tone_group)
+    return None if group == UNKNOWN_GROUP else group
 
 
 def sample_metadata(image: Image, *, extension: str) -> dict[str, Any]:

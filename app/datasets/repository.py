@@ -30,17 +30,17 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from app.db.owned import get_owned
 from app.db.tables import ApiKey, Dataset, Image
-from app.errors import NotFound
+from app.fitzpatrick import GROUP_OF_TONE, SKIN_TONE_GROUPS, UNKNOWN_GROUP
 from app.schemas import MANIFEST_COLUMNS
 
 
 def get_dataset(*, session: Session, dataset_id: str, owner: ApiKey) -> Dataset:
     """The caller's dataset; NotFound for a missing dataset or another key's."""
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.owner_id != owner.id:
-        raise NotFound(f"no dataset {dataset_id!r}")
-    return dataset
+    return get_owned(
+        session=session, table=Dataset, row_id=dataset_id, owner_id=owner.id, what="dataset"
+    )
 
 
 def list_datasets(
@@ -81,19 +81,16 @@ def split_counts(*, session: Session, dataset_id: str) -> list[dict[str, Any]]:
     return [{"condition": c, "split": s, "count": int(n)} for c, s, n in rows]
 
 
-# Fitzpatrick groups for reporting (DESIGN.md vocabulary); "unknown" filters rows with neither.
-SKIN_TONE_GROUPS = ("I-II", "III-IV", "V-VI")
-UNKNOWN_GROUP = "unknown"
-
-
 def skin_tone_group_of() -> ColumnElement[Any]:
-    """An image's Fitzpatrick group in SQL: from skin_tone when it is 1..6, else the group the
-    source gave (DDI gives only groups), else NULL."""
+    """An image's Fitzpatrick group in SQL, the rule of app.fitzpatrick.fitzpatrick_group: from
+    skin_tone when it is 1..6, else the group the source gave, else NULL (unknown)."""
+    tones = {
+        group: [t for t, g in GROUP_OF_TONE.items() if g == group] for group in SKIN_TONE_GROUPS
+    }
     return case(
-        (Image.skin_tone.in_((1, 2)), literal_column("'I-II'")),
-        (Image.skin_tone.in_((3, 4)), literal_column("'III-IV'")),
-        (Image.skin_tone.in_((5, 6)), literal_column("'V-VI'")),
-        else_=Image.skin_tone_group,
+        *[(Image.skin_tone.in_(tones[g]), literal_column(f"'{g}'")) for g in SKIN_TONE_GROUPS],
+        (Image.skin_tone_group.in_(SKIN_TONE_GROUPS), Image.skin_tone_group),
+        else_=None,
     )
 
 
@@ -104,7 +101,7 @@ class ManifestFilter:
     strategy: str | None = None
     source: str | None = None
     job_id: str | None = None
-    skin_tone_group: str | None = None  # one of SKIN_TONE_GROUPS or UNKNOWN_GROUP
+    skin_tone_group: str | None = None  # one of FITZPATRICK_GROUPS
     parent_image_id: str | None = None
     split: str | None = None
 

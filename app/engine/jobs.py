@@ -12,9 +12,10 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from app.db.owned import get_owned
 from app.db.paging import newest_first
 from app.db.tables import ApiKey, Image, Job, JobChunk, utcnow
-from app.errors import Conflict, NotFound
+from app.errors import Conflict
 from app.ids import new_id
 from app.schemas import ACTIVE_JOB_STATUSES, JobStatus
 
@@ -133,10 +134,7 @@ def count_job_images(*, session: Session, job_id: str, start: int, stop: int) ->
 
 def get_job(*, session: Session, job_id: str, owner: ApiKey) -> Job:
     """The caller's job; NotFound for a missing job or another key's."""
-    job = session.get(Job, job_id)
-    if job is None or job.owner_id != owner.id:
-        raise NotFound(f"no job {job_id!r}")
-    return job
+    return get_owned(session=session, table=Job, row_id=job_id, owner_id=owner.id, what="job")
 
 
 def list_jobs(

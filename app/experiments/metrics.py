@@ -12,27 +12,17 @@ from typing import Any
 
 import numpy as np
 
-FITZPATRICK_GROUPS = ("I-II", "III-IV", "V-VI", "unknown")
-SKIN_TONE_GROUPS = FITZPATRICK_GROUPS[:3]
+from app.fitzpatrick import FITZPATRICK_GROUPS, SKIN_TONE_GROUPS
+
 # The gap between groups is a skin-tone gap: "unknown" is missing data, not a skin tone, so a
 # model doing badly on unlabelled images must not show up as a Fitzpatrick disparity.
 GAP_GROUPS = SKIN_TONE_GROUPS
 GAP_METRICS = ("top1", "top3", "balanced_accuracy", "macro_auroc")
 CI_METHODS = ("normal", "wilson")
 
-_GROUP_OF_TONE = {1: "I-II", 2: "I-II", 3: "III-IV", 4: "III-IV", 5: "V-VI", 6: "V-VI"}
 # Bootstrap blocks stay near 32 MiB whatever the test set's size; a resampling that fits in
 # one block is kept (a report compares many settings on the same test images).
 _BLOCK_ELEMENTS = 1 << 22
-
-
-def fitzpatrick_group(*, skin_tone: int | None, skin_tone_group: str | None = None) -> str:
-    """The reporting group of an image: from skin_tone 1..6, else the group the source gave."""
-    # Fitzpatrick17k marks unlabelled tones -1 and DDI gives only groups, hence the fallback.
-    group = _GROUP_OF_TONE.get(skin_tone) if skin_tone is not None else None
-    if group is not None:
-        return group
-    return skin_tone_group if skin_tone_group in SKIN_TONE_GROUPS else "unknown"
 
 
 def _z(level: float) -> float:

@@ -20,7 +20,6 @@ from matplotlib.figure import Figure
 
 from app.db.tables import Run
 from app.errors import InvalidField, NotFound
-from app.experiments.metrics import FITZPATRICK_GROUPS
 from app.experiments.reports import (
     build_report,
     has_skin_tones,
@@ -29,6 +28,7 @@ from app.experiments.reports import (
     skin_tone_versus,
 )
 from app.experiments.runs import SETTING_FIELDS
+from app.fitzpatrick import FITZPATRICK_GROUPS
 
 EXPERIMENT_PLOTS = (
     "accuracy-vs-n-real",

@@ -17,9 +17,10 @@ from sqlalchemy.orm import Session
 
 from app import engine
 from app.config import Settings
+from app.db.owned import get_owned
 from app.db.paging import newest_first
 from app.db.tables import ApiKey, Dataset, Job, JobChunk, Run, utcnow
-from app.errors import Conflict, InvalidField, NotFound
+from app.errors import Conflict, InvalidField
 from app.experiments.mixtures import check_datasets, choose_classes, data_fingerprint, pool_counts
 from app.ids import new_id
 from app.schemas import ExperimentCreate, JobStatus, RunCreate
@@ -259,10 +260,14 @@ def create_run(
 
 
 def get_experiment(*, session: Session, experiment_id: str, owner: ApiKey) -> Job:
-    job = session.get(Job, experiment_id)
-    if job is None or job.owner_id != owner.id or job.kind != EXPERIMENT_KIND:
-        raise NotFound(f"no experiment {experiment_id!r}")
-    return job
+    return get_owned(
+        session=session,
+        table=Job,
+        row_id=experiment_id,
+        owner_id=owner.id,
+        what="experiment",
+        kind=EXPERIMENT_KIND,
+    )
 
 
 def runs_of(*, session: Session, experiment_id: str) -> list[Run]:
@@ -279,10 +284,7 @@ def synthetic_dataset_names(*, session: Session, job: Job) -> dict[str, str]:
 
 
 def get_run(*, session: Session, run_id: str, owner: ApiKey) -> Run:
-    run = session.get(Run, run_id)
-    if run is None or run.owner_id != owner.id:
-        raise NotFound(f"no run {run_id!r}")
-    return run
+    return get_owned(session=session, table=Run, row_id=run_id, owner_id=owner.id, what="run")
 
 
 def list_runs(
