@@ -37,9 +37,6 @@ JOB_TASKS = {
     "experiment": (TRAIN_TASK, TRAIN_QUEUE),
 }
 
-# Transport options of ours that must not reach sqlalchemy.create_engine.
-_NON_ENGINE_OPTIONS = ("polling_interval", "visibility_timeout", "queue_order_strategy")
-
 
 class _SQLiteWALChannel(kombu_sqla.Channel):
     def _engine_from_config(self) -> Any:
@@ -111,11 +108,6 @@ def send_chunk(settings: Settings, *, kind: str, job_id: str, chunk_index: int) 
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
     )
-
-
-def send_generate_chunk(settings: Settings, *, job_id: str, chunk_index: int) -> None:
-    """Enqueue one generation chunk on the gpu queue."""
-    send_chunk(settings, kind="generate", job_id=job_id, chunk_index=chunk_index)
 
 
 def queue_depth(settings: Settings, queue: str) -> int:

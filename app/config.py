@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.schemas.jobs import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
+
 
 class Settings(BaseSettings):
     """Every setting of the service, worker and CLI; each has a default and an env var."""
@@ -77,8 +79,12 @@ class Settings(BaseSettings):
         ", Fitzpatrick skin type {skin_tone}",
         description="Appended to the prompt when a job sets skin_tone (PAPER.md section 1).",
     )
-    default_guidance_scale: float = Field(3.0, description="Guidance scale (PAPER.md 2).")
-    default_num_inference_steps: int = Field(50, description="Sampling steps (PAPER.md 2).")
+    default_guidance_scale: float = Field(
+        DEFAULT_GUIDANCE_SCALE, description="Guidance scale (PAPER.md 2)."
+    )
+    default_num_inference_steps: int = Field(
+        DEFAULT_NUM_INFERENCE_STEPS, description="Sampling steps (PAPER.md 2)."
+    )
     step_update_interval_s: float = Field(
         0.5, ge=0, description="Least time between two per-step writes (step, cancel check)."
     )

@@ -40,6 +40,18 @@ def get_condition(*, session: Session, slug: str) -> Condition | None:
     return session.get(Condition, slug)
 
 
+def add_conditions(*, session: Session, labels: list[tuple[str, str]]) -> list[str]:
+    """Add the conditions not known yet, from (slug, label) pairs, each named after its label;
+    returns the slugs added. Flushed, not committed."""
+    added = []
+    for slug, label in labels:
+        if session.get(Condition, slug) is None:
+            session.add(Condition(slug=slug, name=condition_name(label)))
+            added.append(slug)
+    session.flush()
+    return added
+
+
 def list_conditions(*, session: Session) -> list[Condition]:
     return list(session.scalars(select(Condition).order_by(Condition.slug)))
 

@@ -124,7 +124,7 @@ def status_mb(field: str) -> float:
 
 def child(arm: str, database_url: str, images: int, views: int) -> None:
     """One arm in this process: print its numbers as JSON."""
-    from workers.train import FeatureBank, FeatureMemo
+    from workers.feature_bank import FeatureBank, FeatureMemo
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(

@@ -81,7 +81,8 @@ class Backbone:
         return pooled.float().clone()
 
     def classify(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) float in [0, 1] -> (B, 1000) ImageNet logits (float32)."""
+        """(B, 3, S, S) float in [0, 1] -> (B, 1000) ImageNet logits (float32). A test seam:
+        the service uses features, tests check the weights by classifying a known photo."""
         if not self.imagenet_head:
             raise ValueError(f"backbone {self.name!r} has no ImageNet classifier head")
         with torch.inference_mode():

@@ -124,6 +124,7 @@ class PipelineCache:
         return sum(item.size_bytes for item in self._items.values())
 
     def loaded_ids(self) -> list[str]:
+        """The model ids held now, least recently used first (a test seam)."""
         return list(self._items)
 
     def _evict_oldest(self) -> None:

@@ -22,11 +22,15 @@ INPAINT = "inpaint"
 INPAINT_OUTPAINT = "inpaint-outpaint"
 IMAGE_TO_IMAGE = "image-to-image"
 STRATEGIES = (TEXT_TO_IMAGE, INPAINT, INPAINT_OUTPAINT, IMAGE_TO_IMAGE)
-# Strategies that edit a real parent image, and those that need an inpainting pipeline.
+# Strategies that edit a real parent image, and those that need an inpainting pipeline (the
+# service's app.schemas.Strategy and EDIT_STRATEGIES/INPAINT_STRATEGIES are tied to these by
+# tests/models/test_strategy_contract.py).
 EDITS_PARENT = frozenset({INPAINT, INPAINT_OUTPAINT, IMAGE_TO_IMAGE})
 NEEDS_INPAINT_PIPELINE = frozenset({INPAINT, INPAINT_OUTPAINT})
 
-# Paper defaults (PAPER.md section 2b); image-to-image is beyond the paper.
+# Paper defaults (PAPER.md section 2b); image-to-image is beyond the paper. app/schemas/jobs.py
+# holds the service's copy (models/ never imports app/); tests/models/test_strategy_contract.py
+# ties the two.
 DEFAULT_STRENGTH = {INPAINT: 0.97, INPAINT_OUTPAINT: 0.97, IMAGE_TO_IMAGE: 0.75}
 DEFAULT_OUTPAINT_STRENGTH = 0.95
 DEFAULT_MASK_FRACTION = 0.25
@@ -66,6 +70,7 @@ class SampleParams:
 
     @property
     def effective_strength(self) -> float | None:
+        """The strength the sampler uses: the job's, else its strategy's default (None: t2i)."""
         if self.strategy not in EDITS_PARENT:
             return None
         return self.strength if self.strength is not None else DEFAULT_STRENGTH[self.strategy]
@@ -105,6 +110,15 @@ def check_inputs(
     pipeline: Any, params: SampleParams, seeds: Sequence[int], parents: Sequence[Image.Image] | None
 ) -> None:
     """Raise an actionable ValueError for a request the pipeline cannot serve."""
+    # 1. the request alone, 2. against the pipeline, 3. the parents, 4. the strengths
+    _check_request(params, seeds)
+    _check_pipeline(pipeline, params)
+    _check_parents(params, seeds, parents)
+    _check_strengths(params)
+
+
+def _check_request(params: SampleParams, seeds: Sequence[int]) -> None:
+    """The strategy, the seeds, the size and the steps."""
     if params.strategy not in STRATEGIES:
         raise ValueError(
             f"strategy must be one of {', '.join(STRATEGIES)}, got {params.strategy!r}"
@@ -121,6 +135,10 @@ def check_inputs(
         raise ValueError(
             f"the paper's masks are square: width {params.width} != height {params.height}"
         )
+
+
+def _check_pipeline(pipeline: Any, params: SampleParams) -> None:
+    """An inpainting pipeline (a 9-channel UNet) for the inpainting strategies, else not."""
     is_inpaint = int(pipeline.unet.config.in_channels) == 9
     if params.strategy in NEEDS_INPAINT_PIPELINE and not is_inpaint:
         raise ValueError(
@@ -131,14 +149,25 @@ def check_inputs(
         raise ValueError(
             f"strategy {params.strategy} needs a text-to-image pipeline, not an inpainting one"
         )
-    if params.strategy in EDITS_PARENT:
-        if parents is None or len(parents) != len(seeds):
-            raise ValueError(f"strategy {params.strategy} needs one parent image per seed")
-        wrong = [p.size for p in parents if p.size != (params.width, params.height)]
-        if wrong:
-            raise ValueError(
-                f"parents must be prepared to {params.width}x{params.height}, got {wrong[0]}"
-            )
+
+
+def _check_parents(
+    params: SampleParams, seeds: Sequence[int], parents: Sequence[Image.Image] | None
+) -> None:
+    """One parent per seed, prepared to the output size, for the strategies that edit one."""
+    if params.strategy not in EDITS_PARENT:
+        return
+    if parents is None or len(parents) != len(seeds):
+        raise ValueError(f"strategy {params.strategy} needs one parent image per seed")
+    wrong = [p.size for p in parents if p.size != (params.width, params.height)]
+    if wrong:
+        raise ValueError(
+            f"parents must be prepared to {params.width}x{params.height}, got {wrong[0]}"
+        )
+
+
+def _check_strengths(params: SampleParams) -> None:
+    """Strengths in (0, 1] that leave at least one denoising step."""
     strength = params.effective_strength
     if strength is not None and not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
@@ -277,10 +306,9 @@ def generate_adaptive(
     *,
     on_oom: Callable[[int, int], None] | None = None,
 ) -> list[tuple[list[int], list[Image.Image]]]:
-    """Sample `indices` in one batch; on out-of-memory free, halve the batch and retry.
-
-    Returns (batch indices, images) per batch actually sampled, so the batch each image was
-    made in is recorded (it decides the image's exact bytes)."""
+    """(batch indices, images) per batch sampled: `indices` at once, halved on out-of-memory."""
+    # Each batch actually sampled is returned so that it is recorded with its images (an
+    # image's exact bytes depend on its batch).
     try:
         return [(indices, sample(indices))]
     except Exception as exc:

@@ -37,6 +37,7 @@ def eval_transform_id(*, size: int = 224) -> str:
     return f"resize-crop-{size}"
 
 
+# The id of the evaluation transform at 224 px (a test seam: tests check cache keys by it).
 EVAL_TRANSFORM_ID = eval_transform_id(size=224)
 
 

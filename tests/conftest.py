@@ -244,6 +244,28 @@ class Worker(ServiceProcess):
     def __init__(self, settings: Settings, log_path: Path, name: str) -> None:
         super().__init__(settings, log_path)
         self.name = name
+        self.log_offset = 0
+
+    def start(self) -> None:
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        super().start()
+
+    def log_since_start(self) -> str:
+        """What this worker process wrote (the log file holds every earlier start's too)."""
+        with self.log_path.open("rb") as log:
+            log.seek(self.log_offset)
+            return log.read().decode(errors="replace")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the started worker consumes its queues (Celery logs "ready.")."""
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the worker exited with {self.proc.returncode}")
+            return " ready." in self.log_since_start()
+
+        wait_for(ready, timeout=timeout, what=f"worker ready (log: {self.log_path})")
 
     def command(self) -> list[str]:
         return ["celery", "-A", "workers.celery_app", "worker", "-Q", "gpu,train", "--pool",

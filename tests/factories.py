@@ -1,6 +1,7 @@
 """Row factories for tests: real datasets of parent images, written to the store and database
-directly (until real dataset upload lands). Uses real Fitzpatrick17k photos from
-../shared/data when present, else synthetic skin-coloured images."""
+directly (faster than an upload and its ingest job, which tests/workers/test_ingest.py
+covers). Uses real Fitzpatrick17k photos from ../shared/data when present, else synthetic
+skin-coloured images."""
 
 from __future__ import annotations
 

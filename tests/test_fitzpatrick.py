@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import insert, select
 
-from app.datasets.exports import skin_tone_group as export_group
-from app.datasets.repository import skin_tone_group_of
+from app.datasets.export_files import skin_tone_group as export_group
+from app.datasets.manifest import skin_tone_group_of
 from app.db.session import make_engine, session_factory
 from app.db.tables import ApiKey, Base, Dataset, Image
 from app.fitzpatrick import UNKNOWN_GROUP, fitzpatrick_group

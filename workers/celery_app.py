@@ -1,4 +1,4 @@
-"""The Celery application of the workers: `celery -A workers.celery_app worker -Q gpu`.
+"""The Celery application of the workers: `celery -A workers.celery_app worker -Q gpu,train`.
 
 Thin: tasks load rows through app/, call models/, write results. On start a worker registers
 the generator directories it can see and starts the recovery step.

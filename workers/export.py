@@ -15,6 +15,7 @@ import logging
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -22,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from celery import Task
+from sqlalchemy.orm import Session, sessionmaker
 
 from app import engine
 from app.broker import EXPORT_TASK
 from app.config import Settings
-from app.datasets import exports
+from app.datasets import export_files, exports
+from app.datasets.export_croissant import croissant
 from app.db.session import session_factory
 from app.db.tables import Image
 from app.schemas import JobStatus
@@ -75,6 +78,16 @@ class ShardWriter:
             self._tar.addfile(info, io.BytesIO(data))
         self.samples += 1
 
+    def add_image(self, image: Image, data: bytes) -> str:
+        """An image and its provenance JSON as one sample; returns the image's extension."""
+        extension = export_files.image_extension(data, image.storage_key)
+        metadata = export_files.sample_metadata(image, extension=extension)
+        self.add_sample(
+            export_files.sample_key(image),
+            [(extension, data), ("json", export_files.encode_metadata(metadata))],
+        )
+        return extension
+
     def close(self) -> None:
         self._tar.close()
 
@@ -94,7 +107,7 @@ def read_image(store: ObjectStore, image: Image) -> bytes:
     return data
 
 
-def upload_shard(store: ObjectStore, *, prefix: str, writer: ShardWriter) -> exports.ShardInfo:
+def upload_shard(store: ObjectStore, *, prefix: str, writer: ShardWriter) -> export_files.ShardInfo:
     """Close a shard, hash it and stream it to the store."""
     writer.close()
     digest = hashlib.sha256()
@@ -105,7 +118,7 @@ def upload_shard(store: ObjectStore, *, prefix: str, writer: ShardWriter) -> exp
         handle.seek(0)
         store.put_file(prefix + writer.path.name, handle, content_type="application/x-tar")
     writer.path.unlink()
-    return exports.ShardInfo(writer.path.name, writer.samples, digest.hexdigest(), size)
+    return export_files.ShardInfo(writer.path.name, writer.samples, digest.hexdigest(), size)
 
 
 def discard(store: ObjectStore, prefix: str) -> None:
@@ -124,8 +137,8 @@ def run_export(
     assert claim.dataset_id is not None
     store = object_store(settings)
     make_session = session_factory(settings.database_url)
-    params = exports.ExportParams.from_job(claim.params)
-    prefix = exports.export_prefix(dataset_id=claim.dataset_id, job_id=claim.job_id)
+    params = export_files.ExportParams.from_job(claim.params)
+    prefix = export_files.export_prefix(dataset_id=claim.dataset_id, job_id=claim.job_id)
 
     # 1. what to export, in shard order
     with make_session() as session:
@@ -134,62 +147,18 @@ def run_export(
         ids = exports.export_image_ids(session=session, dataset_id=dataset.id, params=params)
         condition_names = {c.slug: c.name for c in list_conditions(session=session)}
 
-    last_report = 0.0
-
-    def report(*, force: bool) -> None:
-        """Progress, and the cancel check: between shards, and as often as progress."""
-        nonlocal last_report
-        now = time.monotonic()
-        if not force and now - last_report < settings.progress_update_interval_s:
-            return
-        last_report = now
-        with make_session() as session:
-            engine.record_progress(
-                session=session, job_id=claim.job_id, index=claim.index, done=progress.samples
-            )
-            if job_stopped(session=session, job_id=claim.job_id):
-                raise Canceled()
-
     # 2. the shards: samples into a tar on disk, each full shard streamed to the store
-    summary = exports.ExportSummary.empty()
-    shards: list[exports.ShardInfo] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="synthderm-export-") as folder,
-        ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="synthderm-export") as pool,
-    ):
-        writer: ShardWriter | None = None
-        try:
-            for batch in exports.iter_batches(ids, READ_BATCH):
-                with make_session() as session:
-                    rows = exports.images_by_ids(session=session, ids=batch)
-                for image, data in zip(
-                    rows, pool.map(partial(read_image, store), rows), strict=True
-                ):
-                    if writer is None:
-                        writer = ShardWriter(Path(folder) / exports.shard_name(len(shards)))
-                    extension = exports.image_extension(data, image.storage_key)
-                    metadata = exports.sample_metadata(image, extension=extension)
-                    writer.add_sample(
-                        exports.sample_key(image),
-                        [(extension, data), ("json", exports.encode_metadata(metadata))],
-                    )
-                    summary.add(image, extension)
-                    progress.samples += 1
-                    if writer.samples >= params.shard_size:
-                        shards.append(upload_shard(store, prefix=prefix, writer=writer))
-                        writer = None
-                        report(force=True)
-                    else:
-                        report(force=False)
-            if writer is not None:
-                shards.append(upload_shard(store, prefix=prefix, writer=writer))
-                report(force=True)
-        finally:
-            if writer is not None:
-                writer.close()  # an interrupted shard's file goes with the folder
+    report = _ProgressReport(
+        settings=settings, make_session=make_session, claim=claim, progress=progress
+    )
+    summary = export_files.ExportSummary.empty()
+    shards = _write_shards(
+        make_session=make_session, store=store, ids=ids, params=params, prefix=prefix,
+        summary=summary, report=report,
+    )  # fmt: skip
 
     # 3. the dataset card and the Croissant metadata
-    card = exports.dataset_card(
+    card = export_files.dataset_card(
         dataset=dataset,
         job_id=claim.job_id,
         params=params,
@@ -198,7 +167,7 @@ def run_export(
         condition_names=condition_names,
     )
     store.put_bytes(prefix + CARD_NAME, card.encode(), content_type="text/markdown; charset=utf-8")
-    metadata = exports.croissant(
+    metadata = croissant(
         dataset=dataset,
         job_id=claim.job_id,
         params=params,
@@ -208,7 +177,7 @@ def run_export(
     )
     store.put_bytes(
         prefix + CROISSANT_NAME,
-        exports.encode_json_ld(metadata),
+        export_files.encode_json_ld(metadata),
         content_type="application/ld+json",
     )
 
@@ -236,6 +205,93 @@ def run_export(
     }
 
 
+class _ProgressReport:
+    """Progress, and the cancel check: between shards, and as often as progress."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        make_session: sessionmaker[Session],
+        claim: engine.ChunkClaim,
+        progress: ExportProgress,
+    ) -> None:
+        self.settings = settings
+        self.claim = claim
+        self.progress = progress
+        self._make_session = make_session
+        self._last = 0.0
+
+    def __call__(self, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.settings.progress_update_interval_s:
+            return
+        self._last = now
+        with self._make_session() as session:
+            engine.record_progress(
+                session=session,
+                job_id=self.claim.job_id,
+                index=self.claim.index,
+                done=self.progress.samples,
+            )
+            if job_stopped(session=session, job_id=self.claim.job_id):
+                raise Canceled()
+
+
+def _write_shards(
+    *,
+    make_session: sessionmaker[Session],
+    store: ObjectStore,
+    ids: list[str],
+    params: export_files.ExportParams,
+    prefix: str,
+    summary: export_files.ExportSummary,
+    report: _ProgressReport,
+) -> list[export_files.ShardInfo]:
+    """Every sample into shards of `params.shard_size`, each uploaded when full; the summary
+    counts what was written."""
+    shards: list[export_files.ShardInfo] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="synthderm-export-") as folder,
+        ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="synthderm-export") as pool,
+    ):
+        writer: ShardWriter | None = None
+        try:
+            for image, data in _images(make_session, store, ids, pool):
+                if writer is None:
+                    writer = ShardWriter(Path(folder) / export_files.shard_name(len(shards)))
+                extension = writer.add_image(image, data)
+                summary.add(image, extension)
+                report.progress.samples += 1
+                if writer.samples >= params.shard_size:
+                    shards.append(upload_shard(store, prefix=prefix, writer=writer))
+                    writer = None
+                    report(force=True)
+                else:
+                    report(force=False)
+            if writer is not None:
+                shards.append(upload_shard(store, prefix=prefix, writer=writer))
+                report(force=True)
+        finally:
+            if writer is not None:
+                writer.close()  # an interrupted shard's file goes with the folder
+    return shards
+
+
+def _images(
+    make_session: sessionmaker[Session],
+    store: ObjectStore,
+    ids: list[str],
+    pool: ThreadPoolExecutor,
+) -> Iterator[tuple[Image, bytes]]:
+    """The images and their bytes in shard order: READ_BATCH rows a query, their objects
+    downloaded on the pool."""
+    for batch in export_files.iter_batches(ids, READ_BATCH):
+        with make_session() as session:
+            rows = exports.images_by_ids(session=session, ids=batch)
+        yield from zip(rows, pool.map(partial(read_image, store), rows), strict=True)
+
+
 @app.task(name=EXPORT_TASK, bind=True, acks_late=True, ignore_result=True)
 def export_dataset(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
     """Run an export job (the database says what and whether)."""
@@ -245,7 +301,7 @@ def export_dataset(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
         return {"job_id": job_id, "skipped": True}
     assert claim.dataset_id is not None
     store = object_store(settings)
-    prefix = exports.export_prefix(dataset_id=claim.dataset_id, job_id=job_id)
+    prefix = export_files.export_prefix(dataset_id=claim.dataset_id, job_id=job_id)
     progress = ExportProgress()
     log.info("export %s of dataset %s (attempt %s)", job_id, claim.dataset_id, claim.attempt)
     status, error, result = "succeeded", None, None

@@ -1,4 +1,6 @@
-"""The generation task: one chunk of a job, images [start, stop), on the `gpu` queue.
+"""The generation task: one chunk of a job, images [start, stop), on the `gpu` queue (the
+sampling it shares with regeneration is workers/sampling.py). It validates no request
+(app/generation/ did) and decides no job state (app/engine does).
 
 A chunk that runs twice (worker killed, broker redelivery, recovery) writes the same
 deterministic keys and rows: images already stored are skipped, an object is stored before its
@@ -9,10 +11,9 @@ samples.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +23,28 @@ from celery import Task
 from PIL import Image as PILImage
 
 from app import engine
-from app.broker import GENERATE_TASK, send_generate_chunk
+from app.broker import GENERATE_TASK, send_chunk
 from app.config import Settings
 from app.datasets import repository as datasets
 from app.db.session import session_factory
-from app.db.tables import utcnow
+from app.db.tables import GeneratorModel, utcnow
 from app.ids import image_seed, synthetic_image_id
+from app.schemas.jobs import GenerationParams
 from app.storage import ObjectStore, image_key
 from app.vocabulary import get_condition, get_model
 from workers.celery_app import app
 from workers.chunk_task import Canceled, claim_task_chunk, heartbeat, job_stopped, object_store
+from workers.sampling import (
+    BatchLimit,
+    ParentImages,
+    batch_limit,
+    encode_png,
+    fixed_batches,
+    model_path,
+    pipeline_cache,
+    sample_batch,
+    sample_params,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,109 +55,10 @@ class ChunkOutcome:
     done: int
 
 
-_state_lock = threading.Lock()
-_pipelines: Any = None
-
-
-def pipeline_cache(settings: Settings) -> Any:
-    """The worker's one PipelineCache (models are loaded once per process)."""
-    global _pipelines
-    with _state_lock:
-        if _pipelines is None:
-            from models.devices import resolve_device
-            from models.pipelines import PipelineCache
-
-            _pipelines = PipelineCache(
-                device=resolve_device(settings.device),
-                max_models=settings.pipeline_cache_size,
-                memory_budget_bytes=int(settings.pipeline_memory_budget_gb * 2**30),
-                compile_unet=settings.torch_compile,
-            )
-        return _pipelines
-
-
-def encode_png(image: PILImage.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _store_image(store: ObjectStore, key: str, image: PILImage.Image) -> tuple[str, int]:
     data = encode_png(image)
     store.put_bytes(key, data, content_type="image/png")
     return hashlib.sha256(data).hexdigest(), len(data)
-
-
-def sample_params(
-    settings: Settings,
-    *,
-    strategy: str,
-    condition_name: str,
-    skin_tone: int | None,
-    job_params: dict[str, Any],
-    pipeline: Any,
-) -> Any:
-    """The SampleParams of a job: its own values, else the settings' and the paper's."""
-    from models import strategies
-
-    width, height = strategies.default_size(pipeline)
-    return strategies.SampleParams(
-        strategy=strategy,
-        prompt=strategies.build_prompt(
-            condition_name=condition_name,
-            skin_tone=skin_tone,
-            template=settings.prompt_template,
-            suffix=settings.skin_tone_prompt_suffix,
-        ),
-        negative_prompt=job_params.get("negative_prompt"),
-        num_inference_steps=int(
-            job_params.get("num_inference_steps", settings.default_num_inference_steps)
-        ),
-        guidance_scale=float(job_params.get("guidance_scale", settings.default_guidance_scale)),
-        width=int(job_params.get("width", width)),
-        height=int(job_params.get("height", height)),
-        strength=job_params.get("strength"),
-        outpaint_strength=float(
-            job_params.get("outpaint_strength", strategies.DEFAULT_OUTPAINT_STRENGTH)
-        ),
-        mask_fraction=float(job_params.get("mask_fraction", strategies.DEFAULT_MASK_FRACTION)),
-        frame_px=int(job_params.get("frame_px", strategies.DEFAULT_FRAME_PX)),
-    )
-
-
-class ParentImages:
-    """The real parents of a job's images, read from the store and prepared once each."""
-
-    def __init__(self, settings: Settings, *, job_id: str, k: int, size: int) -> None:
-        self.settings = settings
-        self.job_id = job_id
-        self.k = k
-        self.size = size
-        self._rows: dict[int, Any] = {}
-        self._images: dict[int, PILImage.Image] = {}
-
-    def load_rows(self, indices: range | list[int]) -> None:
-        positions = sorted({i // self.k for i in indices})
-        with session_factory(self.settings.database_url)() as session:
-            self._rows.update(
-                datasets.parents_of_job(session=session, job_id=self.job_id, positions=positions)
-            )
-
-    def image_id(self, index: int) -> str | None:
-        row = self._rows.get(index // self.k)
-        return row.id if row is not None else None
-
-    def image(self, index: int) -> PILImage.Image:
-        from models.parents import load_parent
-
-        position = index // self.k
-        if position not in self._images:
-            row = self._rows.get(position)
-            if row is None:
-                raise RuntimeError(f"job {self.job_id} has no parent at position {position}")
-            data = object_store(self.settings).get_bytes(row.storage_key)
-            self._images[position] = load_parent(data, size=self.size)
-        return self._images[position]
 
 
 class StepControl:
@@ -171,47 +85,104 @@ class StepControl:
         return self.canceled
 
 
-class BatchLimit:
-    """The largest batch this process can sample; halved on out-of-memory, for good."""
+class ChunkWriter:
+    """The rows of a chunk's new images: each PNG encoded and stored in the pool, its row
+    upserted once its object is stored (an object before its row); progress throttled."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(
+        self,
+        settings: Settings,
+        claim: engine.ChunkClaim,
+        *,
+        params: Any,
+        model_id: str,
+        parents: ParentImages,
+        pool: ThreadPoolExecutor,
+        written: int,
+    ) -> None:
+        self.settings = settings
+        self.claim = claim
+        self.params = params
+        self.model_id = model_id
+        self.parents = parents
+        self.pool = pool
+        self.written = written
+        self.pending: list[tuple[int, dict[str, Any], str, Future[tuple[str, int]]]] = []
+        self._last_progress = 0.0
 
-    def shrink(self, tried: int, new: int) -> None:
-        log.warning("out of memory at batch %s: retrying with batch %s", tried, new)
-        self.limit = min(self.limit, new)
+    def submit(self, index: int, image: PILImage.Image, provenance: dict[str, Any]) -> None:
+        """Start storing image `index`; its row waits for `write`."""
+        assert self.claim.dataset_id and self.claim.condition
+        key = image_key(
+            dataset_id=self.claim.dataset_id,
+            condition=self.claim.condition,
+            image_id=synthetic_image_id(self.claim.job_id, index),
+        )
+        future = self.pool.submit(_store_image, object_store(self.settings), key, image)
+        self.pending.append((index, provenance, key, future))
+
+    def write(self, *, wait_all: bool) -> None:
+        """Upsert the rows of the images stored so far (all of them, waiting, if `wait_all`)."""
+        ready = [p for p in self.pending if wait_all or p[3].done()]
+        if not ready:
+            return
+        with session_factory(self.settings.database_url)() as session:
+            for index, provenance, key, future in ready:
+                sha256, size = future.result()  # the object is stored before its row
+                datasets.upsert_image(
+                    session=session, values=self._row(index, provenance, key, sha256, size)
+                )
+            session.commit()
+            for item in ready:
+                self.pending.remove(item)
+            self.written += len(ready)
+            now = time.monotonic()
+            if wait_all or now - self._last_progress >= self.settings.progress_update_interval_s:
+                engine.record_progress(
+                    session=session,
+                    job_id=self.claim.job_id,
+                    index=self.claim.index,
+                    done=self.written,
+                )
+                self._last_progress = now
+
+    def _row(
+        self, index: int, provenance: dict[str, Any], key: str, sha256: str, size: int
+    ) -> dict[str, Any]:
+        claim, params = self.claim, self.params
+        return {
+            "id": synthetic_image_id(claim.job_id, index),
+            "dataset_id": claim.dataset_id,
+            "job_id": claim.job_id,
+            "index": index,
+            "source": "synthetic",
+            "condition": claim.condition,
+            "skin_tone": claim.skin_tone,
+            "strategy": claim.strategy,
+            "model_id": self.model_id,
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt,
+            "seed": provenance["seed"],
+            "steps": params.num_inference_steps,
+            "guidance_scale": params.guidance_scale,
+            "width": params.width,
+            "height": params.height,
+            "sha256": sha256,
+            "size_bytes": size,
+            "storage_key": key,
+            "parent_image_id": self.parents.image_id(index),
+            "provenance": provenance,
+            "created_at": utcnow(),
+        }
 
 
-_batch_limit: BatchLimit | None = None
-
-
-def batch_limit(settings: Settings) -> BatchLimit:
-    global _batch_limit
-    with _state_lock:
-        if _batch_limit is None:
-            _batch_limit = BatchLimit(settings.generation_batch_size)
-        return _batch_limit
-
-
-def fixed_batches(start: int, stop: int, size: int) -> list[list[int]]:
-    """Fixed groups of indices: a rerun samples each image in the same batch as before (the
-    exact bytes depend on the batch)."""
-    return [list(range(first, min(first + size, stop))) for first in range(start, stop, size)]
-
-
-def run_chunk(settings: Settings, claim: engine.ChunkClaim, worker: str) -> ChunkOutcome:
-    """Generate the chunk's missing images; a cancel ends it as `canceled`."""
-    import diffusers
-    import torch
-
-    from models import strategies
-
-    make_session = session_factory(settings.database_url)
+def _chunk_state(
+    settings: Settings, claim: engine.ChunkClaim
+) -> tuple[set[int], GeneratorModel, Any]:
+    """The chunk's images already stored (a rerun skips them), its model and its condition."""
+    assert claim.condition and claim.model_id
     store = object_store(settings)
-    assert claim.dataset_id and claim.condition and claim.strategy and claim.model_id
-
-    # 1. what is already stored (a rerun skips it)
-    with make_session() as session:
+    with session_factory(settings.database_url)() as session:
         existing = datasets.images_of_job_range(
             session=session, job_id=claim.job_id, start=claim.start, stop=claim.stop
         )
@@ -221,38 +192,27 @@ def run_chunk(settings: Settings, claim: engine.ChunkClaim, worker: str) -> Chun
             raise RuntimeError(
                 f"model {claim.model_id!r} or condition {claim.condition!r} vanished"
             )
-        model_path = settings.resolved_models_dir / model.id
-        if not (model_path / "model_index.json").is_file():
-            model_path = Path(model.path)
     done = {i for i, row in existing.items() if store.head(row.storage_key) is not None}
-    if len(done) == claim.stop - claim.start:
-        return ChunkOutcome("succeeded", len(done))
+    return done, model, condition
 
-    # 2. the pipeline (kept loaded between tasks), the parameters and the parents
-    loaded = pipeline_cache(settings).get(model.id, model_path)
-    params = sample_params(
-        settings,
-        strategy=claim.strategy,
-        condition_name=condition.name,
-        skin_tone=claim.skin_tone,
-        job_params=claim.params,
-        pipeline=loaded.pipeline,
-    )
-    k = int(claim.params.get("synthetic_per_real", 1))
-    parents = ParentImages(settings, job_id=claim.job_id, k=k, size=params.width)
-    if claim.params.get("source_dataset"):
-        parents.load_rows(range(claim.start, claim.stop))
-    edits = claim.strategy in strategies.EDITS_PARENT
-    img2img = (
-        loaded.variant("img2img", strategies.image_to_image_pipeline)
-        if (claim.strategy == strategies.IMAGE_TO_IMAGE)
-        else None
-    )
-    control = StepControl(settings, job_id=claim.job_id, index=claim.index, worker=worker)
-    limit = batch_limit(settings)
-    common_provenance = {
+
+def _common_provenance(
+    claim: engine.ChunkClaim,
+    *,
+    model: GeneratorModel,
+    path: Path,
+    loaded: Any,
+    params: Any,
+    k: int,
+    worker: str,
+) -> dict[str, Any]:
+    """The provenance every image of the chunk shares."""
+    import diffusers
+    import torch
+
+    return {
         "model_id": model.id,
-        "model_path": str(model_path),
+        "model_path": str(path),
         "weights_sha256": model.weights_sha256,
         "pipeline_class": type(loaded.pipeline).__name__,
         "scheduler": type(loaded.pipeline.scheduler).__name__,
@@ -266,106 +226,103 @@ def run_chunk(settings: Settings, claim: engine.ChunkClaim, worker: str) -> Chun
         **params.provenance(),
     }
 
+
+def _sample_group(
+    group: list[int],
+    *,
+    sample: Callable[[list[int]], list[PILImage.Image]],
+    limit: BatchLimit,
+    done: set[int],
+    writer: ChunkWriter,
+    provenance: Callable[[int, list[int]], dict[str, Any]],
+) -> None:
+    """Sample one fixed group in batches of the current limit; hand each new image to `writer`."""
+    from models import strategies
+
+    first = 0
+    while first < len(group):
+        # the limit may shrink inside a batch (out of memory): step by what was taken, not by
+        # the limit of the group's start, or the images between the two are never sampled
+        sub = group[first : first + limit.limit]
+        for batch, images in strategies.generate_adaptive(sample, sub, on_oom=limit.shrink):
+            for index, image in zip(batch, images, strict=True):
+                if index not in done:
+                    writer.submit(index, image, provenance(index, batch))
+        writer.write(wait_all=False)
+        first += len(sub)
+
+
+def run_chunk(settings: Settings, claim: engine.ChunkClaim, worker: str) -> ChunkOutcome:
+    """Generate the chunk's missing images; a cancel ends it as `canceled`."""
+    import torch
+
+    from models import strategies
+
+    assert claim.dataset_id and claim.condition and claim.strategy and claim.model_id
+
+    # 1. what is already stored (a rerun skips it)
+    done, model, condition = _chunk_state(settings, claim)
+    if len(done) == claim.stop - claim.start:
+        return ChunkOutcome("succeeded", len(done))
+
+    # 2. the pipeline (kept loaded between tasks), the parameters and the parents
+    path = model_path(settings, model)
+    loaded = pipeline_cache(settings).get(model.id, path)
+    job = GenerationParams.model_validate(claim.params)
+    params = sample_params(
+        settings,
+        strategy=claim.strategy,
+        condition_name=condition.name,
+        skin_tone=claim.skin_tone,
+        options=job,
+        pipeline=loaded.pipeline,
+    )
+    k = job.synthetic_per_real
+    parents = ParentImages(settings, job_id=claim.job_id, k=k, size=params.width)
+    if job.source_dataset:
+        parents.load_rows(range(claim.start, claim.stop))
+    control = StepControl(settings, job_id=claim.job_id, index=claim.index, worker=worker)
+    common = _common_provenance(
+        claim, model=model, path=path, loaded=loaded, params=params, k=k, worker=worker
+    )
+
+    def provenance(index: int, batch: list[int]) -> dict[str, Any]:
+        return {
+            **common,
+            "seed": image_seed(claim.seed, index),
+            "batch_indices": batch,
+            "batch_size": len(batch),
+            "parent_position": index // k if parents.image_id(index) else None,
+        }
+
     def sample(indices: list[int]) -> list[PILImage.Image]:
         if settings.fault_oom_above_batch and len(indices) > settings.fault_oom_above_batch:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by settings)")
-        with loaded.lock:  # one sampler call at a time per pipeline
-            return strategies.generate(
-                loaded.pipeline,
-                params=params,
-                seeds=[image_seed(claim.seed, i) for i in indices],
-                device=loaded.device,
-                parents=[parents.image(i) for i in indices] if edits else None,
-                on_step=control,
-                img2img=img2img,
-            )
+        return sample_batch(
+            loaded, params, job_seed=claim.seed, indices=indices, parents=parents, on_step=control
+        )
 
     # 3. sample batch by batch; encode and upload overlap the next batch
-    pending: list[tuple[int, dict[str, Any], str, Future[tuple[str, int]]]] = []
-    written = len(done)
-    last_progress = 0.0
-
-    def write_rows(wait_all: bool) -> None:
-        nonlocal written, last_progress
-        ready = [p for p in pending if wait_all or p[3].done()]
-        if not ready:
-            return
-        with make_session() as session:
-            for index, provenance, key, future in ready:
-                sha256, size = future.result()  # the object is stored before its row
-                datasets.upsert_image(
-                    session=session,
-                    values={
-                        "id": synthetic_image_id(claim.job_id, index),
-                        "dataset_id": claim.dataset_id,
-                        "job_id": claim.job_id,
-                        "index": index,
-                        "source": "synthetic",
-                        "condition": claim.condition,
-                        "skin_tone": claim.skin_tone,
-                        "strategy": claim.strategy,
-                        "model_id": model.id,
-                        "prompt": params.prompt,
-                        "negative_prompt": params.negative_prompt,
-                        "seed": provenance["seed"],
-                        "steps": params.num_inference_steps,
-                        "guidance_scale": params.guidance_scale,
-                        "width": params.width,
-                        "height": params.height,
-                        "sha256": sha256,
-                        "size_bytes": size,
-                        "storage_key": key,
-                        "parent_image_id": parents.image_id(index),
-                        "provenance": provenance,
-                        "created_at": utcnow(),
-                    },
-                )
-            session.commit()
-            for item in ready:
-                pending.remove(item)
-            written += len(ready)
-            now = time.monotonic()
-            if wait_all or now - last_progress >= settings.progress_update_interval_s:
-                engine.record_progress(
-                    session=session, job_id=claim.job_id, index=claim.index, done=written
-                )
-                last_progress = now
-
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="synthderm-upload") as pool:
+        writer = ChunkWriter(
+            settings, claim, params=params, model_id=model.id, parents=parents, pool=pool,
+            written=len(done),
+        )  # fmt: skip
         try:
             for group in fixed_batches(claim.start, claim.stop, settings.generation_batch_size):
                 if done.issuperset(group):
                     continue
                 if control.canceled or not _job_running(settings, claim.job_id):
                     raise Canceled()
-                for first in range(0, len(group), limit.limit):
-                    sub = group[first : first + limit.limit]
-                    for batch, images in strategies.generate_adaptive(
-                        sample, sub, on_oom=limit.shrink
-                    ):
-                        for index, image in zip(batch, images, strict=True):
-                            if index in done:
-                                continue
-                            provenance = {
-                                **common_provenance,
-                                "seed": image_seed(claim.seed, index),
-                                "batch_indices": batch,
-                                "batch_size": len(batch),
-                                "parent_position": index // k if parents.image_id(index) else None,
-                            }
-                            key = image_key(
-                                dataset_id=claim.dataset_id,
-                                condition=claim.condition,
-                                image_id=synthetic_image_id(claim.job_id, index),
-                            )
-                            future = pool.submit(_store_image, store, key, image)
-                            pending.append((index, provenance, key, future))
-                    write_rows(wait_all=False)
+                _sample_group(
+                    group, sample=sample, limit=batch_limit(settings), done=done, writer=writer,
+                    provenance=provenance,
+                )  # fmt: skip
         except (Canceled, strategies.Interrupted):
-            write_rows(wait_all=True)
-            return ChunkOutcome("canceled", written)
-        write_rows(wait_all=True)
-    return ChunkOutcome("succeeded", written)
+            writer.write(wait_all=True)
+            return ChunkOutcome("canceled", writer.written)
+        writer.write(wait_all=True)
+    return ChunkOutcome("succeeded", writer.written)
 
 
 def _job_running(settings: Settings, job_id: str) -> bool:
@@ -402,7 +359,7 @@ def generate_chunk(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]:
                 engine.release_for_retry(
                     session=session, job_id=job_id, index=chunk_index, error=error
                 )
-            send_generate_chunk(settings, job_id=job_id, chunk_index=chunk_index)
+            send_chunk(settings, kind="generate", job_id=job_id, chunk_index=chunk_index)
             return {"job_id": job_id, "chunk": chunk_index, "status": "retrying"}
         with make_session() as session:
             engine.finish_chunk(

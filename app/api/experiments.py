@@ -13,12 +13,14 @@ from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from app import engine
+from app.api.accepted import accept
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.api.views import experiment_out, experiment_with_report, run_out
 from app.errors import InvalidField, NotFound
 from app.experiments import plots
 from app.experiments import runs as service
-from app.experiments.reports import compare_settings, setting_label, shown_datasets
+from app.experiments.report_text import setting_label, shown_datasets
+from app.experiments.reports import compare_settings
 from app.schemas import (
     ExperimentCreate,
     ExperimentList,
@@ -71,12 +73,9 @@ def create_experiment(
     job, created = service.create_experiment(
         session=session, settings=settings, params=body, owner=caller
     )
-    session.commit()
-    response.headers["Location"] = f"/experiments/{job.id}"
-    if created:
-        engine.enqueue_after_commit(background, settings, job)
-    else:
-        response.status_code = status.HTTP_200_OK
+    location = f"/experiments/{job.id}"
+    accept(session=session, settings=settings, background=background, response=response,
+           job=job, location=location, created=created)  # fmt: skip
     return experiment_with_report(session, job)
 
 
@@ -236,13 +235,9 @@ def create_run(
 ) -> RunOut:
     """Queue one training run (an experiment of one grid point)."""
     job, created = service.create_run(session=session, settings=settings, params=body, owner=caller)
-    session.commit()
     run = service.runs_of(session=session, experiment_id=job.id)[0]
-    response.headers["Location"] = f"/runs/{run.id}"
-    if created:
-        engine.enqueue_after_commit(background, settings, job)
-    else:
-        response.status_code = status.HTTP_200_OK
+    accept(session=session, settings=settings, background=background, response=response,
+           job=job, location=f"/runs/{run.id}", created=created)  # fmt: skip
     return run_out(run)
 
 

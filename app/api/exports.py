@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 
-from app import engine
+from app.api.accepted import accept
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.api.views import export_out, job_out
 from app.datasets import exports as export_service
-from app.datasets.exports import ExportCreate
-from app.schemas import JobList, JobOut
+from app.schemas import ExportCreate, JobList, JobOut
 
 router = APIRouter(prefix="/datasets", tags=["exports"])
 
@@ -29,9 +28,8 @@ def create_export(
     job = export_service.create_export_job(
         session=session, dataset_id=dataset_id, params=body, owner=caller
     )
-    session.commit()
-    response.headers["Location"] = f"/datasets/{dataset_id}/exports/{job.id}"
-    engine.enqueue_after_commit(background, settings, job)
+    accept(session=session, settings=settings, background=background, response=response,
+           job=job, location=f"/datasets/{dataset_id}/exports/{job.id}")  # fmt: skip
     return job_out(job)
 
 

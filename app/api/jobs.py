@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 
 from app import engine
+from app.api.accepted import accept
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.api.views import job_out
 from app.datasets import uploads as upload_service
@@ -28,12 +29,8 @@ def create_job(
     job, created = generation_service.create_job(
         session=session, settings=settings, params=body, owner=caller
     )
-    session.commit()
-    response.headers["Location"] = f"/jobs/{job.id}"
-    if created:
-        engine.enqueue_after_commit(background, settings, job)
-    else:
-        response.status_code = status.HTTP_200_OK
+    accept(session=session, settings=settings, background=background, response=response,
+           job=job, location=f"/jobs/{job.id}", created=created)  # fmt: skip
     return job_out(job)
 
 

@@ -6,33 +6,18 @@ an ingest job on a worker reads it, checks every row and image, and fills the da
 
 from __future__ import annotations
 
-from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, File, Form, Response, UploadFile, status
-from pydantic import BaseModel, ConfigDict, Field
 
-from app import engine
+from app.api.accepted import accept
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
-from app.api.views import dataset_out, job_out
+from app.api.views import job_out
 from app.datasets import uploads as upload_service
-from app.datasets.combine import Part, combine
 from app.errors import InvalidField, ProblemError
-from app.schemas import DatasetOut, JobOut, Strategy
+from app.schemas import CsvFormat, JobOut, OnError
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
-
-
-class CsvFormat(StrEnum):
-    AUTO = "auto"
-    GENERIC = "generic"
-    FITZPATRICK17K = "fitzpatrick17k"
-    DDI = "ddi"
-
-
-class OnError(StrEnum):
-    FAIL = "fail"
-    SKIP = "skip"
 
 
 class TooLarge(ProblemError):
@@ -88,45 +73,6 @@ def upload_dataset(
         metadata=metadata.file if metadata is not None else None,
         params=params,
     )
-    session.commit()
-    engine.enqueue_after_commit(background, settings, job)
-    response.headers["Location"] = f"/jobs/{job.id}"
+    accept(session=session, settings=settings, background=background, response=response,
+           job=job, location=f"/jobs/{job.id}")  # fmt: skip
     return job_out(job)
-
-
-class PartIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    dataset_id: str
-    condition: str | None = None
-    skin_tone: int | None = Field(None, ge=1, le=6)
-    strategy: Strategy | None = None
-    source: Literal["real", "synthetic"] | None = None
-    split: Literal["train", "validation", "test"] | None = None
-    children_of: int | None = Field(
-        None, ge=0, description="Keep only images whose parent an earlier part (by index) took."
-    )
-
-
-class CombineIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=200)
-    description: str = Field("", max_length=2000)
-    parts: list[PartIn] = Field(min_length=1, max_length=50)
-
-
-@router.post("/combine", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
-def combine_datasets(body: CombineIn, session: SessionDep, caller: CallerDep) -> DatasetOut:
-    """A dataset built from others, e.g. a real train split plus its images' synthetic
-    children: `{"parts": [{"dataset_id": REAL, "split": "train"},
-    {"dataset_id": SYNTH, "children_of": 0}]}`."""
-    parts = [
-        Part(**(p.model_dump() | {"strategy": p.strategy.value if p.strategy else None}))
-        for p in body.parts
-    ]
-    dataset, count = combine(
-        session=session, owner=caller, name=body.name, parts=parts, description=body.description
-    )
-    session.commit()
-    return dataset_out(dataset, count)

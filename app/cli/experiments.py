@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.cli.client import ApiError, Client
+from app.cli.common import api_client, finish, wait_with_bar
 
 console = Console()
 experiments_cli = typer.Typer(
@@ -121,8 +122,6 @@ def submit(
     wait: Annotated[bool, typer.Option(help="Follow it with a progress bar.")] = False,
 ) -> None:
     """Submit a grid of classifier runs."""
-    from app.cli import _client, _finish, _wait_with_bar
-
     body: dict[str, Any] = {
         "dataset": dataset,
         "n_real_per_class": _ints(n_real),
@@ -153,17 +152,17 @@ def submit(
                 f"{preset!r} is not one of {', '.join(PRESETS)}", param_hint="--preset"
             )
         body = {**PRESETS[preset], **{k: v for k, v in body.items() if v is not None}}
-    client = _client()
+    client = api_client()
     experiment = client.post("/experiments", {k: v for k, v in body.items() if v is not None})
     if not wait:
         typer.echo(json.dumps(_summary(experiment), indent=2))
         return
     state = {"id": experiment["id"], "count": experiment["progress"]["total"],
              "status": experiment["status"]}  # fmt: skip
-    final = _wait_with_bar(client, state, f"experiment {experiment['id'][:8]}")
+    final = wait_with_bar(client, state, f"experiment {experiment['id'][:8]}")
     experiment = client.get(f"/experiments/{experiment['id']}", runs="false")
     print_report(experiment)
-    _finish({**_summary(experiment), "status": final["status"]})
+    finish({**_summary(experiment), "status": final["status"]})
 
 
 def _summary(experiment: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +205,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def print_report(experiment: dict[str, Any]) -> None:
-    from app.experiments.reports import report_rows, runs_text, skin_tone_difference_rows
+    from app.experiments.report_text import report_rows, runs_text, skin_tone_difference_rows
 
     report = experiment.get("report")
     if not report or not report["settings"]:
@@ -256,10 +255,9 @@ def report(
     ] = None,
 ) -> None:
     """Print an experiment's table and save its report and plots (PNG and SVG)."""
-    from app.cli import _client
-    from app.experiments.reports import experiment_markdown
+    from app.experiments.report_text import experiment_markdown
 
-    client = _client()
+    client = api_client()
     experiment = client.get(f"/experiments/{experiment_id}", runs="false")
     print_report(experiment)
     folder = out or Path(f"experiment-{experiment_id[:8]}")
@@ -286,20 +284,18 @@ def predictions(
 ) -> None:
     """Every finished run's per-image predictions in one table, with each row's run, setting
     and seed."""
-    from app.cli import _client
-
     path = f"/experiments/{experiment_id}/predictions"
     if out is None:
-        _client().stream_to(path, sys.stdout.buffer, format=format)
+        api_client().stream_to(path, sys.stdout.buffer, format=format)
         return
     with out.open("wb") as handle:
-        written = _client().stream_to(path, handle, format=format)
+        written = api_client().stream_to(path, handle, format=format)
     typer.echo(f"saved {written:,} bytes to {out}", err=True)
 
 
 def comparison_rows(result: dict[str, Any]) -> list[list[str]]:
     """GET /experiments/{id}/compare as table rows: metric, difference, CI, p-value."""
-    from app.experiments.reports import format_points
+    from app.experiments.report_text import format_points
     from app.fitzpatrick import FITZPATRICK_GROUPS
 
     def row(name: str, value: dict[str, Any] | None) -> list[str]:
@@ -326,9 +322,7 @@ def compare(
 ) -> None:
     """Setting A minus setting B on the same test images: top-1, top-3 and top-1 per
     Fitzpatrick group, with paired bootstrap 95% CIs (labels as the report prints them)."""
-    from app.cli import _client
-
-    result = _client().get(f"/experiments/{experiment_id}/compare", a=a, b=b)
+    result = api_client().get(f"/experiments/{experiment_id}/compare", a=a, b=b)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -348,9 +342,7 @@ def _seeds(seeds: list[int]) -> str:
 @experiments_cli.command("list")
 def list_experiments() -> None:
     """Your experiments, newest first."""
-    from app.cli import _client
-
-    for item in _client().get("/experiments")["items"]:
+    for item in api_client().get("/experiments")["items"]:
         done, total = item["progress"]["done"], item["progress"]["total"]
         typer.echo(f"{item['id']}  {item['status']:<9}  {done}/{total}  {item['name']}")
 
@@ -358,18 +350,14 @@ def list_experiments() -> None:
 @experiments_cli.command("cancel")
 def cancel(experiment_id: str) -> None:
     """Cancel an experiment (finished runs keep their results)."""
-    from app.cli import _client
-
     typer.echo(
-        json.dumps(_summary(_client().post(f"/experiments/{experiment_id}/cancel")), indent=2)
+        json.dumps(_summary(api_client().post(f"/experiments/{experiment_id}/cancel")), indent=2)
     )
 
 
 @experiments_cli.command("resume")
 def resume(experiment_id: str) -> None:
     """Queue again what a canceled or failed experiment did not finish."""
-    from app.cli import _client
-
     typer.echo(
-        json.dumps(_summary(_client().post(f"/experiments/{experiment_id}/resume")), indent=2)
+        json.dumps(_summary(api_client().post(f"/experiments/{experiment_id}/resume")), indent=2)
     )

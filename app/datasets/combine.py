@@ -8,9 +8,8 @@ manifest is self-contained; each copy records the id it was copied from.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Select, insert, select, update
@@ -18,9 +17,8 @@ from sqlalchemy.orm import Session
 
 from app.db.tables import ApiKey, Dataset, Image, utcnow
 from app.errors import InvalidField
-from app.ids import new_id
+from app.ids import copy_id, new_id
 
-_NAMESPACE = uuid.UUID("2f4e9d7a-3c1b-4d5e-8f6a-7b8c9d0e1f2a")
 BATCH = 5000
 
 
@@ -36,10 +34,6 @@ class Part:
     source: str | None = None
     split: str | None = None
     children_of: int | None = None
-
-
-def copy_id(dataset_id: str, original_id: str) -> str:
-    return str(uuid.uuid5(_NAMESPACE, f"{dataset_id}:{original_id}"))
 
 
 def _selection(part: Part) -> Select[Any]:
@@ -72,8 +66,39 @@ def combine(
 ) -> tuple[Dataset, int]:
     """Create the combined dataset; returns it and its image count. Not committed."""
     # 1. check the parts
+    kinds = _checked_kinds(session=session, owner=owner, parts=parts)
+    combined = Dataset(
+        id=new_id(),
+        owner_id=owner.id,
+        name=name,
+        kind="real" if kinds == {"real"} else "synthetic" if kinds == {"synthetic"} else "mixed",
+        description=description,
+    )
+    session.add(combined)
+    session.flush()
+
+    # 2. copy the rows part by part, remapping parent links to the copies
+    copier = _Copier(dataset_id=combined.id)
+    taken: list[set[str]] = []
+    for part in parts:
+        allowed = taken[part.children_of] if part.children_of is not None else None
+        taken.append(copier.copy_part(session, part, allowed))
+
+    # 3. children copied before their parents: point them at the parents' copies
+    for child, parent in copier.orphans:
+        if parent in copier.copied:
+            session.execute(
+                update(Image).where(Image.id == child).values(parent_image_id=copier.copied[parent])
+            )
+    return combined, copier.total
+
+
+def _checked_kinds(*, session: Session, owner: ApiKey, parts: list[Part]) -> set[str]:
+    """The kinds of the parts' datasets; InvalidField for a part that names no dataset of the
+    caller's, or a `children_of` that names no earlier part."""
     if not parts:
         raise InvalidField("parts: at least one part is needed", field="parts")
+    kinds = set()
     for number, part in enumerate(parts):
         dataset = session.get(Dataset, part.dataset_id)
         if dataset is None or dataset.owner_id != owner.id:
@@ -86,59 +111,51 @@ def combine(
                 f"parts.{number}.children_of: must name an earlier part (0..{number - 1})",
                 field=f"parts.{number}.children_of",
             )
-    kinds = {session.get(Dataset, p.dataset_id).kind for p in parts}  # type: ignore[union-attr]
-    combined = Dataset(
-        id=new_id(),
-        owner_id=owner.id,
-        name=name,
-        kind="real" if kinds == {"real"} else "synthetic" if kinds == {"synthetic"} else "mixed",
-        description=description,
-    )
-    session.add(combined)
-    session.flush()
+        kinds.add(dataset.kind)
+    return kinds
 
-    # 2. copy the rows part by part, remapping parent links to the copies
-    taken: list[set[str]] = []
-    copied: dict[str, str] = {}
-    orphans: list[tuple[str, str]] = []  # (copy id, original parent id) to remap at the end
-    total = 0
-    for part in parts:
+
+@dataclass
+class _Copier:
+    """Copies image rows into one dataset, each image once, and remembers the copies' ids."""
+
+    dataset_id: str
+    copied: dict[str, str] = field(default_factory=dict)  # original id -> copy id
+    orphans: list[tuple[str, str]] = field(default_factory=list)  # (copy, original parent)
+    total: int = 0
+
+    def copy_part(self, session: Session, part: Part, allowed: set[str] | None) -> set[str]:
+        """Copy a part's images (when `allowed` is set, only children of those); returns the
+        original ids the part took."""
         mine: set[str] = set()
-        allowed = taken[part.children_of] if part.children_of is not None else None
         for rows in _batches(session, _selection(part)):
             values = []
             for row in rows:
                 if allowed is not None and row.parent_image_id not in allowed:
                     continue
-                if row.id in copied:  # the same image named by two parts: once
-                    mine.add(row.id)
-                    continue
-                new = copy_id(combined.id, row.id)
-                copied[row.id] = new
                 mine.add(row.id)
-                record = {c.key: getattr(row, c.key) for c in Image.__table__.columns}
-                record.update(
-                    id=new,
-                    dataset_id=combined.id,
-                    job_id=None,
-                    index=None,
-                    created_at=utcnow(),
-                    parent_image_id=copied.get(row.parent_image_id or "", row.parent_image_id),
-                    provenance={**(row.provenance or {}), "copied_from": row.id,
-                                "copied_from_dataset": row.dataset_id, "job_id": row.job_id},
-                )  # fmt: skip
-                if row.parent_image_id and row.parent_image_id not in copied:
-                    orphans.append((new, row.parent_image_id))
-                values.append(record)
+                if row.id not in self.copied:  # the same image named by two parts: once
+                    values.append(self._copy(row))
             if values:
                 session.execute(insert(Image), values)
-                total += len(values)
+                self.total += len(values)
             session.expunge_all()
-        taken.append(mine)
-    # children copied before their parents: point them at the parents' copies
-    for child, parent in orphans:
-        if parent in copied:
-            session.execute(
-                update(Image).where(Image.id == child).values(parent_image_id=copied[parent])
-            )
-    return combined, total
+        return mine
+
+    def _copy(self, row: Image) -> dict[str, Any]:
+        new = copy_id(self.dataset_id, row.id)
+        self.copied[row.id] = new
+        record = {c.key: getattr(row, c.key) for c in Image.__table__.columns}
+        record.update(
+            id=new,
+            dataset_id=self.dataset_id,
+            job_id=None,
+            index=None,
+            created_at=utcnow(),
+            parent_image_id=self.copied.get(row.parent_image_id or "", row.parent_image_id),
+            provenance={**(row.provenance or {}), "copied_from": row.id,
+                        "copied_from_dataset": row.dataset_id, "job_id": row.job_id},
+        )  # fmt: skip
+        if row.parent_image_id and row.parent_image_id not in self.copied:
+            self.orphans.append((new, row.parent_image_id))
+        return record

@@ -1,15 +1,13 @@
-"""Reading a real labelled dataset from an uploaded archive and its metadata CSV.
+"""Reading a real labelled dataset from an uploaded archive: its members, its images, and the
+rows of its metadata CSV (read by ingest_csv.py) matched to them.
 
-CSV formats are accepted as they are (generic, Fitzpatrick17k, DDI); every row is checked
-and every problem reported by row number. Archives are read one member at a time with limits
-on size, count and compression ratio; paths that escape, links and devices are refused. No
-torch here; images are decoded with Pillow.
+Archives are read one member at a time with limits on size, count and compression ratio;
+paths that escape, links and devices are refused. Byte-identical copies are sorted into
+duplicates and conflicts. No torch here; images are decoded with Pillow.
 """
 
 from __future__ import annotations
 
-import csv
-import difflib
 import hashlib
 import io
 import stat
@@ -22,26 +20,7 @@ from typing import IO, Any
 
 from PIL import Image, UnidentifiedImageError
 
-from app.vocabulary import slugify
-
-FORMATS = ("generic", "fitzpatrick17k", "ddi")
-NO_COLUMN = "none"  # skin_tone_column / split_column: read no such column
-FITZPATRICK17K_COLUMNS = [
-    "md5hash",
-    "fitzpatrick_scale",
-    "fitzpatrick_centaur",
-    "label",
-    "nine_partition_label",
-    "three_partition_label",
-    "qc",
-    "url",
-    "url_alphanum",
-]
-DDI_COLUMNS = ["DDI_ID", "DDI_file", "skin_tone", "malignant", "disease"]
 SECOND_LABELS = ("malignant",)  # labels kept beside the condition (DDI's malignancy)
-DDI_GROUPS = {"12": "I-II", "34": "III-IV", "56": "V-VI"}
-SPLITS = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
-          "valid": "validation", "test": "test", "held_out": "test", "heldout": "test"}  # fmt: skip
 IMAGE_FORMATS = {"JPEG": ("jpg", "image/jpeg"), "PNG": ("png", "image/png"),
                  "WEBP": ("webp", "image/webp"), "BMP": ("bmp", "image/bmp"),
                  "TIFF": ("tif", "image/tiff")}  # fmt: skip
@@ -65,19 +44,10 @@ class Limits:
     min_image_side: int
 
 
-@dataclass(frozen=True)
-class Mapping:
-    """Which CSV columns mean what; None fields take the format's own column."""
-
-    csv_format: str = "auto"
-    file_column: str | None = None
-    label_column: str | None = None
-    skin_tone_column: str | None = None
-    split_column: str | None = None
-
-
 @dataclass
 class Row:
+    """A metadata CSV row, read and checked (ingest_csv.parse_csv)."""
+
     number: int  # the CSV line number (the header is line 1)
     file: str
     label: str
@@ -90,173 +60,14 @@ class Row:
 
 @dataclass(frozen=True)
 class Problem:
+    """Why a row (or the file it names) is refused."""
+
     row: int | None
     file: str | None
     reason: str
 
     def as_dict(self) -> dict[str, Any]:
         return {"row": self.row, "file": self.file, "reason": self.reason}
-
-
-def detect_format(header: list[str]) -> str:
-    """The CSV format a header belongs to."""
-    columns = set(header)
-    if {"md5hash", "fitzpatrick_scale", "label"} <= columns:
-        return "fitzpatrick17k"
-    if {"DDI_file", "disease", "skin_tone"} <= columns:
-        return "ddi"
-    return "generic"
-
-
-def _fitzpatrick(value: str) -> int | None:
-    """1..6, or None for empty/-1/unknown; ValueError for anything else."""
-    text = value.strip()
-    if text in ("", "-1", "unknown", "nan", "NA"):
-        return None
-    try:
-        number = int(float(text))
-    except ValueError:
-        raise ValueError(f"skin type {value!r} is not 1..6, -1 or empty") from None
-    if number == -1 or number == 0:
-        return None
-    if not 1 <= number <= 6 or float(text) != number:
-        raise ValueError(f"skin type {value!r} is not 1..6, -1 or empty")
-    return number
-
-
-def _split(value: str | None) -> str | None:
-    if value is None or not value.strip():
-        return None
-    key = value.strip().lower()
-    if key not in SPLITS:
-        raise ValueError(
-            f"split {value!r} is not train, validation or test (split_column=none reads no split)"
-        )
-    return SPLITS[key]
-
-
-@dataclass
-class ParsedCsv:
-    csv_format: str
-    rows: list[Row]
-    problems: list[Problem]
-    columns: dict[str, str | None]  # role (file, label, skin_tone, split) -> the column read
-    ignored_columns: list[str]
-
-
-def _lookalike(header: str, column: str) -> bool:
-    name = header.lower()
-    return column in name or difflib.SequenceMatcher(None, name, column).ratio() >= 0.8
-
-
-def _column(mapped: str | None, default: str) -> str | None:
-    """The column a role reads: the mapped one, else the format's; None for "none"."""
-    if mapped == NO_COLUMN:
-        return None
-    return mapped or default
-
-
-def parse_csv(text: str, mapping: Mapping) -> ParsedCsv:
-    """The format, the good rows and the row problems of a metadata CSV, and which columns
-    were read. Other columns are ignored (and listed), except one that looks like a missing
-    skin-tone or split column, which is refused: read silently as unknown it would empty the
-    per-skin-tone results or the test split."""
-    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    if not header:
-        raise IngestError("metadata CSV: empty file or no header line")
-    reader.fieldnames = header
-    csv_format = mapping.csv_format if mapping.csv_format != "auto" else detect_format(header)
-    if csv_format not in FORMATS:
-        raise IngestError(f"csv_format: {csv_format!r} is not one of auto, {', '.join(FORMATS)}")
-
-    defaults = {
-        "generic": ("file", "label", "fitzpatrick", "split"),
-        "fitzpatrick17k": ("md5hash", "label", "fitzpatrick_scale", "split"),
-        "ddi": ("DDI_file", "disease", "skin_tone", "split"),
-    }[csv_format]
-    file_col = mapping.file_column or defaults[0]
-    label_col = mapping.label_column or defaults[1]
-    # "none": read no skin tone (every image unknown) or no split, whatever the CSV holds
-    tone_col = _column(mapping.skin_tone_column, defaults[2])
-    split_col = _column(mapping.split_column, defaults[3])
-    tone_mapped = tone_col is not None and bool(mapping.skin_tone_column)
-    for name, column, required in (
-        ("file_column", file_col, True),
-        ("label_column", label_col, True),
-        ("skin_tone_column", tone_col, csv_format == "generic" and tone_mapped),
-        ("split_column", split_col, split_col is not None and bool(mapping.split_column)),
-    ):
-        if required and column not in header:
-            raise IngestError(
-                f"{name}: the CSV has no column {column!r} (columns: {', '.join(header)})"
-            )
-    known = {file_col, label_col, tone_col, split_col}
-    if csv_format == "fitzpatrick17k":
-        known |= set(FITZPATRICK17K_COLUMNS)
-    elif csv_format == "ddi":
-        known |= set(DDI_COLUMNS)
-    ignored = [h for h in header if h not in known]
-    for field_name, column in (("skin_tone_column", tone_col), ("split_column", split_col)):
-        if column is None or column in header:
-            continue
-        lookalikes = [h for h in ignored if _lookalike(h, column)]
-        if lookalikes:
-            raise IngestError(
-                f"{field_name}: the CSV has no column {column!r} but has {lookalikes[0]!r}; "
-                f"rename it, send {field_name}={lookalikes[0]}, or {field_name}=none to read "
-                f"none (columns: {', '.join(header)})"
-            )
-    columns = {
-        "file": file_col,
-        "label": label_col,
-        "skin_tone": tone_col if tone_col in header else None,
-        "split": split_col if split_col in header else None,
-    }
-
-    rows: list[Row] = []
-    problems: list[Problem] = []
-    for number, record in enumerate(reader, start=2):
-        raw_file = (record.get(file_col) or "").strip()
-        try:
-            if not raw_file:
-                raise ValueError(f"empty {file_col}")
-            file = f"{raw_file}.jpg" if csv_format == "fitzpatrick17k" else raw_file
-            label = (record.get(label_col) or "").strip()
-            condition = slugify(label)
-            if not condition:
-                raise ValueError(f"empty {label_col}")
-            tone: int | None = None
-            group: str | None = None
-            extra: dict[str, Any] = {}
-            if csv_format == "ddi" and not mapping.skin_tone_column:
-                value = (record.get(tone_col) or "").strip()
-                if value and value not in DDI_GROUPS:
-                    raise ValueError(f"skin_tone {value!r} is not one of 12, 34, 56")
-                group = DDI_GROUPS.get(value)
-                malignant = (record.get("malignant") or "").strip().lower()
-                if malignant not in ("true", "false", "1", "0", ""):
-                    raise ValueError(f"malignant {malignant!r} is not True or False")
-                extra = {"malignant": malignant in ("true", "1"), "ddi_id": record.get("DDI_ID")}
-            elif tone_col in record:
-                tone = _fitzpatrick(record.get(tone_col) or "")
-                if tone is None and csv_format == "fitzpatrick17k":
-                    tone = _fitzpatrick(record.get("fitzpatrick_centaur") or "")
-            if csv_format == "fitzpatrick17k":
-                extra = {
-                    k: record.get(k)
-                    for k in ("md5hash", "fitzpatrick_scale", "fitzpatrick_centaur",
-                              "nine_partition_label", "three_partition_label", "qc")
-                    if record.get(k) not in (None, "")
-                }  # fmt: skip
-            split = _split(record.get(split_col)) if split_col in record else None
-        except ValueError as exc:
-            problems.append(Problem(number, raw_file or None, str(exc)))
-            continue
-        rows.append(Row(number, file, label, condition, tone, group, split, extra))
-    if not rows and not problems:
-        raise IngestError("metadata CSV: no data rows")
-    return ParsedCsv(csv_format, rows, problems, columns, ignored)
 
 
 # --- archives ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -23,7 +23,7 @@ from app.db.tables import FeatureCache, utcnow
 # sha256 values per IN list.
 LOOKUP_BATCH = 500
 STORED_DTYPE = np.dtype("<f2")
-_EARLIER_DTYPE = np.dtype("<f4")  # rows stored before 2026-12-02 (night)
+_EARLIER_DTYPE = np.dtype("<f4")  # rows stored when RESULTS_VERSION < 4
 
 
 def encode_vector(vector: np.ndarray) -> bytes:
@@ -99,10 +99,3 @@ def store_features(
         statement = insert_fn(FeatureCache).values(rows[start : start + LOOKUP_BATCH])
         session.execute(statement.on_conflict_do_nothing())
     session.commit()
-
-
-def count_features(*, session: Session, backbone: str | None = None) -> int:
-    query = select(func.count()).select_from(FeatureCache)
-    if backbone is not None:
-        query = query.where(FeatureCache.backbone == backbone)
-    return int(session.scalar(query) or 0)

@@ -20,14 +20,14 @@ from matplotlib.figure import Figure
 
 from app.db.tables import Run
 from app.errors import InvalidField, NotFound
-from app.experiments.reports import (
-    build_report,
+from app.experiments.grid import Setting
+from app.experiments.report_text import (
     has_skin_tones,
     setting_label,
     shown_datasets,
     skin_tone_versus,
 )
-from app.experiments.runs import SETTING_FIELDS
+from app.experiments.reports import build_report
 from app.fitzpatrick import FITZPATRICK_GROUPS
 
 EXPERIMENT_PLOTS = (
@@ -105,6 +105,7 @@ def dose_response(report: dict[str, Any]) -> Figure:
     figure, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     real_only = [e for e in report["settings"] if not e["setting"]["synthetic_per_real"]]
+    controls = {Setting.from_config(e["setting"]): e for e in real_only}
     for entry in report["settings"]:
         setting, mean = entry["setting"], entry["top1"]["mean"]
         if mean is None or not setting["synthetic_per_real"]:
@@ -113,16 +114,13 @@ def dose_response(report: dict[str, Any]) -> Figure:
         series[label].append(
             (float(setting["synthetic_per_real"]), mean, entry["top1"]["sd"] or 0.0)
         )
-        for control in real_only:
-            same = all(
-                control["setting"][f] == setting[f] for f in ("n_real_per_class", "augmentation")
-            )
-            if (
-                same
-                and control["top1"]["mean"] is not None
-                and not any(p[0] == 0.0 for p in series[label])
-            ):
-                series[label].append((0.0, control["top1"]["mean"], control["top1"]["sd"] or 0.0))
+        control = controls.get(Setting.from_config(setting).real_only())
+        if (
+            control is not None
+            and control["top1"]["mean"] is not None
+            and not any(p[0] == 0.0 for p in series[label])
+        ):
+            series[label].append((0.0, control["top1"]["mean"], control["top1"]["sd"] or 0.0))
     if not series:  # real-only experiments: one point per n_real at k = 0
         for entry in real_only:
             if entry["top1"]["mean"] is not None:
@@ -228,7 +226,7 @@ def training_curves(
     by_label: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         if run.history:
-            setting = {f: run.config.get(f) for f in SETTING_FIELDS}
+            setting = Setting.from_config(run.config).as_dict()
             by_label[setting_label(setting, datasets=shown)].append(run)
     labels = _spread(list(by_label), limit)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -253,6 +251,7 @@ def training_curves(
 
 
 def render(figure: Figure, fmt: str) -> bytes:
+    """A figure as PNG or SVG bytes, its legend placed where it covers no data; closes it."""
     if fmt not in FORMATS:
         raise InvalidField(f"format: {fmt!r} is not one of {', '.join(FORMATS)}", field="format")
     # a figure that placed its own legend keeps it

@@ -1,14 +1,13 @@
-"""Classifier runs and experiments: every query on `runs`, and the grid an experiment expands.
+"""Classifier runs and experiments: every query on `runs`, from the API's side (create, list,
+cancel, resume) and the worker's (claim, epochs, results, a finished twin's reuse).
 
 An experiment is a job of kind `experiment` whose chunk i is run i, so dispatch, recovery,
-cancel and progress are the jobs' own. No torch here: the training is in workers/train.py.
+cancel and progress are the jobs' own. The grid and the config key are in grid.py. No torch
+here: the training is in workers/train.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,102 +19,18 @@ from app.config import Settings
 from app.db.owned import get_owned
 from app.db.paging import newest_first
 from app.db.tables import ApiKey, Dataset, Job, JobChunk, Run, utcnow
+from app.engine import ChunkStatus
 from app.errors import Conflict, InvalidField
+from app.experiments.grid import SHARED_FIELDS, config_key, expand_grid
 from app.experiments.mixtures import check_datasets, choose_classes, data_fingerprint, pool_counts
 from app.ids import new_id
 from app.schemas import ExperimentCreate, JobStatus, RunCreate
 
 EXPERIMENT_KIND = "experiment"
-MAX_RUNS = 2000
-# Fields of a request that every run of it shares (data and training options).
-SHARED_FIELDS = (
-    "dataset",
-    "test_split",
-    "test_dataset",
-    "test_per_class",
-    "validation_per_class",
-    "conditions",
-    "top_n_classes",
-    "backbone",
-    "max_epochs",
-    "patience",
-    "learning_rate",
-    "weight_decay",
-    "batch_size",
-    "image_size",
-    "cache_features",
-)
-# What makes runs of one setting (the seeds vary within it).
-SETTING_FIELDS = (
-    "n_real_per_class",
-    "synthetic_per_real",
-    "strategy",
-    "synthetic_dataset",
-    "augmentation",
-)
-
-
-def expand_grid(params: ExperimentCreate) -> list[dict[str, Any]]:
-    """The experiment's runs, one config each. Real-only runs (k = 0) do not depend on a
-    strategy or a synthetic dataset, so they are made once per n_real, augmentation, seed."""
-    ks = sorted(set(params.synthetic_per_real))
-    if any(k > 0 for k in ks) and not params.synthetic_datasets:
-        raise InvalidField(
-            "synthetic_datasets: synthetic_per_real > 0 needs at least one synthetic dataset",
-            field="synthetic_datasets",
-        )
-    configs: list[dict[str, Any]] = []
-    for n_real, augmentation, k in itertools.product(
-        list(dict.fromkeys(params.n_real_per_class)), list(dict.fromkeys(params.augmentation)), ks
-    ):
-        sources: list[tuple[str | None, str | None]] = [(None, None)]
-        if k > 0:
-            sources = [
-                (dataset, strategy.value if strategy else None)
-                for dataset, strategy in itertools.product(
-                    list(dict.fromkeys(params.synthetic_datasets)),
-                    list(dict.fromkeys(params.strategies)),
-                )
-            ]
-        for (dataset, strategy), seed in itertools.product(
-            sources, list(dict.fromkeys(params.seeds))
-        ):
-            configs.append(
-                {
-                    "n_real_per_class": n_real,
-                    "synthetic_per_real": k,
-                    "strategy": strategy,
-                    "synthetic_dataset": dataset,
-                    "augmentation": augmentation,
-                    "seed": seed,
-                }
-            )
-    if len(configs) > MAX_RUNS:
-        raise InvalidField(
-            f"seeds: the grid has {len(configs)} runs, more than {MAX_RUNS}; split it",
-            field="seeds",
-        )
-    return configs
-
-
-def setting_of(config: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(config.get(name) for name in SETTING_FIELDS)
-
-
-# Part of every run's config key. Bump it with any change to what a run computes (the
-# sampling, the training, the metrics): a finished twin is reused only when made by code that
-# computes the same thing. 2: sampling ordered by image bytes, not ids; 3: validation from
-# the dataset's own validation split when it has one (both 2026-12-02); 4: cached features
-# stored and trained on as float16 (2026-12-02, night).
-RESULTS_VERSION = 4
-
-
-def _config_key(*, shared: dict[str, Any], config: dict[str, Any], fingerprint: Any) -> str:
-    text = json.dumps([shared, config, fingerprint, RESULTS_VERSION], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _check_classes(*, session: Session, shared: dict[str, Any]) -> list[str]:
+    """The classes a request trains on, or InvalidField when its test or validation lacks them."""
     if shared["test_per_class"] is not None and shared["test_dataset"] is not None:
         raise InvalidField(
             "test_per_class: the test set is either held out of the dataset or test_dataset, "
@@ -216,7 +131,7 @@ def create_experiment(
                 "index": i,
                 "status": JobStatus.QUEUED.value,
                 "config": {**shared, **config},
-                "config_key": _config_key(shared=shared, config=config, fingerprint=fingerprint),
+                "config_key": config_key(shared=shared, config=config, fingerprint=fingerprint),
                 "epoch": 0,
                 "created_at": now,
             }
@@ -260,6 +175,7 @@ def create_run(
 
 
 def get_experiment(*, session: Session, experiment_id: str, owner: ApiKey) -> Job:
+    """The caller's experiment (its job), or NotFound."""
     return get_owned(
         session=session,
         table=Job,
@@ -271,6 +187,7 @@ def get_experiment(*, session: Session, experiment_id: str, owner: ApiKey) -> Jo
 
 
 def runs_of(*, session: Session, experiment_id: str) -> list[Run]:
+    """An experiment's runs in grid order."""
     return list(session.scalars(select(Run).where(Run.job_id == experiment_id).order_by(Run.index)))
 
 
@@ -284,6 +201,7 @@ def synthetic_dataset_names(*, session: Session, job: Job) -> dict[str, str]:
 
 
 def get_run(*, session: Session, run_id: str, owner: ApiKey) -> Run:
+    """The caller's run, or NotFound."""
     return get_owned(session=session, table=Run, row_id=run_id, owner_id=owner.id, what="run")
 
 
@@ -316,11 +234,17 @@ def resume_experiment(*, session: Session, experiment_id: str, owner: ApiKey) ->
     job = get_experiment(session=session, experiment_id=experiment_id, owner=owner)
     if job.status not in (JobStatus.CANCELED.value, JobStatus.FAILED.value):
         raise Conflict(f"experiment {job.id} is {job.status}; only canceled or failed ones resume")
-    unfinished = ("pending", "running", "failed", "canceled")
+    unfinished = [s.value for s in ChunkStatus if s != ChunkStatus.SUCCEEDED]
     session.execute(
         update(JobChunk)
         .where(JobChunk.job_id == job.id, JobChunk.status.in_(unfinished))
-        .values(status="pending", dispatched_at=None, worker=None, error=None, attempts=0)
+        .values(
+            status=ChunkStatus.PENDING.value,
+            dispatched_at=None,
+            worker=None,
+            error=None,
+            attempts=0,
+        )
     )
     session.execute(
         update(Run)
@@ -350,6 +274,7 @@ class RunClaim:
 
 
 def run_of_chunk(*, session: Session, job_id: str, index: int) -> RunClaim:
+    """The run that chunk `index` of an experiment trains."""
     run = session.scalar(select(Run).where(Run.job_id == job_id, Run.index == index))
     if run is None:
         raise LookupError(f"experiment {job_id} has no run {index}")

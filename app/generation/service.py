@@ -1,4 +1,5 @@
-"""The generation service: validate a POST /jobs body and insert its job. Not committed.
+"""The generation service: validate a POST /jobs body and insert its job (not committed), and
+read back what a stored image was made from. Never samples: that is workers/generate.py.
 
 Strategies' parameters, the model check, parent selection and the synthetic dataset the images
 go to; the engine inserts the job and its chunks.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import random
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert
@@ -16,7 +18,7 @@ from sqlalchemy.orm import Session
 from app import engine
 from app.config import Settings
 from app.datasets.repository import parent_candidates
-from app.db.tables import ApiKey, Dataset, Job, JobParent
+from app.db.tables import ApiKey, Dataset, GeneratorModel, Image, Job, JobParent
 from app.errors import InvalidField
 from app.ids import new_id
 from app.schemas import JobCreate, Strategy
@@ -29,22 +31,8 @@ MAX_COUNT = 1_000_000
 
 
 def _job_params(params: JobCreate) -> dict[str, Any]:
-    keys = (
-        "guidance_scale",
-        "num_inference_steps",
-        "strength",
-        "width",
-        "height",
-        "mask_fraction",
-        "outpaint_strength",
-        "frame_px",
-        "source_dataset",
-    )
-    out: dict[str, Any] = {k: getattr(params, k) for k in keys if getattr(params, k) is not None}
-    if params.negative_prompt:
-        out["negative_prompt"] = params.negative_prompt
-    out["synthetic_per_real"] = params.synthetic_per_real
-    return out
+    """The body's `Job.params` (GenerationParams, which the worker reads back)."""
+    return params.generation_params().stored()
 
 
 def _check_model(*, session: Session, settings: Settings, params: JobCreate) -> str:
@@ -77,10 +65,9 @@ def _check_model(*, session: Session, settings: Settings, params: JobCreate) -> 
 def _select_parents(
     *, session: Session, params: JobCreate, owner: ApiKey, seed: int
 ) -> tuple[list[str], int]:
-    """The parent images (in the order the job uses them) and the job's image count.
-
-    Parents are the source dataset's images of the job's condition (and skin tone when set),
-    in a seeded shuffle; image i derives from parent i // k (PAPER.md section 4)."""
+    """The parent images (in the order the job uses them) and the job's image count."""
+    # Parents are the source dataset's images of the job's condition (and skin tone when set),
+    # in a seeded shuffle; image i derives from parent i // k (PAPER.md section 4).
     k = params.synthetic_per_real
     if params.source_dataset is None:
         if params.strategy in EDIT_STRATEGIES:
@@ -131,8 +118,7 @@ def _select_parents(
 def create_job(
     *, session: Session, settings: Settings, params: JobCreate, owner: ApiKey
 ) -> tuple[Job, bool]:
-    """Validate and insert a job, its dataset, its parents and its chunks; (job, created).
-    Not committed."""
+    """Validate and insert a job, its dataset, parents and chunks (uncommitted); (job, created)."""
     # 1. idempotency: the same key returns the job it made before
     existing = engine.job_with_key(session=session, owner=owner, key=params.idempotency_key)
     if existing is not None:
@@ -187,3 +173,37 @@ def create_job(
             [{"job_id": job.id, "position": p, "image_id": i} for p, i in enumerate(parents)],
         )
     return job, True
+
+
+@dataclass(frozen=True)
+class MadeFrom:
+    """What a generated image was made from: its row's index, bytes and provenance, its job's
+    seed and its model."""
+
+    image_id: str
+    index: int
+    sha256: str
+    provenance: dict[str, Any]
+    job_id: str
+    job_seed: int
+    model: GeneratorModel
+
+
+def made_from(*, session: Session, image_id: str) -> MadeFrom:
+    """The image's MadeFrom; LookupError if it is no generated image or its job or model is gone."""
+    row = session.get(Image, image_id)
+    if row is None or row.job_id is None or row.index is None:
+        raise LookupError(f"no generated image {image_id!r}")
+    job = session.get(Job, row.job_id)
+    model = get_model(session=session, model_id=row.model_id or "")
+    if job is None or model is None:
+        raise LookupError(f"the job or model of image {image_id} is gone")
+    return MadeFrom(
+        image_id=image_id,
+        index=row.index,
+        sha256=row.sha256,
+        provenance=dict(row.provenance),
+        job_id=job.id,
+        job_seed=job.seed,
+        model=model,
+    )

@@ -1,11 +1,55 @@
-"""The contract of /datasets: datasets, their counts and the manifest's rows."""
+"""The contract of /datasets: datasets, their counts, the manifest's rows and query values,
+uploads, combine and exports."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.fitzpatrick import UNKNOWN_GROUP
+from app.schemas.jobs import Strategy
+
+# The paper's public release holds at most 5,000 samples per shard (PAPER.md section 5).
+MAX_SHARD_SIZE = 5000
+
+
+class ManifestFormat(StrEnum):
+    JSONL = "jsonl"
+    CSV = "csv"
+    PARQUET = "parquet"
+
+
+class Source(StrEnum):
+    REAL = "real"
+    SYNTHETIC = "synthetic"
+
+
+class SkinToneGroup(StrEnum):
+    I_II = "I-II"
+    III_IV = "III-IV"
+    V_VI = "V-VI"
+    UNKNOWN = UNKNOWN_GROUP
+
+
+class Split(StrEnum):
+    TRAIN = "train"
+    VALIDATION = "validation"
+    TEST = "test"
+
+
+class CsvFormat(StrEnum):
+    AUTO = "auto"
+    GENERIC = "generic"
+    FITZPATRICK17K = "fitzpatrick17k"
+    DDI = "ddi"
+
+
+class OnError(StrEnum):
+    FAIL = "fail"
+    SKIP = "skip"
 
 
 class CountRow(BaseModel):
@@ -77,3 +121,46 @@ class ManifestRow(BaseModel):
 
 
 MANIFEST_COLUMNS = list(ManifestRow.model_fields)
+
+
+class PartIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str
+    condition: str | None = None
+    skin_tone: int | None = Field(None, ge=1, le=6)
+    strategy: Strategy | None = None
+    source: Literal["real", "synthetic"] | None = None
+    split: Literal["train", "validation", "test"] | None = None
+    children_of: int | None = Field(
+        None, ge=0, description="Keep only images whose parent an earlier part (by index) took."
+    )
+
+
+class CombineIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field("", max_length=2000)
+    parts: list[PartIn] = Field(min_length=1, max_length=50)
+
+
+class ExportCreate(BaseModel):
+    """An export of a dataset (or of the images the filters select) as WebDataset shards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shard_size: int = Field(
+        MAX_SHARD_SIZE,
+        ge=1,
+        le=MAX_SHARD_SIZE,
+        description="Samples per shard (the paper's release: at most 5,000).",
+    )
+    shuffle: bool = Field(False, description="Shuffle the samples (else image-id order).")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Shuffle seed; drawn and recorded when unset."
+    )
+    condition: str | None = Field(None, min_length=1, max_length=120)
+    skin_tone: int | None = Field(None, ge=1, le=6, description="Fitzpatrick type 1..6.")
+    strategy: Strategy | None = None
+    source: Literal["real", "synthetic"] | None = None

@@ -1,10 +1,17 @@
-"""The contract of /jobs: a generation job's body, and the view of a job of any kind."""
+"""The contract of /jobs: a generation job's body, the options it stores, and the view of a job
+of any kind.
+
+Torch-free, like all of app/. The sampler's knobs are declared once here: `SamplerOptions`
+(with the paper's defaults beside it) is what a job stores in `Job.params` and what the worker
+reads back. models/strategies.py keeps its own copy of the defaults (models/ never imports
+app/); tests/models/test_strategy_contract.py ties the two.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +32,108 @@ class JobStatus(StrEnum):
 
 
 ACTIVE_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+# The sampler's defaults (PAPER.md section 2): guidance and steps are the deployment's to change
+# (Settings.default_guidance_scale, default_num_inference_steps); the rest are the paper's
+# (section 2b; image-to-image is beyond the paper). An unset size is the pipeline's own.
+DEFAULT_GUIDANCE_SCALE = 3.0
+DEFAULT_NUM_INFERENCE_STEPS = 50
+DEFAULT_STRENGTH = {
+    Strategy.INPAINT: 0.97,
+    Strategy.INPAINT_OUTPAINT: 0.97,
+    Strategy.IMAGE_TO_IMAGE: 0.75,
+}
+DEFAULT_OUTPAINT_STRENGTH = 0.95
+DEFAULT_MASK_FRACTION = 0.25
+DEFAULT_FRAME_PX = 16
+
+# Each knob's type and bounds, shared by the request body and the stored options.
+GuidanceScale = Annotated[float | None, Field(ge=0, le=50)]
+InferenceSteps = Annotated[int | None, Field(ge=1, le=1000)]
+Strength = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        le=1,
+        description=f"Edit strength (inpaint {DEFAULT_STRENGTH[Strategy.INPAINT]}, "
+        f"image-to-image {DEFAULT_STRENGTH[Strategy.IMAGE_TO_IMAGE]}).",
+    ),
+]
+OutpaintStrength = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        le=1,
+        description=f"Strength of inpaint-outpaint's second pass ({DEFAULT_OUTPAINT_STRENGTH}).",
+    ),
+]
+MaskFraction = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        lt=0.5,
+        description=f"Border of the central mask, per side ({DEFAULT_MASK_FRACTION}).",
+    ),
+]
+FramePx = Annotated[
+    int | None,
+    Field(
+        ge=0,
+        le=255,
+        description=f"Frame kept by inpaint-outpaint, in pixels ({DEFAULT_FRAME_PX}).",
+    ),
+]
+ImageSide = Annotated[int | None, Field(ge=8, le=2048, multiple_of=8)]
+NegativePrompt = Annotated[str | None, Field(max_length=2000)]
+
+
+class SamplerOptions(BaseModel):
+    """The sampler's knobs a job may set; None is the default (`filled` says which)."""
+
+    guidance_scale: GuidanceScale = None
+    num_inference_steps: InferenceSteps = None
+    strength: Strength = None
+    width: ImageSide = None
+    height: ImageSide = None
+    mask_fraction: MaskFraction = None
+    outpaint_strength: OutpaintStrength = None
+    frame_px: FramePx = None
+    negative_prompt: NegativePrompt = None
+
+    def filled(
+        self, *, guidance_scale: float, num_inference_steps: int, width: int, height: int
+    ) -> SamplerOptions:
+        """These options with each unset knob but strength set: the given ones, else the paper's."""
+        # An unset strength stays unset: the sampler takes its strategy's DEFAULT_STRENGTH.
+        defaults: dict[str, Any] = {
+            "guidance_scale": guidance_scale,
+            "num_inference_steps": num_inference_steps,
+            "width": width,
+            "height": height,
+            "mask_fraction": DEFAULT_MASK_FRACTION,
+            "outpaint_strength": DEFAULT_OUTPAINT_STRENGTH,
+            "frame_px": DEFAULT_FRAME_PX,
+        }
+        values = {name: getattr(self, name) for name in SamplerOptions.model_fields}
+        values.update({k: v for k, v in defaults.items() if values[k] is None})
+        # not validated again: the settings' and the pipeline's values are taken as they are
+        return SamplerOptions.model_construct(**values)
+
+
+class GenerationParams(SamplerOptions):
+    """`Job.params` of a generation job (JobOut.params shows it): its sampler options, the real
+    dataset its parents come from, and k, its images per parent."""
+
+    source_dataset: str | None = None
+    synthetic_per_real: int = 1
+
+    def stored(self) -> dict[str, Any]:
+        """The JSON stored: the values set, in the key order jobs have always had."""
+        out = self.model_dump(exclude_none=True, exclude={"negative_prompt", "synthetic_per_real"})
+        if self.negative_prompt:  # an empty negative prompt is none
+            out["negative_prompt"] = self.negative_prompt
+        out["synthetic_per_real"] = self.synthetic_per_real
+        return out
 
 
 class JobCreate(BaseModel):
@@ -47,27 +156,25 @@ class JobCreate(BaseModel):
     dataset_id: str | None = Field(None, description="Append to this synthetic dataset.")
     dataset_name: str | None = Field(None, max_length=200)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    guidance_scale: float | None = Field(None, ge=0, le=50)
-    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: GuidanceScale = None
+    num_inference_steps: InferenceSteps = None
     synthetic_per_real: int = Field(
         1, ge=1, le=1000, description="k: images per parent image (PAPER.md section 4)."
     )
-    strength: float | None = Field(
-        None, gt=0, le=1, description="Edit strength (inpaint 0.97, image-to-image 0.75)."
-    )
-    outpaint_strength: float | None = Field(
-        None, gt=0, le=1, description="Strength of inpaint-outpaint's second pass (0.95)."
-    )
-    mask_fraction: float | None = Field(
-        None, gt=0, lt=0.5, description="Border of the central mask, per side (0.25)."
-    )
-    frame_px: int | None = Field(
-        None, ge=0, le=255, description="Frame kept by inpaint-outpaint, in pixels (16)."
-    )
-    width: int | None = Field(None, ge=8, le=2048, multiple_of=8)
-    height: int | None = Field(None, ge=8, le=2048, multiple_of=8)
-    negative_prompt: str | None = Field(None, max_length=2000)
+    strength: Strength = None
+    outpaint_strength: OutpaintStrength = None
+    mask_fraction: MaskFraction = None
+    frame_px: FramePx = None
+    width: ImageSide = None
+    height: ImageSide = None
+    negative_prompt: NegativePrompt = None
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+
+    def generation_params(self) -> GenerationParams:
+        """What the job stores of this body (its sampler options, source and k)."""
+        return GenerationParams.model_validate(
+            self.model_dump(include=set(GenerationParams.model_fields))
+        )
 
 
 class ChunkStep(BaseModel):

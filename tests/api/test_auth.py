@@ -18,8 +18,8 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from app.keys import revoke_key
 from app.main import create_app
-from tests.api.test_jobs import submit
 from tests.conftest import Stack, count_rows
+from tests.helpers import submit
 
 # Routes that answer without a key, on purpose.
 PUBLIC = {

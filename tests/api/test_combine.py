@@ -7,7 +7,7 @@ import collections
 import json
 
 from tests.conftest import Stack, count_rows
-from tests.workers.test_ingest import csv_text, make_zip, png, upload
+from tests.helpers import csv_text, make_zip, png, upload
 
 
 def test_train_split_plus_its_children(deployed: Stack) -> None:

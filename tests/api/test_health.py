@@ -11,8 +11,8 @@ from sqlalchemy import select
 
 from app.db.tables import Job, JobChunk
 from app.main import create_app
-from tests.api.test_jobs import submit
 from tests.conftest import Stack, wait_for
+from tests.helpers import submit
 
 CLOSED_BROKER = "redis://127.0.0.1:1/0"
 

@@ -11,14 +11,7 @@ import httpx
 from PIL import Image
 
 from tests.conftest import Stack, count_rows, wait_for
-
-
-def submit(client: httpx.Client, **body: object) -> dict:
-    payload = {"condition": "psoriasis", "skin_tone": 5, "strategy": "text-to-image", "count": 20}
-    payload.update(body)
-    response = client.post("/jobs", json=payload)
-    assert response.status_code == 202, response.text
-    return response.json()
+from tests.helpers import submit
 
 
 def test_job_end_to_end(stack: Stack) -> None:
@@ -188,16 +181,19 @@ def test_cancel_queued_job(deployed: Stack) -> None:
         deployed.worker.start()
     pending = "SELECT count(*) FROM job_chunks WHERE job_id = :j AND status <> 'canceled'"
     assert count_rows(deployed, pending, j=job["id"]) == 0
-    # the worker drops the chunks' messages without generating anything
-    wait_for(
-        lambda: (
-            "skipped" in deployed.worker.log()
-            or count_rows(deployed, "SELECT count(*) FROM images WHERE job_id = :j", j=job["id"])
-            == 0
-        ),
-        timeout=30,
-    )
+    # the restarted worker takes every chunk's message and drops it without generating: wait
+    # for that evidence (one "skipped" result per chunk in its log), then look for images
+    deployed.worker.wait_ready()
+
+    def skipped() -> int:
+        return sum(
+            job["id"] in line and "'skipped': True" in line
+            for line in deployed.worker.log_since_start().splitlines()
+        )
+
+    wait_for(lambda: skipped() == job["chunks"], timeout=60, what="every chunk skipped")
     assert count_rows(deployed, "SELECT count(*) FROM images WHERE job_id = :j", j=job["id"]) == 0
+    assert client.get(f"/jobs/{job['id']}").json()["progress"]["done"] == 0
 
 
 def test_idempotency_key_returns_the_same_job(deployed: Stack) -> None:

@@ -9,9 +9,8 @@ import hashlib
 import io
 import json
 import re
-import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,17 +20,16 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import select, update
 
-from app.api import datasets as api
-from app.datasets import repository as datasets
-from app.datasets.repository import ManifestFilter, upsert_image
+from app.datasets import manifest, manifest_stream
+from app.datasets.manifest import ManifestFilter
+from app.datasets.repository import upsert_image
 from app.db.tables import Image, Job
 from app.ids import new_id
 from app.keys import authenticate
-from app.schemas import MANIFEST_COLUMNS
-from app.storage import LocalStore, S3Store
-from tests.api.test_validation import assert_problem
+from app.schemas import MANIFEST_COLUMNS, ManifestFormat
 from tests.conftest import Stack
 from tests.factories import make_real_dataset
+from tests.helpers import assert_problem
 
 FORMATS = ("jsonl", "csv", "parquet")
 NEGATIVE = {0: None, 1: "blurry, low quality", 2: ""}  # by index: null, text, empty string
@@ -232,7 +230,7 @@ def test_parquet_has_an_explicit_schema(embedded: Stack) -> None:
         f"/datasets/{crafted.dataset_id}/manifest", params={"format": "parquet"}
     )
     schema = pq.read_schema(io.BytesIO(response.content))
-    assert schema == api.parquet_schema()
+    assert schema == manifest_stream.parquet_schema()
     assert schema.field("created_at").type == pa.timestamp("us", tz="UTC")
     assert schema.field("seed").type == pa.int64()
     assert schema.field("skin_tone").type == pa.int8()
@@ -250,7 +248,7 @@ def test_an_empty_selection_is_a_valid_file_in_every_format(embedded: Stack) -> 
     assert csv_text == ",".join(MANIFEST_COLUMNS) + "\n"
     content = crafted.client.get(manifest, params={**params, "format": "parquet"}).content
     table = pq.read_table(io.BytesIO(content))
-    assert table.num_rows == 0 and table.schema == api.parquet_schema()
+    assert table.num_rows == 0 and table.schema == manifest_stream.parquet_schema()
 
 
 # --- filters ------------------------------------------------------------------------------
@@ -362,16 +360,16 @@ def test_many_ranges_over_parallel_connections(
     one range, cut at `limit` and at the cursor; Parquet row groups gather ranges."""
     crafted = craft(stack)
     small = stack.settings.model_copy(update={"manifest_batch_rows": range_rows})
-    monkeypatch.setattr(api, "PARQUET_ROW_GROUP_ROWS", 4)
-    monkeypatch.setattr(datasets, "RANGES_PER_QUERY", ranges_per_query)
+    monkeypatch.setattr(manifest_stream, "PARQUET_ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(manifest, "RANGES_PER_QUERY", ranges_per_query)
 
     def body(settings: Any, fmt: str, limit: int | None = None, cursor: str | None = None,
              **filters: Any) -> bytes:  # fmt: skip
         return b"".join(
-            api.stream_manifest(
+            manifest_stream.stream_manifest(
                 settings=settings, store=stack.store, dataset_id=crafted.dataset_id,
                 filters=ManifestFilter(**filters), cursor=cursor, limit=limit,
-                fmt=api.ManifestFormat(fmt),
+                fmt=ManifestFormat(fmt),
             )
         )  # fmt: skip
 
@@ -415,33 +413,3 @@ def test_urls_download_the_bytes_the_rows_describe(stack: Stack) -> None:
             data = httpx.get(row["url"], timeout=30).content  # no API key: the URL signs
             assert hashlib.sha256(data).hexdigest() == row["sha256"]
             assert data == crafted.objects[row["image_id"]]
-
-
-def test_bulk_urls_are_the_stores_urls(stack: Stack) -> None:
-    keys = [
-        "datasets/d/psoriasis/0a.png",
-        "datasets/d/odd condition/é+%&=,;~.png",
-        "datasets/d/x/" + "y" * 200 + ".png",
-    ]
-    sign = api.url_signer(stack.store, stack.settings)
-    if isinstance(stack.store, S3Store):
-        assert isinstance(sign, api.S3Urls)
-        for key in keys:
-            # botocore signs at the current second: sign at the same one
-            reference = stack.store.url(key)
-            stamp = dict(p.split("=") for p in urlsplit(reference).query.split("&"))
-            at = datetime.strptime(stamp["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
-            assert sign([key], now=at.replace(tzinfo=UTC)) == [reference]
-    else:
-        assert isinstance(stack.store, LocalStore) and isinstance(sign, api.LocalUrls)
-        now = time.time()
-        for key, url in zip(keys, sign(keys, now=now), strict=True):
-            expires = int(now) + stack.store.expiry_s
-            query = f"?expires={expires}&signature={stack.store.signature(key, expires)}"
-            assert url.endswith(query)
-            assert url.split("?")[0] == stack.store.url(key).split("?")[0]
-        # a secret the store does not use: its own url(), one key at a time
-        other = stack.settings.model_copy(update={"signing_secret": "not-the-store-secret"})
-        slow = api.url_signer(stack.store, other)
-        assert not isinstance(slow, api.LocalUrls)
-        assert slow(keys[:1])[0].split("?")[0] == stack.store.url(keys[0]).split("?")[0]

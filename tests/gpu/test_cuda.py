@@ -23,7 +23,7 @@ from models.devices import dtype_for
 from models.parents import prepare_parent
 from models.pipelines import load_pipeline
 from models.strategies import INPAINT_OUTPAINT, TEXT_TO_IMAGE, SampleParams, generate
-from tests.models.test_classifier import blobs
+from tests.models.helpers import blobs
 
 DEVICE = torch.device(
     os.environ.get("SYNTHDERM_GPU_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")

@@ -225,7 +225,7 @@ def test_features_separate_dermoscopy_from_clinical_photos(lite0: Backbone) -> N
 
 def test_feature_batch_is_the_setting_or_the_devices_default() -> None:
     from app.config import Settings
-    from workers.train import CPU_FEATURE_BATCH, GPU_FEATURE_BATCH, feature_batch
+    from workers.feature_bank import CPU_FEATURE_BATCH, GPU_FEATURE_BATCH, feature_batch
 
     assert feature_batch(Settings(), torch.device("cpu")) == CPU_FEATURE_BATCH == 8
     assert feature_batch(Settings(), torch.device("cuda")) == GPU_FEATURE_BATCH == 64

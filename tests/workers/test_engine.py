@@ -11,8 +11,8 @@ import torch
 from sqlalchemy import text
 
 from models import strategies
-from tests.api.test_jobs import submit
 from tests.conftest import Stack, Worker, count_rows, wait_for
+from tests.helpers import submit
 
 
 def test_cancel_interrupts_the_sampler_within_a_step(stack: Stack) -> None:

@@ -18,9 +18,9 @@ from sqlalchemy import insert, select
 from app.db.tables import Dataset, Image
 from app.keys import authenticate
 from app.storage import image_key
-from tests.api.test_jobs import submit
 from tests.conftest import Stack, count_rows, wait_for
 from tests.factories import make_real_dataset
+from tests.helpers import submit
 
 REAL_CONDITION = "basal-cell-carcinoma"
 # Keys of every sample's JSON (PAPER.md section 5's fields where they apply, and provenance).

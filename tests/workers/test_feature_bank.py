@@ -20,11 +20,11 @@ from app.experiments import features as feature_cache
 from app.experiments.mixtures import ImageRef
 from app.storage import LocalStore
 from models.transforms import augmented_view_id, eval_transform_id
-from tests.workers.test_ingest import png
-from workers import train
+from tests.helpers import png
+from workers import feature_bank
 
 SIZE = 32
-NO_MEMO = train.FeatureMemo(0)  # every read goes to the database
+NO_MEMO = feature_bank.FeatureMemo(0)  # every read goes to the database
 EVAL = eval_transform_id(size=SIZE)
 VIEW = augmented_view_id(0, size=SIZE)
 
@@ -57,7 +57,7 @@ def bank_parts(
     )  # fmt: skip
     Base.metadata.create_all(make_engine(settings.database_url))
     store = LocalStore(tmp_path / "store", base_url="http://t", secret="s", expiry_s=60)
-    monkeypatch.setattr(train, "object_store", lambda _settings: store)
+    monkeypatch.setattr(feature_bank, "object_store", lambda _settings: store)
     images = []
     for i in range(5):
         data = png(i)
@@ -68,9 +68,9 @@ def bank_parts(
 
 
 def make_bank(
-    settings: Settings, body: Any, memo: train.FeatureMemo = NO_MEMO
-) -> train.FeatureBank:
-    return train.FeatureBank(settings, body, size=SIZE, check=lambda: None, memo=memo)
+    settings: Settings, body: Any, memo: feature_bank.FeatureMemo = NO_MEMO
+) -> feature_bank.FeatureBank:
+    return feature_bank.FeatureBank(settings, body, size=SIZE, check=lambda: None, memo=memo)
 
 
 def stored(settings: Settings, transform: str, images: list[ImageRef]) -> dict[str, bytes]:
@@ -100,8 +100,8 @@ def test_rows_follow_the_callers_order_and_each_vector_is_computed_once(
     assert not torch.equal(first[EVAL], first[VIEW])  # the augmented view is another vector
     assert body.images == 3 * 2 and bank.computed == 6 and bank.reused == 0
     # the body's float32 rounded to float16, nothing else
-    pixels = train.load_pixels(
-        train.object_store(settings), [images[3]], size=SIZE, pool=ThreadPoolExecutor(1)
+    pixels = feature_bank.load_pixels(
+        feature_bank.object_store(settings), [images[3]], size=SIZE, pool=ThreadPoolExecutor(1)
     )
     assert torch.equal(first[EVAL][0], body.features(pixels)[0].half())
     # what is stored is what was returned, bit for bit: 2 bytes a value
@@ -138,8 +138,8 @@ def test_float32_rows_of_earlier_versions_read_as_if_stored_now(
     with session_factory(settings.database_url)() as session:  # as an earlier version stored
         session.execute(FeatureCache.__table__.delete())
         session.commit()
-        pixels = train.load_pixels(
-            train.object_store(settings), images[:2], size=SIZE, pool=ThreadPoolExecutor(1)
+        pixels = feature_bank.load_pixels(
+            feature_bank.object_store(settings), images[:2], size=SIZE, pool=ThreadPoolExecutor(1)
         )
         full = body.features(pixels).numpy()
         feature_cache.store_features(
@@ -166,7 +166,7 @@ def test_a_workers_memo_serves_the_next_run_without_the_database(
     bank_parts: tuple[Settings, list[ImageRef]],
 ) -> None:
     settings, images = bank_parts
-    memo = train.FeatureMemo(2**20)
+    memo = feature_bank.FeatureMemo(2**20)
     body = CountingBody()
     first = make_bank(settings, body, memo)
     computed = first.get(images[:3], [EVAL, VIEW])
@@ -181,10 +181,10 @@ def test_a_workers_memo_serves_the_next_run_without_the_database(
     for transform in (EVAL, VIEW):
         assert torch.equal(again[transform], computed[transform][[2, 0, 1]])
     # what a memo lacks still comes from the database, and joins the memo
-    fresh = train.FeatureMemo(2**20)
+    fresh = feature_bank.FeatureMemo(2**20)
     third = make_bank(settings, body, fresh)
     third.get(images[3:], [EVAL])  # computed and stored
-    fourth = make_bank(settings, body, train.FeatureMemo(2**20))
+    fourth = make_bank(settings, body, feature_bank.FeatureMemo(2**20))
     fourth.get(images[3:], [EVAL])
     assert fourth.reused == 2 and fourth.remembered == 0 and fourth.computed == 0
     assert len(fresh.held(CountingBody.cache_key, EVAL)) == 2
@@ -192,7 +192,7 @@ def test_a_workers_memo_serves_the_next_run_without_the_database(
 
 def test_the_memo_keeps_to_its_budget_and_drops_other_backbones_first() -> None:
     vector = np.zeros(8, dtype=np.float16)  # 16 bytes
-    memo = train.FeatureMemo(3 * 16)
+    memo = feature_bank.FeatureMemo(3 * 16)
     memo.add("old", "eval", "a", vector)
     memo.add("old", "view", "a", vector)
     memo.add("new", "eval", "a", vector)
@@ -208,17 +208,22 @@ def test_the_memo_keeps_to_its_budget_and_drops_other_backbones_first() -> None:
     assert set(memo.held("new", "eval")) == {"a", "b"} and set(memo.held("new", "view")) == {"a"}
     assert memo.used == 48
     # budget 0: nothing is kept
-    none = train.FeatureMemo(0)
+    none = feature_bank.FeatureMemo(0)
     none.add("body", "eval", "a", vector)
     assert none.held("body", "eval") == {} and none.used == 0
 
 
 def test_the_process_memo_follows_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(train, "_memo", None)
-    memo = train.feature_memo(Settings(classifier_feature_memory_mb=3))
-    assert memo.budget == 3 * 2**20 and train.feature_memo(Settings()) is memo  # one a process
-    monkeypatch.setattr(train, "_memo", None)
-    assert train.feature_memo(Settings()).budget == train.usable_memory() // 4 // 2**20 * 2**20
+    monkeypatch.setattr(feature_bank, "_memo", None)
+    memo = feature_bank.feature_memo(Settings(classifier_feature_memory_mb=3))
+    assert (
+        memo.budget == 3 * 2**20 and feature_bank.feature_memo(Settings()) is memo
+    )  # one a process
+    monkeypatch.setattr(feature_bank, "_memo", None)
+    assert (
+        feature_bank.feature_memo(Settings()).budget
+        == feature_bank.usable_memory() // 4 // 2**20 * 2**20
+    )
 
 
 def test_usable_memory_is_a_containers_limit_when_lower(
@@ -228,7 +233,9 @@ def test_usable_memory_is_a_containers_limit_when_lower(
     limit, unlimited = tmp_path / "memory.max", tmp_path / "v1-limit"
     limit.write_text(f"{2**30}\n")
     unlimited.write_text("max\n")  # cgroup v2's "no limit"
-    monkeypatch.setattr(train, "CGROUP_MEMORY_LIMITS", (unlimited, tmp_path / "absent", limit))
-    assert train.usable_memory() == min(machine, 2**30)
-    monkeypatch.setattr(train, "CGROUP_MEMORY_LIMITS", (unlimited,))
-    assert train.usable_memory() == machine > 0
+    monkeypatch.setattr(
+        feature_bank, "CGROUP_MEMORY_LIMITS", (unlimited, tmp_path / "absent", limit)
+    )
+    assert feature_bank.usable_memory() == min(machine, 2**30)
+    monkeypatch.setattr(feature_bank, "CGROUP_MEMORY_LIMITS", (unlimited,))
+    assert feature_bank.usable_memory() == machine > 0

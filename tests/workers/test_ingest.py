@@ -7,70 +7,15 @@ import collections
 import csv
 import io
 import json
-import tarfile
 import zipfile
 
-import numpy as np
 import pytest
-from PIL import Image
 from sqlalchemy import text
 
-from app.datasets.ingest import FITZPATRICK17K_COLUMNS
+from app.datasets.ingest_csv import FITZPATRICK17K_COLUMNS
 from tests.conftest import Stack, count_rows
 from tests.factories import SHARED_DATA
-
-
-def png(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def csv_text(header: list[str], rows: list[list[object]]) -> bytes:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(header)
-    writer.writerows(rows)
-    return out.getvalue().encode()
-
-
-def make_zip(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-def make_tar(
-    files: dict[str, bytes], *, gz: bool = True, links: dict[str, str] | None = None
-) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz" if gz else "w") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-        for name, target in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type = tarfile.SYMTYPE
-            info.linkname = target
-            archive.addfile(info)
-    return buffer.getvalue()
-
-
-def upload(client, archive: bytes, *, filename: str = "data.zip", metadata: bytes | None = None,
-           **form: str) -> dict:  # fmt: skip
-    files = {"archive": (filename, archive, "application/octet-stream")}
-    if metadata is not None:
-        files["metadata"] = ("metadata.csv", metadata, "text/csv")
-    response = client.post("/datasets", files=files, data=form)
-    assert response.status_code == 202, response.text
-    body = response.json()
-    assert body["kind"] == "ingest"
-    return body
+from tests.helpers import csv_text, make_tar, make_zip, png, upload
 
 
 def counts(client, dataset_id: str) -> dict[tuple[str, int | None], int]:

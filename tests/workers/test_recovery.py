@@ -14,9 +14,9 @@ import json
 import redis
 from sqlalchemy import text
 
-from app.broker import send_generate_chunk
-from tests.api.test_jobs import submit
+from app.broker import send_chunk
 from tests.conftest import Stack, count_rows, wait_for
+from tests.helpers import submit
 
 
 def images_of(stack: Stack, job_id: str) -> int:
@@ -161,8 +161,8 @@ def test_chunk_run_twice_never_duplicates(stack: Stack) -> None:
             {"j": job["id"]},
         )
         session.execute(text("UPDATE jobs SET status = 'running' WHERE id = :j"), {"j": job["id"]})
-    send_generate_chunk(stack.settings, job_id=job["id"], chunk_index=0)
-    send_generate_chunk(stack.settings, job_id=job["id"], chunk_index=0)  # and twice
+    send_chunk(stack.settings, kind="generate", job_id=job["id"], chunk_index=0)
+    send_chunk(stack.settings, kind="generate", job_id=job["id"], chunk_index=0)  # and twice
 
     stack.wait_job(client, job["id"])
     wait_for(lambda: stack.store.head(key) is not None, timeout=30, what="image 3 rewritten")

@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from app.db.session import session_factory
 from app.db.tables import ApiKey, Job
+from app.experiments import grid
 from app.experiments import runs as runs_module
 from app.schemas import ExperimentCreate
 from tests.conftest import Stack, count_rows, wait_for
@@ -202,7 +203,7 @@ def test_experiment_end_to_end(data, monkeypatch: pytest.MonkeyPatch) -> None:
     # code that computes runs differently (RESULTS_VERSION bumped) does not reuse them: the
     # API's own create_experiment, run here with the bumped version against the same
     # database (the API is another process), gives every run a key no finished run has
-    monkeypatch.setattr(runs_module, "RESULTS_VERSION", runs_module.RESULTS_VERSION + 1)
+    monkeypatch.setattr(grid, "RESULTS_VERSION", grid.RESULTS_VERSION + 1)
     keys = "SELECT DISTINCT config_key FROM runs WHERE job_id IN (:a, :b)"
     session = session_factory(stack.settings.database_url)()
     try:

@@ -10,13 +10,13 @@ import pytest
 
 from app.db.tables import Run
 from app.experiments import metrics, plots
-from app.experiments.reports import (
-    build_report,
+from app.experiments.report_text import (
     experiment_markdown,
     report_rows,
     setting_label,
     skin_tone_difference_rows,
 )
+from app.experiments.reports import build_report
 
 CLASSES = ["a", "b", "c"]
 INPAINT_SET = "11111111-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
@@ -464,7 +464,7 @@ def test_differences_are_starred_only_after_holms_correction() -> None:
 
 
 def test_a_difference_a_hair_under_zero_reads_as_zero() -> None:
-    from app.experiments.reports import _difference
+    from app.experiments.report_text import _difference
 
     # the mean of per-image differences over seeds can come out as -1e-17
     assert _difference({"difference": -1e-17, "ci": [-0.09, 0.108]}) == "+0.0 [-9.0, +10.8]"

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import ROOT, Stack
-from tests.workers.test_ingest import csv_text, make_zip, png
+from tests.helpers import csv_text, make_zip, png
 
 
 def run_cli(

@@ -1,0 +1,30 @@
+"""How a request that queues a job answers: commit, then 202 with Location and dispatch after
+the response, or 200 with the job an idempotency key already made (nothing sent again)."""
+
+from __future__ import annotations
+
+from fastapi import BackgroundTasks, Response, status
+from sqlalchemy.orm import Session
+
+from app import engine
+from app.config import Settings
+from app.db.tables import Job
+
+
+def accept(
+    *,
+    session: Session,
+    settings: Settings,
+    background: BackgroundTasks,
+    response: Response,
+    job: Job,
+    location: str,
+    created: bool = True,
+) -> None:
+    """Commit the request's unit of work and answer for `job` (the route's status is 202)."""
+    session.commit()
+    response.headers["Location"] = location
+    if created:
+        engine.enqueue_after_commit(background, settings, job)
+    else:
+        response.status_code = status.HTTP_200_OK

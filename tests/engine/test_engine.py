@@ -1,0 +1,207 @@
+"""The job engine alone, on each database: no API, no worker, no diffusers.
+
+One insert for every kind (the chunk layout each kind relies on), the claim/progress/finish
+state machine with its two failure policies, cancel, dispatch that marks only what the broker
+took, and recovery's view of a chunk nobody sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app import engine
+from app.config import Settings
+from app.db.session import make_engine, session_factory
+from app.db.tables import ApiKey, Base, Job, JobChunk, utcnow
+from app.errors import Conflict, NotFound
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Iterator[Settings]:
+    db = make_engine(database_url)
+    Base.metadata.create_all(db)
+    db.dispose()
+    yield Settings(data_dir=tmp_path, database_url=database_url, stale_after_s=30)
+
+
+@pytest.fixture
+def session(settings: Settings) -> Iterator[Session]:
+    with session_factory(settings.database_url)() as session:
+        session.add_all([ApiKey(id=k, name=k, prefix=k, key_hash=k) for k in ("me", "them")])
+        session.commit()
+        yield session
+
+
+def owner(session: Session, key: str = "me") -> ApiKey:
+    row = session.get(ApiKey, key)
+    assert row is not None
+    return row
+
+
+def chunks(session: Session, job: Job) -> list[tuple[int, int, int, str]]:
+    rows = session.scalars(select(JobChunk).where(JobChunk.job_id == job.id).order_by("index"))
+    return [(c.index, c.start, c.stop, c.status) for c in rows]
+
+
+@pytest.mark.parametrize(
+    ("kind", "count", "chunk_size", "expected"),
+    [
+        ("generate", 20, 8, [(0, 0, 8), (1, 8, 16), (2, 16, 20)]),
+        ("experiment", 3, 1, [(0, 0, 1), (1, 1, 2), (2, 2, 3)]),
+        ("export", 7, 7, [(0, 0, 7)]),
+        ("ingest", 0, 1, [(0, 0, 1)]),  # its count is learned later; one chunk all the same
+    ],
+)
+def test_one_insert_for_every_kind(
+    session: Session, kind: str, count: int, chunk_size: int, expected: list[tuple[int, ...]]
+) -> None:
+    job = engine.insert_job(
+        session=session, owner=owner(session), kind=kind, count=count, chunk_size=chunk_size,
+        params={"x": 1}, idempotency_key=f"key-{kind}",
+    )  # fmt: skip
+    session.commit()
+    assert [c[:3] for c in chunks(session, job)] == expected
+    assert {c[3] for c in chunks(session, job)} == {"pending"}
+    assert engine.chunk_count(job) == len(expected)
+    assert (job.kind, job.status, job.done, job.params) == (kind, "queued", 0, {"x": 1})
+    found = engine.job_with_key(session=session, owner=owner(session), key=f"key-{kind}")
+    assert found is not None and found.id == job.id
+
+
+def new_job(session: Session, *, count: int = 3, kind: str = "experiment") -> Job:
+    job = engine.insert_job(
+        session=session, owner=owner(session), kind=kind, count=count, chunk_size=1, params={}
+    )
+    session.commit()
+    return job
+
+
+def claim(session: Session, settings: Settings, job: Job, index: int) -> engine.ChunkClaim:
+    claimed = engine.claim_chunk(
+        session=session, settings=settings, job_id=job.id, index=index, worker="w:1"
+    )
+    assert claimed is not None
+    return claimed
+
+
+def test_a_job_succeeds_when_its_last_chunk_does(session: Session, settings: Settings) -> None:
+    job = new_job(session, count=2, kind="generate")
+    first = claim(session, settings, job, 0)
+    assert (first.index, first.start, first.stop, first.attempt) == (0, 0, 1, 1)
+    assert engine.job_status(session=session, job_id=job.id) == "running"
+    # a live claim is not taken twice
+    assert (
+        engine.claim_chunk(session=session, settings=settings, job_id=job.id, index=0, worker="x")
+        is None
+    )
+    engine.record_progress(session=session, job_id=job.id, index=0, done=1)
+    status = engine.finish_chunk(
+        session=session, job_id=job.id, index=0, status="succeeded", done=1
+    )
+    assert status == "running"
+    claim(session, settings, job, 1)
+    status = engine.finish_chunk(
+        session=session, job_id=job.id, index=1, status="succeeded", done=1
+    )
+    assert status == "succeeded"
+    session.refresh(job)
+    assert job.done == 2 and job.finished_at is not None
+
+
+def test_fail_fast_fails_the_job_and_cancels_what_waits(
+    session: Session, settings: Settings
+) -> None:
+    job = new_job(session, count=3, kind="generate")
+    claim(session, settings, job, 0)
+    status = engine.finish_chunk(
+        session=session, job_id=job.id, index=0, status="failed", done=0, error="boom"
+    )
+    assert status == "failed"
+    assert [c[3] for c in chunks(session, job)] == ["failed", "canceled", "canceled"]
+    # a message for a chunk of a finished job is dropped
+    assert (
+        engine.claim_chunk(session=session, settings=settings, job_id=job.id, index=1, worker="w")
+        is None
+    )
+
+
+def test_without_fail_fast_the_job_settles_when_drained(
+    session: Session, settings: Settings
+) -> None:
+    job = new_job(session, count=3)
+    claim(session, settings, job, 0)
+    assert (
+        engine.finish_chunk(
+            session=session, job_id=job.id, index=0, status="failed", done=0, fail_fast=False
+        )
+        == "running"
+    )
+    for index in (1, 2):
+        claim(session, settings, job, index)
+        final = engine.finish_chunk(
+            session=session, job_id=job.id, index=index, status="succeeded", done=1,
+            fail_fast=False,
+        )  # fmt: skip
+    assert final == "failed"
+    session.refresh(job)
+    assert job.error == "1 of 3 runs failed"
+
+
+def test_cancel_stops_pending_chunks_once(session: Session, settings: Settings) -> None:
+    job = new_job(session, count=2, kind="generate")
+    claim(session, settings, job, 0)
+    engine.cancel_job(session=session, job_id=job.id, owner=owner(session))
+    session.commit()
+    assert [c[3] for c in chunks(session, job)] == ["running", "canceled"]
+    with pytest.raises(Conflict):
+        engine.cancel_job(session=session, job_id=job.id, owner=owner(session))
+    with pytest.raises(NotFound):  # another key's job is a missing one
+        engine.get_job(session=session, job_id=job.id, owner=owner(session, "them"))
+
+
+def test_dispatch_marks_only_what_the_broker_took(session: Session, settings: Settings) -> None:
+    job = new_job(session, count=5, kind="generate")
+    sent: list[int] = []
+
+    def send(job_id: str, index: int) -> None:
+        if len(sent) == 2:
+            raise ConnectionError("broker down")
+        sent.append(index)
+
+    with pytest.raises(ConnectionError):
+        engine.dispatch_job(
+            session_factory=session_factory(settings.database_url), job_id=job.id, send=send
+        )
+    session.expire_all()
+    dispatched = session.scalars(
+        select(JobChunk.index).where(JobChunk.job_id == job.id, JobChunk.dispatched_at.is_not(None))
+    ).all()
+    assert sorted(dispatched) == sent == [0, 1]
+
+    # past the grace period, recovery sees the three nobody sent, and takes each once
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id)
+        .values(created_at=utcnow() - timedelta(seconds=engine.DISPATCH_GRACE_S + 1))
+    )
+    session.commit()
+    lost = engine.find_lost_chunks(
+        session=session, settings=settings, kind="generate", queue_is_empty=False
+    )
+    assert sorted((c.index, c.reason) for c in lost if c.job_id == job.id) == [
+        (2, "never dispatched"),
+        (3, "never dispatched"),
+        (4, "never dispatched"),
+    ]
+    first = next(c for c in lost if c.job_id == job.id)
+    assert engine.requeue_chunk(session=session, settings=settings, chunk=first)
+    session.commit()
+    assert not engine.requeue_chunk(session=session, settings=settings, chunk=first)
+    assert engine.has_active_chunks(session=session, kind="generate")
+    assert not engine.has_active_chunks(session=session, kind="export")
