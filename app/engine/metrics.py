@@ -9,11 +9,12 @@ from __future__ import annotations
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from app.broker import JOB_TASKS
 from app.db.tables import Job, JobChunk
 from app.engine.jobs import ChunkStatus
 from app.schemas import JobStatus
 
-JOB_KINDS = ("generate", "ingest", "export", "experiment")
+JOB_KINDS = tuple(JOB_TASKS)  # every kind the broker routes
 
 
 def jobs_by_kind_and_status(*, session: Session) -> dict[tuple[str, str], int]:
