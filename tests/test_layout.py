@@ -1,4 +1,5 @@
-"""The layout's rules: the API never loads torch, and dependencies point one way."""
+"""The layout's rules: the API never loads torch, imports point down a declared layer order with
+no cycle, modules stay small, and no router imports another."""
 
 from __future__ import annotations
 

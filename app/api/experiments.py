@@ -3,10 +3,6 @@ predictions and plots (PAPER.md section 4)."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
@@ -16,10 +12,10 @@ from app import engine
 from app.api.accepted import accept
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.api.views import experiment_out, experiment_with_report, run_out
-from app.errors import InvalidField, NotFound
-from app.experiments import plots
+from app.errors import NotFound
+from app.experiments import plots, predictions
 from app.experiments import runs as service
-from app.experiments.report_text import setting_label, shown_datasets
+from app.experiments.predictions import check_format
 from app.experiments.reports import compare_settings
 from app.schemas import (
     ExperimentCreate,
@@ -30,34 +26,8 @@ from app.schemas import (
     RunList,
     RunOut,
 )
-from app.storage import ObjectNotFound, ObjectStore
 
 router = APIRouter(tags=["experiments"])
-PREDICTION_COLUMNS = (
-    "image_id",
-    "sha256",
-    "true_label",
-    "skin_tone",
-    "fitzpatrick_group",
-    "correct",
-    "top1_label",
-    "top1_probability",
-    "top2_label",
-    "top2_probability",
-    "top3_label",
-    "top3_probability",
-)
-# GET /experiments/{id}/predictions: which run a row comes from, before the run's columns
-RUN_COLUMNS = (
-    "run_id",
-    "setting",
-    "seed",
-    "n_real_per_class",
-    "synthetic_per_real",
-    "strategy",
-    "synthetic_dataset",
-    "augmentation",
-)
 
 
 @router.post("/experiments", status_code=status.HTTP_202_ACCEPTED, response_model=ExperimentOut)
@@ -186,8 +156,7 @@ def experiment_predictions(
 ) -> StreamingResponse:
     """Every finished run's per-image predictions in one table, each row with its run, setting
     and seed: for analyses the report does not make (by skin type, by class, across seeds)."""
-    if format not in ("jsonl", "csv"):
-        raise InvalidField(f"format: {format!r} is not one of jsonl, csv", field="format")
+    check_format(format)
     job = service.get_experiment(session=session, experiment_id=experiment_id, owner=caller)
     finished = [
         r
@@ -196,32 +165,9 @@ def experiment_predictions(
     ]
     if not finished:
         raise NotFound(f"experiment {job.id} has no finished run yet (it is {job.status})")
-    datasets = shown_datasets(
-        [r.config for r in finished], service.synthetic_dataset_names(session=session, job=job)
-    )
-    runs = [(r.id, r.config, str(r.predictions_key)) for r in finished]
-    missing = [run_id for run_id, _config, key in runs if store.head(key) is None]
-    if missing:  # said now: once the table streams, an error can only cut it short
-        raise NotFound(f"the predictions of run {missing[0]} are missing from the store")
-
-    def rows() -> Iterator[str]:
-        if format == "csv":
-            yield _csv_line([*RUN_COLUMNS, *PREDICTION_COLUMNS])
-        for run_id, config, key in runs:
-            about: dict[str, Any] = {
-                "run_id": run_id,
-                "setting": setting_label(config, datasets=datasets),
-                **{name: config.get(name) for name in RUN_COLUMNS[2:]},
-            }
-            for line in _read(store, key).decode().splitlines():
-                row = json.loads(line)
-                if format == "jsonl":
-                    yield json.dumps({**about, **row}) + "\n"
-                else:
-                    yield _csv_line([_cell(about[c]) for c in RUN_COLUMNS] + _csv_cells(row))
-
-    media = "text/csv" if format == "csv" else "application/x-ndjson"
-    return StreamingResponse(rows(), media_type=media)
+    names = service.synthetic_dataset_names(session=session, job=job)
+    lines = predictions.experiment_table(store=store, runs=finished, names=names, fmt=format)
+    return StreamingResponse(lines, media_type=predictions.MEDIA_TYPES[format])
 
 
 @router.post("/runs", status_code=status.HTTP_202_ACCEPTED, response_model=RunOut)
@@ -270,14 +216,11 @@ def run_predictions(
 ) -> Response:
     """Per test image: id, true label, Fitzpatrick group, the top-3 labels and probabilities."""
     run = service.get_run(session=session, run_id=run_id, owner=caller)
-    if format not in ("jsonl", "csv"):
-        raise InvalidField(f"format: {format!r} is not one of jsonl, csv", field="format")
+    check_format(format)
     if run.predictions_key is None:
         raise NotFound(f"run {run.id} has no predictions yet (it is {run.status})")
-    data = _read(store, run.predictions_key)
-    if format == "jsonl":
-        return Response(data, media_type="application/x-ndjson")
-    return Response(_as_csv(data), media_type="text/csv")
+    body = predictions.run_table(store=store, key=run.predictions_key, fmt=format)
+    return Response(body, media_type=predictions.MEDIA_TYPES[format])
 
 
 @router.get("/runs/{run_id}/plots/{filename}")
@@ -288,34 +231,3 @@ def run_plot(run_id: str, filename: str, session: SessionDep, caller: CallerDep)
         raise NotFound(f"no plot {filename!r}; runs have training-curves.png and .svg")
     run = service.get_run(session=session, run_id=run_id, owner=caller)
     return Response(plots.run_plot(run=run, fmt=fmt), media_type=plots.FORMATS[fmt])
-
-
-def _read(store: ObjectStore, key: str) -> bytes:
-    try:
-        return store.get_bytes(key)
-    except ObjectNotFound:
-        raise NotFound(f"the predictions file {key} is missing from the store") from None
-
-
-def _cell(value: Any) -> Any:
-    return "" if value is None else value
-
-
-def _csv_cells(row: dict[str, Any]) -> list[Any]:
-    """A stored prediction row as PREDICTION_COLUMNS."""
-    top = row["predictions"] + [{"label": "", "probability": ""}] * 3
-    return [row["image_id"], row["sha256"], row["true_label"], _cell(row["skin_tone"]),
-            row["fitzpatrick_group"], row["correct"]] + [
-        v for p in top[:3] for v in (p["label"], p["probability"])]  # fmt: skip
-
-
-def _csv_line(cells: list[Any]) -> str:
-    out = io.StringIO()
-    csv.writer(out).writerow(cells)
-    return out.getvalue()
-
-
-def _as_csv(jsonl: bytes) -> str:
-    lines = [_csv_line(list(PREDICTION_COLUMNS))]
-    lines += [_csv_line(_csv_cells(json.loads(line))) for line in jsonl.decode().splitlines()]
-    return "".join(lines)
