@@ -8,6 +8,7 @@ database, no torch; the CLI imports this without SQLAlchemy.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,11 +17,23 @@ from app.experiments import metrics
 
 def shown_datasets(configs: Iterable[dict[str, Any]], names: Mapping[str, str]) -> dict[str, str]:
     """id -> display name of the synthetic datasets, when the configs use more than one (with
-    one, the labels leave it out); an unnamed dataset shows the start of its id."""
+    one, the labels leave it out); an unnamed dataset shows the start of its id, and a name
+    that several of them share is followed by the start of each one's id, so that no two
+    settings share a label (nor a legend entry)."""
     used = sorted({c["synthetic_dataset"] for c in configs if c.get("synthetic_dataset")})
     if len(used) < 2:
         return {}
-    return {i: names.get(i) or i[:8] for i in used}
+    shown = {i: names.get(i) or i[:8] for i in used}
+    repeated = {name for name in shown.values() if list(shown.values()).count(name) > 1}
+    return {i: f"{name} ({i[:8]})" if name in repeated else name for i, name in shown.items()}
+
+
+_ID_SUFFIX = re.compile(r" \([0-9a-f]{8}\)")
+
+
+def without_id_suffixes(label: str) -> str:
+    """A label as it reads before shown_datasets told apart datasets of one name."""
+    return _ID_SUFFIX.sub("", label)
 
 
 def setting_label(

@@ -16,7 +16,12 @@ from app.db.tables import Run
 from app.errors import InvalidField
 from app.experiments import metrics
 from app.experiments.grid import Setting
-from app.experiments.report_text import setting_label, shown_datasets, skin_tone_versus
+from app.experiments.report_text import (
+    setting_label,
+    shown_datasets,
+    skin_tone_versus,
+    without_id_suffixes,
+)
 from app.schemas import JobStatus
 
 HEADLINE = ("top1", "top3", "balanced_accuracy", "macro_auroc")
@@ -226,6 +231,16 @@ def compare_settings(
     chosen = {}
     for field, label in (("a", a), ("b", b)):
         if label not in by_label:
+            # datasets that share a name are told apart by the start of their ids: a label
+            # without that part names several settings, and none is picked silently
+            alike = [name for name in by_label if without_id_suffixes(name) == label]
+            if alike:
+                listed = "; ".join(f"'{name}'" for name in alike)
+                raise InvalidField(
+                    f"{field}: {label!r} is ambiguous: synthetic datasets of that name are "
+                    f"told apart by their ids; name one of: {listed}",
+                    field=field,
+                )
             known = "; ".join(f"'{name}'" for name in by_label) or "none yet"
             raise InvalidField(
                 f"{field}: no finished setting is labelled {label!r}; settings: {known}",

@@ -512,3 +512,40 @@ def test_any_two_settings_compare_as_the_report_compares_with_real_only() -> Non
     with pytest.raises(InvalidField, match="b: no finished setting") as bad:
         compare_settings(runs=runs, a="n=8 k=0", b="n=9 k=0", classes=CLASSES, dataset_names=names)
     assert bad.value.field == "b"
+
+
+def test_datasets_that_share_a_name_get_labels_of_their_own() -> None:
+    """Three inpaint datasets all named "fitz-inpaint": three settings labelled apart (the
+    start of each id), three legend entries, and /compare refuses the bare name, listing the
+    candidates, instead of picking one."""
+    from app.errors import InvalidField
+    from app.experiments.reports import compare_settings
+
+    sets = {
+        "inpaint": "33333333-cccc-4ccc-8ccc-cccccccccccc",
+        "inpaint-outpaint": "44444444-dddd-4ddd-8ddd-dddddddddddd",
+        "text-to-image": "55555555-eeee-4eee-8eee-eeeeeeeeeeee",
+    }
+    # one strategy for all three, as a user who made three inpaint datasets would have
+    runs = grid_runs(sets)
+    for run in runs:
+        if run.config["synthetic_per_real"]:
+            run.config = {**run.config, "strategy": "inpaint"}
+    names = dict.fromkeys(sets.values(), "fitz-inpaint")
+    report = build_report(runs=runs, classes=CLASSES, dataset_names=names)
+    labels = [e["label"] for e in report["settings"]]
+    assert len(labels) == len(set(labels))
+    assert "n=8 k=4 inpaint fitz-inpaint (33333333)" in labels
+    assert "n=8 k=4 inpaint fitz-inpaint (55555555)" in labels
+    lines = legend(plots.dose_response(report))
+    assert len(lines) == len(set(lines)) == 6  # (n_real 4, 8) x three datasets
+
+    with pytest.raises(InvalidField, match="ambiguous") as bad:
+        compare_settings(runs=runs, a="n=8 k=4 inpaint fitz-inpaint", b="n=8 k=0",
+                         classes=CLASSES, dataset_names=names)  # fmt: skip
+    assert bad.value.field == "a"
+    for prefix in ("33333333", "44444444", "55555555"):
+        assert f"'n=8 k=4 inpaint fitz-inpaint ({prefix})'" in str(bad.value)
+    chosen = compare_settings(runs=runs, a="n=8 k=4 inpaint fitz-inpaint (44444444)",
+                              b="n=8 k=0", classes=CLASSES, dataset_names=names)  # fmt: skip
+    assert chosen["a"] == "n=8 k=4 inpaint fitz-inpaint (44444444)"
