@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run test install lint format typecheck deploy-check tiny-model serve worker keys clean \
-	bench-generation bench-backbone bench-classifier bench-report bench-features
+	bench-generation bench-backbone bench-classifier bench-report bench-features bench-broker
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ bench-report: $(STAMP)
 
 bench-features: $(STAMP)
 	$(BIN)/python -m bench.features $(ARGS)
+
+## The embedded broker after N messages: file size, empty poll, idle worker CPU vs kombu's stock.
+bench-broker: $(STAMP)
+	$(BIN)/python -m bench.broker $(ARGS)
 
 ## Create an API key: make keys NAME=alice
 keys: $(STAMP)

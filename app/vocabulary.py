@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import re
+import unicodedata
 from pathlib import Path
 
 from sqlalchemy import select
@@ -19,12 +20,45 @@ from app.db.tables import Condition, GeneratorModel, utcnow
 
 log = logging.getLogger(__name__)
 
-_SLUG_RE = re.compile(r"[^a-z0-9]+")
+# Accents are folded (dropped) only on letters of these alphabets: Latin, IPA, Greek,
+# Cyrillic and Latin Extended Additional. Elsewhere a mark is part of the letter (a Japanese
+# dakuten, a Devanagari virama or vowel sign) and is kept.
+_ACCENTED_BLOCKS = ((0x0000, 0x052F), (0x1E00, 0x1EFF))
+
+
+def _accented_script(char: str) -> bool:
+    return any(low <= ord(char) <= high for low, high in _ACCENTED_BLOCKS)
+
+
+def _word_char(char: str) -> bool:
+    return char.isalnum() or unicodedata.category(char).startswith("M")
 
 
 def slugify(label: str) -> str:
-    """'Basal cell carcinoma' -> 'basal-cell-carcinoma'."""
-    return _SLUG_RE.sub("-", label.strip().lower()).strip("-")
+    """'Basal cell carcinoma' -> 'basal-cell-carcinoma': the words (letters and digits of any
+    script, casefolded, accents folded: 'Café' -> 'cafe'), joined by '-'. '湿疹' -> '湿疹'.
+    An ASCII label's slug is what it has always been (runs of [a-z0-9] joined by '-')."""
+    folded: list[str] = []
+    fold_marks = True
+    for char in unicodedata.normalize("NFKD", label.casefold()):
+        if unicodedata.category(char).startswith("M"):
+            if not fold_marks:
+                folded.append(char)
+            continue
+        fold_marks = _accented_script(char)
+        folded.append(char)
+    text = unicodedata.normalize("NFC", "".join(folded))
+    words: list[str] = []
+    current: list[str] = []
+    for char in text:
+        if _word_char(char) and (current or not unicodedata.category(char).startswith("M")):
+            current.append(char)
+        elif current:
+            words.append("".join(current))
+            current = []
+    if current:
+        words.append("".join(current))
+    return "-".join(words)
 
 
 def condition_name(label: str) -> str:

@@ -12,6 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from app.db.session import make_engine
 from app.db.tables import Base
@@ -164,3 +165,51 @@ def test_condition_names_become_words(database_url: str, engine: Engine) -> None
     assert names["nail-fungus"] == "nail fungus"
     assert names["t-cell-lymphoma"] == "t-cell lymphoma"
     assert names["basal-cell-carcinoma"] == "basal cell carcinoma"
+
+
+def test_idempotency_keys_become_per_kind_and_rows_survive(
+    database_url: str, engine: Engine
+) -> None:
+    """0006: a key is unique per (owner, kind, key); on SQLite the rebuild of `jobs` keeps the
+    rows that reference it (chunks would cascade away with foreign keys enforced)."""
+    config = alembic_config(database_url)
+    command.upgrade(config, "0005")
+    job = {"owner_id": "k1", "status": "queued", "count": 1, "seed": 0, "chunk_size": 1,
+           "params": "{}", "done": 0, "t": NOW}  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO api_keys (id, name, prefix, key_hash, created_at) "
+                 "VALUES ('k1', 'n', 'p', 'h', :t)"), {"t": NOW},
+        )  # fmt: skip
+        conn.execute(
+            text("INSERT INTO jobs (id, owner_id, kind, status, count, seed, chunk_size, params, "
+                 "done, idempotency_key, created_at) VALUES ('j1', :owner_id, 'generate', "
+                 ":status, :count, :seed, :chunk_size, :params, :done, 'K', :t)"), job,
+        )  # fmt: skip
+        conn.execute(
+            text('INSERT INTO job_chunks (job_id, "index", start, stop, status, done, attempts, '
+                 "dispatches) VALUES ('j1', 0, 0, 1, 'pending', 0, 0, 0)"),
+        )  # fmt: skip
+    command.upgrade(config, "head")
+    insert_other = text(
+        "INSERT INTO jobs (id, owner_id, kind, status, count, seed, chunk_size, params, done, "
+        "idempotency_key, created_at) VALUES (:id, :owner_id, :kind, :status, :count, :seed, "
+        ":chunk_size, :params, :done, 'K', :t)"
+    )
+    with engine.begin() as conn:  # the same key, another kind: allowed now
+        conn.execute(insert_other, {**job, "id": "j2", "kind": "experiment"})
+    with pytest.raises(IntegrityError), engine.begin() as conn:  # the same kind: refused
+        conn.execute(insert_other, {**job, "id": "j3", "kind": "experiment"})
+    assert count_where(engine, "SELECT count(*) FROM job_chunks WHERE job_id = 'j1'") == 1
+    assert count_where(engine, "SELECT count(*) FROM jobs WHERE request_hash IS NULL") == 2
+
+    command.downgrade(config, "0005")  # the later job of another kind loses the shared key
+    with engine.connect() as conn:
+        keys = dict(conn.execute(text("SELECT id, idempotency_key FROM jobs")).all())
+    assert keys == {"j1": "K", "j2": None}
+    assert count_where(engine, "SELECT count(*) FROM job_chunks WHERE job_id = 'j1'") == 1
+
+
+def count_where(engine: Engine, sql: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text(sql)).scalar_one())

@@ -33,7 +33,7 @@ from app.datasets.ingest import (
     resolve_files,
     sort_copies,
 )
-from app.datasets.ingest_csv import Mapping, parse_csv
+from app.datasets.ingest_csv import Mapping, merged_labels, parse_csv
 from app.datasets.repository import upsert_image
 from app.db.session import session_factory
 from app.db.tables import utcnow
@@ -134,6 +134,7 @@ def run_ingest(settings: Settings, claim: engine.ChunkClaim, folder: Path) -> di
         "duplicates": duplicates[:MAX_REPORTED],
         "duplicate_count": len(duplicates),
         "conditions_added": added,
+        "merged_labels": merged_labels(parsed.rows),
         "rows": ingested.processed,
     }
 

@@ -35,11 +35,21 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 @router.get("", response_model=DatasetList)
 def list_datasets(
-    session: SessionDep, caller: CallerDep, kind: Source | None = None
+    session: SessionDep,
+    caller: CallerDep,
+    kind: Source | None = None,
+    limit: int = Query(50, ge=1, le=1000),
+    cursor: str | None = Query(None, description="Page start: next_cursor of the last page."),
 ) -> DatasetList:
-    """The caller's datasets with their image counts."""
-    rows = service.list_datasets(session=session, owner=caller, kind=kind.value if kind else None)
-    return DatasetList(items=[dataset_out(d, n) for d, n in rows])
+    """The caller's datasets with their image counts, newest first, a page at a time."""
+    rows, next_cursor = service.list_datasets(
+        session=session,
+        owner=caller,
+        kind=kind.value if kind else None,
+        limit=limit,
+        cursor=cursor,
+    )
+    return DatasetList(items=[dataset_out(d, n) for d, n in rows], next_cursor=next_cursor)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)

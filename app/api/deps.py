@@ -11,8 +11,9 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.session import session_factory
 from app.db.tables import ApiKey
-from app.errors import Unauthorized
+from app.errors import InvalidField, NotFound, Unauthorized
 from app.keys import authenticate
+from app.schemas.text import has_control
 from app.storage import ObjectStore
 
 
@@ -59,7 +60,24 @@ def get_caller(request: Request, session: SessionDep) -> ApiKey:
     key = authenticate(session=session, raw_key=raw)
     if key is None:
         raise Unauthorized("the API key is not valid (unknown or revoked)")
+    _check_control_characters(request)
     return key
+
+
+def _check_control_characters(request: Request) -> None:
+    """Before any lookup by the request's path ids or query values: a path id with a control
+    character cannot exist (404), and a query value with one is refused (422 naming it).
+    PostgreSQL cannot even compare a string holding NUL."""
+    for name, value in request.path_params.items():
+        if isinstance(value, str) and has_control(value):
+            raise NotFound(f"no {name.removesuffix('_id')} {value!r}")
+    for name, value in request.query_params.multi_items():
+        if has_control(name) or has_control(value):
+            field = name if not has_control(name) else repr(name)
+            raise InvalidField(
+                f"{field}: contains a control character; control characters are not allowed",
+                field=field,
+            )
 
 
 CallerDep = Annotated[ApiKey, Depends(get_caller)]

@@ -15,7 +15,7 @@ from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
 from app.api.views import job_out
 from app.datasets import uploads as upload_service
 from app.errors import InvalidField, ProblemError
-from app.schemas import CsvFormat, JobOut, OnError
+from app.schemas import CsvFormat, JobOut, Name, OnError, has_control
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -37,12 +37,12 @@ def upload_dataset(
     metadata: Annotated[
         UploadFile | None, File(description="The CSV; default: metadata.csv in the archive.")
     ] = None,
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: Annotated[Name | None, Form(max_length=200)] = None,
     csv_format: Annotated[CsvFormat, Form()] = CsvFormat.AUTO,
-    file_column: Annotated[str | None, Form(max_length=200)] = None,
-    label_column: Annotated[str | None, Form(max_length=200)] = None,
-    skin_tone_column: Annotated[str | None, Form(max_length=200)] = None,
-    split_column: Annotated[str | None, Form(max_length=200)] = None,
+    file_column: Annotated[Name | None, Form(max_length=200)] = None,
+    label_column: Annotated[Name | None, Form(max_length=200)] = None,
+    skin_tone_column: Annotated[Name | None, Form(max_length=200)] = None,
+    split_column: Annotated[Name | None, Form(max_length=200)] = None,
     on_error: Annotated[OnError, Form()] = OnError.FAIL,
 ) -> JobOut:
     """Queue the ingest of a real dataset; the job reports every bad row by number."""
@@ -53,6 +53,12 @@ def upload_dataset(
         )
     if size == 0:
         raise InvalidField("archive: the file is empty", field="archive")
+    if archive.filename is not None and has_control(archive.filename):
+        raise InvalidField(
+            "archive: the file name contains a control character; control characters are "
+            "not allowed",
+            field="archive",
+        )
     params = {
         "archive_name": archive.filename,
         "archive_bytes": size,

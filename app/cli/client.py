@@ -82,6 +82,19 @@ class Client:
             clean = {k: v for k, v in params.items() if v is not None}
             return self._check(http.get(path, params=clean)).json()
 
+    def paged(self, path: str, *, page_size: int = 1000, **params: Any) -> Iterator[dict[str, Any]]:
+        """Every item of a cursor-paged listing (`items`, `next_cursor`), page after page."""
+        cursor = None
+        with self._http() as http:
+            while True:
+                query = {k: v for k, v in params.items() if v is not None}
+                query |= {"limit": page_size} | ({"cursor": cursor} if cursor else {})
+                body = self._check(http.get(path, params=query)).json()
+                yield from body["items"]
+                cursor = body.get("next_cursor")
+                if not cursor:
+                    return
+
     def get_bytes(self, path: str) -> bytes:
         with self._http() as http:
             return self._check(http.get(path)).content

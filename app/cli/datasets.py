@@ -7,6 +7,7 @@ sentence and exits 1.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Annotated
@@ -20,8 +21,17 @@ datasets_cli = typer.Typer(help="Datasets (through the REST API).", no_args_is_h
 
 
 @datasets_cli.command("list")
-def datasets_list() -> None:
-    """Your datasets with their image counts."""
+def datasets_list(
+    kind: Annotated[str | None, typer.Option(help="real or synthetic only.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="The newest N only (default: all of them).")
+    ] = None,
+    page_size: Annotated[
+        int, typer.Option(min=1, max=1000, help="Datasets per request to the API.")
+    ] = 1000,
+) -> None:
+    """Your datasets with their image counts, newest first (every page of the listing)."""
+    items = api_client().paged("/datasets", page_size=min(limit or page_size, page_size), kind=kind)
     rows = [
         [
             item["id"],
@@ -30,7 +40,7 @@ def datasets_list() -> None:
             str(item["image_count"]),
             item["created_at"][:19],
         ]
-        for item in api_client().get("/datasets")["items"]
+        for item in itertools.islice(items, limit)
     ]
     print_listing(["id", "kind", "name", "images", "created"], rows)
 

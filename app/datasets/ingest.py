@@ -8,12 +8,16 @@ duplicates and conflicts. No torch here; images are decoded with Pillow.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
+import lzma
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import IO, Any
@@ -79,6 +83,30 @@ class Member:
     size: int
 
 
+# What a cut-short or damaged archive raises while it is read (a truncated gzip stream is an
+# EOFError; a damaged zip member a BadZipFile or a zlib error).
+CORRUPT = (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, tarfile.TarError,
+           zipfile.BadZipFile)  # fmt: skip
+# The first bytes of the archive kinds read here: zip (a local header, or an empty zip's end
+# record), gzip, bzip2, xz.
+_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+
+def _corrupt(exc: BaseException) -> IngestError:
+    return IngestError(
+        f"archive: the archive is truncated or corrupt ({type(exc).__name__}: {exc})"
+    )
+
+
+@contextmanager
+def _reading() -> Iterator[None]:
+    """A truncated or corrupt archive, found while reading it, as an IngestError."""
+    try:
+        yield
+    except CORRUPT as exc:
+        raise _corrupt(exc) from exc
+
+
 def _safe_name(name: str) -> str:
     """A normalised relative path; IngestError for one that escapes the archive."""
     path = PurePosixPath(name.replace("\\", "/"))
@@ -95,14 +123,19 @@ class Archive:
         self._zip: zipfile.ZipFile | None = None
         self._tar: tarfile.TarFile | None = None
         handle.seek(0)
+        magic = handle.read(8)
+        handle.seek(0)
         if zipfile.is_zipfile(handle):
             handle.seek(0)
-            self._zip = zipfile.ZipFile(handle)
+            with _reading():
+                self._zip = zipfile.ZipFile(handle)
         else:
             handle.seek(0)
             try:
                 self._tar = tarfile.open(fileobj=handle, mode="r:*")  # noqa: SIM115 (closed by close())
-            except tarfile.TarError as exc:
+            except CORRUPT as exc:
+                if magic.startswith(_MAGIC):  # a zip or a compressed stream, cut short
+                    raise _corrupt(exc) from exc
                 raise IngestError("archive: not a zip or tar (.tar, .tar.gz) archive") from exc
         self._read_total = 0
 
@@ -114,6 +147,10 @@ class Archive:
 
     def check(self) -> list[Member]:
         """Every regular file member, after checking the whole archive against the limits."""
+        with _reading():
+            return self._check()
+
+    def _check(self) -> list[Member]:
         members: list[Member] = []
         total = 0
         if self._zip is not None:
@@ -164,6 +201,10 @@ class Archive:
 
     def read(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
         """(name, bytes) of the wanted members, in archive order, each at most the limit."""
+        with _reading():
+            yield from self._read(wanted)
+
+    def _read(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
         if self._zip is not None:
             for info in self._zip.infolist():
                 name = _safe_name(info.filename)

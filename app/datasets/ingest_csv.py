@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.datasets.ingest import IngestError, Problem, Row
+from app.schemas.text import control_character, has_control
 from app.vocabulary import slugify
 
 FORMATS = ("generic", "fitzpatrick17k", "ddi")
@@ -129,6 +130,9 @@ def parse_csv(text: str, mapping: Mapping) -> ParsedCsv:
     header = [h.strip() for h in (reader.fieldnames or [])]
     if not header:
         raise IngestError("metadata CSV: empty file or no header line")
+    for column in header:
+        if code := control_character(column):
+            raise IngestError(f"metadata CSV: column {column!r} has a control character ({code})")
     reader.fieldnames = header
     csv_format = mapping.csv_format if mapping.csv_format != "auto" else detect_format(header)
     if csv_format not in FORMATS:
@@ -152,7 +156,8 @@ def parse_csv(text: str, mapping: Mapping) -> ParsedCsv:
             rows.append(_row(record, number, csv_format, roles, mapping))
         except ValueError as exc:
             raw_file = (record.get(roles.file) or "").strip()
-            problems.append(Problem(number, raw_file or None, str(exc)))
+            shown = repr(raw_file)[1:-1] if has_control(raw_file) else raw_file  # NUL-free
+            problems.append(Problem(number, shown or None, str(exc)))
     if not rows and not problems:
         raise IngestError("metadata CSV: no data rows")
     return ParsedCsv(csv_format, rows, problems, columns, ignored)
@@ -214,8 +219,11 @@ def _row(
     raw_file = (record.get(roles.file) or "").strip()
     if not raw_file:
         raise ValueError(f"empty {roles.file}")
-    file = f"{raw_file}.jpg" if csv_format == "fitzpatrick17k" else raw_file
     label = (record.get(roles.label) or "").strip()
+    for column, value in ((roles.file, raw_file), (roles.label, label)):
+        if code := control_character(value):
+            raise ValueError(f"{column} {value!r} has a control character ({code})")
+    file = f"{raw_file}.jpg" if csv_format == "fitzpatrick17k" else raw_file
     condition = slugify(label)
     if not condition:
         raise ValueError(f"empty {roles.label}")
@@ -235,6 +243,9 @@ def _row(
                       "nine_partition_label", "three_partition_label", "qc")
             if record.get(k) not in (None, "")
         }  # fmt: skip
+    for name, value in extra.items():
+        if isinstance(value, str) and (code := control_character(value)):
+            raise ValueError(f"{name} {value!r} has a control character ({code})")
     split = _split(record.get(roles.split)) if roles.split in record else None
     return Row(number, file, label, condition, tone, group, split, extra)
 
@@ -253,3 +264,15 @@ def _ddi_labels(
         "malignant": malignant in ("true", "1"),
         "ddi_id": record.get("DDI_ID"),
     }
+
+
+def merged_labels(rows: list[Row]) -> dict[str, list[str]]:
+    """The slugs that labels written differently became, each with those labels in the order
+    the CSV first has them: {"cafe-au-lait-macule": ["café au lait macule", "cafe au lait
+    macule"]}. One class each: say so, in case they were meant to be two."""
+    labels: dict[str, list[str]] = {}
+    for row in rows:
+        seen = labels.setdefault(row.condition, [])
+        if row.label not in seen:
+            seen.append(row.label)
+    return {slug: written for slug, written in sorted(labels.items()) if len(written) > 1}

@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.db.owned import get_owned
+from app.db.paging import newest_first
 from app.db.tables import ApiKey, Dataset, Image
 
 
@@ -25,19 +26,28 @@ def get_dataset(*, session: Session, dataset_id: str, owner: ApiKey) -> Dataset:
 
 
 def list_datasets(
-    *, session: Session, owner: ApiKey, kind: str | None = None
-) -> list[tuple[Dataset, int]]:
-    """The caller's datasets, newest first, each with its image count."""
-    counts = select(Image.dataset_id, func.count().label("n")).group_by(Image.dataset_id).subquery()
-    query = (
-        select(Dataset, func.coalesce(counts.c.n, 0))
-        .outerjoin(counts, counts.c.dataset_id == Dataset.id)
-        .where(Dataset.owner_id == owner.id)
-        .order_by(Dataset.created_at.desc(), Dataset.id)
-    )
+    *, session: Session, owner: ApiKey, kind: str | None = None, limit: int, cursor: str | None
+) -> tuple[list[tuple[Dataset, int]], str | None]:
+    """One page of the caller's datasets (of one kind when given), newest first, keyset-paged
+    on (created_at, id), each with its image count (counted for the page's datasets only);
+    returns the page and the next page's cursor."""
+    query = select(Dataset).where(Dataset.owner_id == owner.id)
     if kind:
         query = query.where(Dataset.kind == kind)
-    return [(d, int(n)) for d, n in session.execute(query)]
+    page, next_cursor = newest_first(
+        session=session, query=query, table=Dataset, owner_id=owner.id, limit=limit, cursor=cursor
+    )
+    counts: dict[str, int] = {}
+    if page:
+        counts = {
+            dataset_id: int(n)
+            for dataset_id, n in session.execute(
+                select(Image.dataset_id, func.count())
+                .where(Image.dataset_id.in_([d.id for d in page]))
+                .group_by(Image.dataset_id)
+            )
+        }
+    return [(d, counts.get(d.id, 0)) for d in page], next_cursor
 
 
 def dataset_counts(*, session: Session, dataset_id: str) -> list[dict[str, Any]]:

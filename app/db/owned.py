@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
+from app.schemas.text import has_control
 
 Row = TypeVar("Row")
 
@@ -18,7 +19,10 @@ def get_owned(
     *, session: Session, table: type[Row], row_id: str, owner_id: str, what: str, **where: Any
 ) -> Row:
     """The row `row_id` of `table` owned by `owner_id` (and matching `where`, e.g. a kind);
-    NotFound("no {what} {row_id!r}") otherwise."""
+    NotFound("no {what} {row_id!r}") otherwise. An id with a control character cannot exist
+    (ids are refused with one): NotFound before the database sees it (PostgreSQL refuses NUL)."""
+    if has_control(row_id):
+        raise NotFound(f"no {what} {row_id!r}")
     row = session.get(table, row_id)
     if (
         row is None

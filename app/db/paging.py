@@ -1,4 +1,4 @@
-"""Keyset paging, newest first, shared by the listings of owned rows (jobs, runs)."""
+"""Keyset paging, newest first, shared by the listings of owned rows (jobs, runs, datasets)."""
 
 from __future__ import annotations
 

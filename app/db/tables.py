@@ -113,7 +113,10 @@ class Dataset(Base):
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_idempotency"),
+        # an idempotency key is scoped to (owner, kind): /jobs and /experiments keys are apart
+        UniqueConstraint(
+            "owner_id", "kind", "idempotency_key", name="uq_jobs_owner_kind_idempotency"
+        ),
         Index("ix_jobs_status", "status"),
     )
 
@@ -138,6 +141,9 @@ class Job(Base):
     # What a finished ingest or export made (report of bad rows, shard URLs...).
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # sha256 of the request the key was first used with (engine.request_hash): the same key
+    # with another request is refused
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -5,11 +5,14 @@ None of these commit: a service calls them inside its unit of work and the reque
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.owned import get_owned
@@ -37,6 +40,23 @@ class ChunkStatus(StrEnum):
 UNFINISHED_CHUNKS = (ChunkStatus.PENDING.value, ChunkStatus.RUNNING.value)
 
 
+class KeyRace(Exception):
+    """`insert_job` lost a race: a concurrent request with the same idempotency key (and the
+    same request) committed `job` first. The session was rolled back: the caller's unit of
+    work is void and the request answers with `job` (200)."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(f"job {job.id} was made first with this idempotency key")
+        self.job = job
+
+
+def request_hash(endpoint: str, body: dict[str, Any]) -> str:
+    """sha256 of a request (its endpoint and JSON body, less the idempotency key): what a
+    reused key must match."""
+    canonical = json.dumps([endpoint, body], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def insert_job(
     *,
     session: Session,
@@ -48,6 +68,7 @@ def insert_job(
     dataset_id: str | None = None,
     seed: int = 0,
     idempotency_key: str | None = None,
+    request_hash: str | None = None,
     condition: str | None = None,
     skin_tone: int | None = None,
     strategy: str | None = None,
@@ -55,7 +76,12 @@ def insert_job(
     created_at: datetime | None = None,
 ) -> Job:
     """A queued job of `kind` and its chunks: [start, stop) ranges of `chunk_size` over
-    max(count, 1) images (or runs, or rows). Flushed, not committed."""
+    max(count, 1) images (or runs, or rows). Flushed, not committed.
+
+    With an idempotency key another request may insert the same (owner, kind, key) at once:
+    the database lets one win, and the loser's whole session is rolled back and KeyRace
+    carries the winner's job (Conflict if the winner was made by a different request)."""
+    owner_id = owner.id
     job = Job(
         id=new_id(),
         owner_id=owner.id,
@@ -72,10 +98,23 @@ def insert_job(
         params=params,
         done=0,
         idempotency_key=idempotency_key,
+        request_hash=request_hash,
         created_at=created_at or utcnow(),
     )
     session.add(job)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        # PostgreSQL raises once the winner commits; SQLite's writer waits for the write lock
+        # (busy timeout) and then sees the winner's row. Either way the winner is committed.
+        session.rollback()
+        winner = job_for_request(session=session, owner_id=owner_id, kind=kind,
+                                 key=idempotency_key, request_hash=request_hash)  # fmt: skip
+        if winner is None:  # another constraint failed
+            raise
+        raise KeyRace(winner) from None
     total = max(count, 1)
     session.execute(
         insert(JobChunk),
@@ -89,11 +128,28 @@ def insert_job(
     return job
 
 
-def job_with_key(*, session: Session, owner: ApiKey, key: str | None) -> Job | None:
-    """The caller's job made with this idempotency key, if any."""
+def job_for_request(
+    *, session: Session, owner_id: str, kind: str, key: str | None, request_hash: str | None
+) -> Job | None:
+    """The job of `kind` this idempotency key already made, when it was made by the same
+    request (its `request_hash`); None for a new key; Conflict when the key was used for a
+    different request (Stripe's rule: a key names one request, never a second one)."""
     if not key:
         return None
-    return session.scalar(select(Job).where(Job.owner_id == owner.id, Job.idempotency_key == key))
+    job = session.scalar(
+        select(Job).where(Job.owner_id == owner_id, Job.kind == kind, Job.idempotency_key == key)
+    )
+    if job is None:
+        return None
+    # a job from before request hashes were kept (NULL) is taken as the same request
+    if request_hash is not None and job.request_hash not in (None, request_hash):
+        raise Conflict(
+            f"idempotency_key: the key {key!r} was already used for a different request "
+            f"(it made {kind} job {job.id}); send the same request to get that job back, or "
+            "use a new key for a new request",
+            field="idempotency_key",
+        )
+    return job
 
 
 def set_job_count(*, session: Session, job_id: str, count: int) -> None:

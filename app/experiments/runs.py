@@ -77,10 +77,17 @@ def create_experiment(
     params: ExperimentCreate,
     owner: ApiKey,
     name: str | None = None,
+    digest: str | None = None,
 ) -> tuple[Job, bool]:
-    """Validate a grid and insert its job, chunks and runs; (job, created). Not committed."""
-    # 1. idempotency: the same key returns the experiment it made before
-    existing = engine.job_with_key(session=session, owner=owner, key=params.idempotency_key)
+    """Validate a grid and insert its job, chunks and runs; (job, created). Not committed.
+    `digest`: the request's hash when it is not this body's (POST /runs)."""
+    # 1. idempotency: the same key and request return the experiment they made before (a key
+    # is scoped to the owner and the kind; another request with it is a Conflict)
+    digest = digest or engine.request_hash(
+        "POST /experiments", params.model_dump(mode="json", exclude={"idempotency_key"})
+    )
+    existing = engine.job_for_request(session=session, owner_id=owner.id, kind=EXPERIMENT_KIND,
+                                      key=params.idempotency_key, request_hash=digest)  # fmt: skip
     if existing is not None:
         return existing, False
 
@@ -104,23 +111,27 @@ def create_experiment(
 
     # 3. the job, one chunk and one run per grid point
     now = utcnow()
-    job = engine.insert_job(
-        session=session,
-        owner=owner,
-        kind=EXPERIMENT_KIND,
-        dataset_id=params.dataset,
-        count=len(configs),
-        chunk_size=1,
-        seed=params.seeds[0],
-        params={
-            **params.model_dump(mode="json", exclude={"idempotency_key"}),
-            **shared,
-            "name": name or params.name or f"experiment on {params.dataset}",
-            "classes": classes,
-        },
-        idempotency_key=params.idempotency_key,
-        created_at=now,
-    )
+    try:
+        job = engine.insert_job(
+            session=session,
+            owner=owner,
+            kind=EXPERIMENT_KIND,
+            dataset_id=params.dataset,
+            count=len(configs),
+            chunk_size=1,
+            seed=params.seeds[0],
+            params={
+                **params.model_dump(mode="json", exclude={"idempotency_key"}),
+                **shared,
+                "name": name or params.name or f"experiment on {params.dataset}",
+                "classes": classes,
+            },
+            idempotency_key=params.idempotency_key,
+            request_hash=digest,
+            created_at=now,
+        )
+    except engine.KeyRace as race:  # a concurrent request with this key made it first
+        return race.job, False
     session.execute(
         insert(Run),
         [
@@ -169,9 +180,11 @@ def create_run(
         augmentation=[params.augmentation],
         seeds=[params.seed],
     )
-    return create_experiment(
-        session=session, settings=settings, params=grid, owner=owner, name=params.name or "run"
+    digest = engine.request_hash(
+        "POST /runs", params.model_dump(mode="json", exclude={"idempotency_key"})
     )
+    return create_experiment(session=session, settings=settings, params=grid, owner=owner,
+                             name=params.name or "run", digest=digest)  # fmt: skip
 
 
 def get_experiment(*, session: Session, experiment_id: str, owner: ApiKey) -> Job:

@@ -28,6 +28,7 @@ from app.vocabulary import get_condition, get_model
 EDIT_STRATEGIES = (Strategy.INPAINT, Strategy.INPAINT_OUTPAINT, Strategy.IMAGE_TO_IMAGE)
 INPAINT_STRATEGIES = (Strategy.INPAINT, Strategy.INPAINT_OUTPAINT)
 MAX_COUNT = 1_000_000
+GENERATE_KIND = "generate"
 
 
 def _job_params(params: JobCreate) -> dict[str, Any]:
@@ -119,8 +120,13 @@ def create_job(
     *, session: Session, settings: Settings, params: JobCreate, owner: ApiKey
 ) -> tuple[Job, bool]:
     """Validate and insert a job, its dataset, parents and chunks (uncommitted); (job, created)."""
-    # 1. idempotency: the same key returns the job it made before
-    existing = engine.job_with_key(session=session, owner=owner, key=params.idempotency_key)
+    # 1. idempotency: the same key and request return the job they made before (a key is
+    # scoped to the owner and the kind; another request with it is a Conflict)
+    digest = engine.request_hash(
+        "POST /jobs", params.model_dump(mode="json", exclude={"idempotency_key"})
+    )
+    existing = engine.job_for_request(session=session, owner_id=owner.id, kind=GENERATE_KIND,
+                                      key=params.idempotency_key, request_hash=digest)  # fmt: skip
     if existing is not None:
         return existing, False
 
@@ -152,21 +158,25 @@ def create_job(
         session.add(dataset)
 
     # 4. the job and its chunks
-    job = engine.insert_job(
-        session=session,
-        owner=owner,
-        kind="generate",
-        dataset_id=dataset.id,
-        condition=params.condition,
-        skin_tone=params.skin_tone,
-        strategy=params.strategy.value,
-        model_id=model_id,
-        count=count,
-        seed=seed,
-        chunk_size=settings.chunk_size,
-        params=_job_params(params),
-        idempotency_key=params.idempotency_key,
-    )
+    try:
+        job = engine.insert_job(
+            session=session,
+            owner=owner,
+            kind=GENERATE_KIND,
+            dataset_id=dataset.id,
+            condition=params.condition,
+            skin_tone=params.skin_tone,
+            strategy=params.strategy.value,
+            model_id=model_id,
+            count=count,
+            seed=seed,
+            chunk_size=settings.chunk_size,
+            params=_job_params(params),
+            idempotency_key=params.idempotency_key,
+            request_hash=digest,
+        )
+    except engine.KeyRace as race:  # a concurrent request with this key made it first
+        return race.job, False
     if parents:
         session.execute(
             insert(JobParent),

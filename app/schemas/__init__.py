@@ -53,6 +53,7 @@ from app.schemas.jobs import (
     Strategy,
     Timings,
 )
+from app.schemas.text import FreeText, Name, has_control
 
 __all__ = [
     "ACTIVE_JOB_STATUSES",
@@ -74,6 +75,7 @@ __all__ = [
     "ExperimentList",
     "ExperimentOut",
     "ExportCreate",
+    "FreeText",
     "JobCreate",
     "JobList",
     "JobOut",
@@ -82,6 +84,7 @@ __all__ = [
     "ManifestRow",
     "ModelList",
     "ModelOut",
+    "Name",
     "OnError",
     "PartIn",
     "Progress",
@@ -97,4 +100,5 @@ __all__ = [
     "Strategy",
     "Timings",
     "TrainingOptions",
+    "has_control",
 ]

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.fitzpatrick import UNKNOWN_GROUP
 from app.schemas.jobs import Strategy
+from app.schemas.text import FreeText, Name
 
 # The paper's public release holds at most 5,000 samples per shard (PAPER.md section 5).
 MAX_SHARD_SIZE = 5000
@@ -84,6 +85,9 @@ class DatasetOut(BaseModel):
 
 class DatasetList(BaseModel):
     items: list[DatasetOut]
+    next_cursor: str | None = Field(
+        None, description="The next page's cursor (pass it as `cursor`); null on the last page."
+    )
 
 
 class ManifestRow(BaseModel):
@@ -126,8 +130,8 @@ MANIFEST_COLUMNS = list(ManifestRow.model_fields)
 class PartIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset_id: str
-    condition: str | None = None
+    dataset_id: Name
+    condition: Name | None = None
     skin_tone: int | None = Field(None, ge=1, le=6)
     strategy: Strategy | None = None
     source: Literal["real", "synthetic"] | None = None
@@ -140,8 +144,8 @@ class PartIn(BaseModel):
 class CombineIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
-    description: str = Field("", max_length=2000)
+    name: Name = Field(min_length=1, max_length=200)
+    description: FreeText = Field("", max_length=2000)
     parts: list[PartIn] = Field(min_length=1, max_length=50)
 
 
@@ -160,7 +164,7 @@ class ExportCreate(BaseModel):
     seed: int | None = Field(
         None, ge=0, le=2**63 - 1, description="Shuffle seed; drawn and recorded when unset."
     )
-    condition: str | None = Field(None, min_length=1, max_length=120)
+    condition: Name | None = Field(None, min_length=1, max_length=120)
     skin_tone: int | None = Field(None, ge=1, le=6, description="Fitzpatrick type 1..6.")
     strategy: Strategy | None = None
     source: Literal["real", "synthetic"] | None = None

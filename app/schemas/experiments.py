@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.schemas.jobs import JobStatus, Progress, Strategy, Timings
+from app.schemas.text import Name
 
 # --- classifier runs and experiments (PAPER.md sections 1 and 4) ---------------------------
 
@@ -28,7 +29,7 @@ class TrainingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backbone: str | None = Field(
+    backbone: Name | None = Field(
         None,
         max_length=120,
         description="Frozen ImageNet backbone (default: the setting): efficientnet-lite0, "
@@ -64,9 +65,9 @@ class DataOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field(description="Real dataset: the training pool (and the test split).")
-    test_split: str = Field("test", max_length=16, description="Its images with this split.")
-    test_dataset: str | None = Field(
+    dataset: Name = Field(description="Real dataset: the training pool (and the test split).")
+    test_split: Name = Field("test", max_length=16, description="Its images with this split.")
+    test_dataset: Name | None = Field(
         None, description="A held-out real dataset as the test set instead of test_split."
     )
     test_per_class: int | None = Field(
@@ -78,7 +79,7 @@ class DataOptions(BaseModel):
         "as the paper's 40-per-class held-out set; for a dataset without a split.",
     )
     validation_per_class: int = Field(40, ge=1, le=10_000, description="Sampled with the seed.")
-    conditions: list[str] | None = Field(
+    conditions: list[Name] | None = Field(
         None, description="The classes (default: every condition of the training pool)."
     )
     top_n_classes: int | None = Field(
@@ -95,14 +96,14 @@ class RunCreate(DataOptions, TrainingOptions):
     synthetic_per_real: int = Field(
         0, ge=0, le=1000, description="k synthetic children of each selected real image."
     )
-    synthetic_datasets: list[str] = Field(
+    synthetic_datasets: list[Name] = Field(
         default_factory=list, description="Synthetic datasets the children come from."
     )
     strategy: Strategy | None = Field(None, description="Only children of this strategy.")
     augmentation: bool = Field(False, description="fastai's aug_transforms() on the inputs.")
     seed: Seed = Field(111108, description="Validation and n_real sampling.")
-    name: str | None = Field(None, max_length=200)
-    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    name: Name | None = Field(None, max_length=200)
+    idempotency_key: Name | None = Field(None, min_length=1, max_length=200)
 
 
 class ExperimentCreate(DataOptions, TrainingOptions):
@@ -117,7 +118,7 @@ class ExperimentCreate(DataOptions, TrainingOptions):
     synthetic_per_real: list[SyntheticPerReal] = Field(
         default_factory=lambda: [0], min_length=1, description="k values; 0 is real-only."
     )
-    synthetic_datasets: list[str] = Field(default_factory=list)
+    synthetic_datasets: list[Name] = Field(default_factory=list)
     strategies: list[Strategy | None] = Field(
         default_factory=lambda: list[Strategy | None]([None]),
         min_length=1,
@@ -130,8 +131,8 @@ class ExperimentCreate(DataOptions, TrainingOptions):
         max_length=100,
         description="Every setting runs once per seed.",
     )
-    name: str | None = Field(None, max_length=200)
-    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    name: Name | None = Field(None, max_length=200)
+    idempotency_key: Name | None = Field(None, min_length=1, max_length=200)
 
 
 class RunProgress(BaseModel):

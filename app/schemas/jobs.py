@@ -13,7 +13,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from app.schemas.text import Name, no_control_but_whitespace
 
 
 class Strategy(StrEnum):
@@ -84,7 +86,9 @@ FramePx = Annotated[
     ),
 ]
 ImageSide = Annotated[int | None, Field(ge=8, le=2048, multiple_of=8)]
-NegativePrompt = Annotated[str | None, Field(max_length=2000)]
+NegativePrompt = Annotated[
+    str | None, Field(max_length=2000), AfterValidator(no_control_but_whitespace)
+]
 
 
 class SamplerOptions(BaseModel):
@@ -141,7 +145,7 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    condition: str = Field(min_length=1, max_length=120, examples=["psoriasis"])
+    condition: Name = Field(min_length=1, max_length=120, examples=["psoriasis"])
     skin_tone: int | None = Field(None, ge=1, le=6, description="Fitzpatrick type 1..6 or null.")
     strategy: Strategy = Strategy.TEXT_TO_IMAGE
     count: int | None = Field(
@@ -151,10 +155,10 @@ class JobCreate(BaseModel):
         description="Images to make. With source_dataset it may be left out: every matching "
         "parent times synthetic_per_real.",
     )
-    model: str | None = Field(None, max_length=120, description="Generator id (GET /models).")
-    source_dataset: str | None = Field(None, description="Real dataset of parent images.")
-    dataset_id: str | None = Field(None, description="Append to this synthetic dataset.")
-    dataset_name: str | None = Field(None, max_length=200)
+    model: Name | None = Field(None, max_length=120, description="Generator id (GET /models).")
+    source_dataset: Name | None = Field(None, description="Real dataset of parent images.")
+    dataset_id: Name | None = Field(None, description="Append to this synthetic dataset.")
+    dataset_name: Name | None = Field(None, max_length=200)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     guidance_scale: GuidanceScale = None
     num_inference_steps: InferenceSteps = None
@@ -168,7 +172,7 @@ class JobCreate(BaseModel):
     width: ImageSide = None
     height: ImageSide = None
     negative_prompt: NegativePrompt = None
-    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    idempotency_key: Name | None = Field(None, min_length=1, max_length=200)
 
     def generation_params(self) -> GenerationParams:
         """What the job stores of this body (its sampler options, source and k)."""

@@ -242,3 +242,41 @@ def test_experiments_submit_wait_and_report(deployed: Stack, tmp_path: Path) -> 
     assert refused.returncode == 1 and "synthetic_datasets" in refused.stdout + refused.stderr
     refused = run_cli(deployed, key, tmp_path, "experiments", "submit", "--dataset", real)
     assert refused.returncode == 1 and "acne (12)" in refused.stdout + refused.stderr
+
+
+def test_datasets_list_follows_every_page(deployed: Stack, tmp_path: Path) -> None:
+    """Over a page of datasets: the listing shows all of them, newest first, once each."""
+    from datetime import UTC, datetime, timedelta
+
+    from app.db.tables import Dataset
+    from app.ids import new_id
+    from app.keys import authenticate
+
+    key = deployed.new_key()
+    base = datetime.now(UTC) - timedelta(days=1)
+    with deployed.session() as session:
+        owner = authenticate(session=session, raw_key=key)
+        assert owner is not None
+        datasets = [
+            Dataset(
+                id=new_id(),
+                owner_id=owner.id,
+                name=f"bulk-{i}",
+                kind="real" if i % 2 else "synthetic",
+                created_at=base + timedelta(seconds=i),
+            )
+            for i in range(75)
+        ]
+        session.add_all(datasets)
+    ids = [d.id for d in datasets]
+
+    def listed(*options: str) -> list[str]:
+        result = run_cli(deployed, key, tmp_path, "datasets", "list", *options)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return re.findall(r"\b[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}\b", result.stdout)
+
+    newest_first = ids[::-1]
+    assert listed() == newest_first
+    assert listed("--page-size", "20") == newest_first  # four requests, every row once
+    assert listed("--page-size", "20", "--kind", "real") == newest_first[1::2]  # the odd ones
+    assert listed("--limit", "30", "--page-size", "7") == newest_first[:30]

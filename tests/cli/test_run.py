@@ -1,22 +1,28 @@
 """`synthderm run` (what `make run` starts): the embedded default end to end, then Ctrl-C.
 
 A fresh data folder, no servers: it builds tiny-random, migrates, serves the API and a worker;
-a job runs through; SIGINT stops every child and leaves no orphan.
+a job runs through; SIGINT stops every child and leaves no orphan. A killed worker is
+restarted while the API stays up; a worker that keeps crashing stops everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
+from app.cli.serve import Supervisor
 from app.config import Settings
 from tests.conftest import FAST, ROOT, free_port, settings_env, wait_for
 
@@ -112,3 +118,140 @@ def test_children_stop_when_the_runner_is_killed(tmp_path: Path) -> None:
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert alive == [], f"orphans left: {alive}"
     assert gone
+
+
+def one_line(text: str) -> str:
+    """The log with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def workers_of(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The run's Celery worker processes (the children whose command line names celery)."""
+    found = []
+    for child in psutil.Process(proc.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if "celery" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_the_api_stays_up(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    port = free_port()
+    settings = Settings(
+        data_dir=tmp_path / "var",
+        models_dir=models_dir,
+        api_port=port,
+        public_base_url=f"http://127.0.0.1:{port}",
+        **FAST,
+    )
+    env = settings_env(settings)
+    synthderm = [sys.executable, "-m", "app.cli"]
+    log_path = tmp_path / "run.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [*synthderm, "run", "--no-build-tiny"], cwd=ROOT, env=env, stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    health_failures: list[str] = []
+    watching = threading.Event()
+    done = threading.Event()
+
+    def watch_health() -> None:  # /healthz, every 0.2 s, from the kill until the job ends
+        watching.wait()
+        while not done.is_set():
+            try:
+                status = httpx.get(f"{base}/healthz", timeout=5).status_code
+                if status != 200:
+                    health_failures.append(f"{status} at {time.monotonic():.1f}")
+            except httpx.HTTPError as error:
+                health_failures.append(f"{error!r} at {time.monotonic():.1f}")
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch_health, daemon=True)
+    watcher.start()
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=120, interval=0.5, what="readyz")
+        (worker,) = wait_for(lambda: workers_of(proc), timeout=60, what="the worker")
+        wait_for(
+            lambda: " ready." in log_path.read_text(errors="replace"),
+            timeout=120,
+            what="the first worker ready",
+        )
+        watching.set()
+        os.killpg(worker.pid, signal.SIGKILL)  # the OOM killer, say
+
+        def restarted() -> list[psutil.Process]:
+            return [w for w in workers_of(proc) if w.pid != worker.pid]
+
+        (again,) = wait_for(restarted, timeout=60, what="a new worker")
+        output = one_line(log_path.read_text(errors="replace"))
+        assert f"worker (pid {worker.pid}) exited with -9; restarting worker in 1s" in output
+        assert f"started worker (pid {again.pid})" in output
+        assert proc.poll() is None, output[-3000:]
+
+        key = subprocess.run(
+            [*synthderm, "keys", "create", "--name", "alice"],
+            cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        job = client.post("/jobs", json={"condition": "psoriasis", "skin_tone": 2, "count": 3})
+        assert job.status_code == 202, job.text
+
+        def finished() -> dict | None:
+            body = client.get(f"/jobs/{job.json()['id']}").json()
+            return body if body["status"] in ("succeeded", "failed") else None
+
+        final = wait_for(finished, timeout=120, interval=0.5, what="the job")
+        assert final["status"] == "succeeded", final
+        done.set()
+        watcher.join(timeout=10)
+        assert health_failures == [], health_failures
+        assert proc.poll() is None
+        children = psutil.Process(proc.pid).children(recursive=True)
+    finally:
+        done.set()
+        watching.set()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        code = proc.wait(timeout=60)
+    output = log_path.read_text(errors="replace")
+    assert code == 0, output[-3000:]
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], f"orphans left: {alive}"
+
+
+def test_a_worker_that_keeps_crashing_stops_everything(capsys: pytest.CaptureFixture[str]) -> None:
+    """After max_crashes within the window: said loudly, the API stopped too, non-zero."""
+    supervisor = Supervisor(grace_s=5, backoff_s=0.05, max_backoff_s=0.2, max_crashes=4)
+    supervisor.start("api", [sys.executable, "-c", "import time; time.sleep(120)"])
+    supervisor.start("worker", [sys.executable, "-c", "raise SystemExit(3)"], restart=True)
+    started = time.monotonic()
+    code = supervisor.wait()
+    assert code == 1
+    assert time.monotonic() - started < 30
+    assert supervisor.children["api"].poll() is not None  # stopped with it
+    output = one_line(capsys.readouterr().err)
+    assert output.count("exited with 3; restarting worker in") == 3
+    for delay in ("0.05s", "0.1s", "0.2s"):  # doubling, capped
+        assert f"restarting worker in {delay}" in output
+    assert "GIVING UP on worker: it exited with 3, crash 4 within 10 min (limit 4)" in output
+    assert "stopping everything" in output
+
+
+def test_the_api_dying_stops_everything(capsys: pytest.CaptureFixture[str]) -> None:
+    supervisor = Supervisor(grace_s=5)
+    supervisor.start("worker", [sys.executable, "-c", "import time; time.sleep(120)"], restart=True)
+    supervisor.start("api", [sys.executable, "-c", "raise SystemExit(4)"])
+    assert supervisor.wait() == 4
+    assert supervisor.children["worker"].poll() is not None
+    assert "api exited with 4; stopping the rest" in one_line(capsys.readouterr().err)

@@ -70,8 +70,17 @@ def test_one_insert_for_every_kind(
     assert {c[3] for c in chunks(session, job)} == {"pending"}
     assert engine.chunk_count(job) == len(expected)
     assert (job.kind, job.status, job.done, job.params) == (kind, "queued", 0, {"x": 1})
-    found = engine.job_with_key(session=session, owner=owner(session), key=f"key-{kind}")
+    found = engine.job_for_request(
+        session=session, owner_id="me", kind=kind, key=f"key-{kind}", request_hash=None
+    )
     assert found is not None and found.id == job.id
+    other = "export" if kind != "export" else "generate"  # a key is scoped to (owner, kind)
+    assert (
+        engine.job_for_request(
+            session=session, owner_id="me", kind=other, key=f"key-{kind}", request_hash=None
+        )
+        is None
+    )
 
 
 def new_job(session: Session, *, count: int = 3, kind: str = "experiment") -> Job:

@@ -9,6 +9,7 @@ import io
 import json
 import zipfile
 
+import httpx
 import pytest
 from sqlalchemy import text
 
@@ -372,3 +373,114 @@ def test_condition_name_is_the_prompts_words(label: str, name: str) -> None:
 
     assert condition_name(label) == name
     assert slugify(condition_name(label)) == slugify(label)  # the same condition either way
+
+
+def truncated_cases() -> list:
+    header = ["file", "label", "fitzpatrick"]
+    files = {f"img/{i}.png": png(i, (64, 64)) for i in range(4)}
+    files["metadata.csv"] = csv_text(header, [[f"img/{i}.png", "psoriasis", 2] for i in range(4)])
+    tar_gz, plain_tar, zipped = make_tar(files), make_tar(files, gz=False), make_zip(files)
+    damaged = bytearray(zipped)  # the central directory intact, a member's bytes not
+    first = zipped.index(b"IDAT")  # inside img/0.png's deflated bytes
+    damaged[first - 40 : first + 40] = bytes(80)
+    return [
+        pytest.param(tar_gz[: len(tar_gz) * 2 // 3], "data.tar.gz", id="tar-gz-cut"),
+        pytest.param(tar_gz[:40], "data.tar.gz", id="tar-gz-cut-in-its-header"),
+        pytest.param(plain_tar[: len(plain_tar) // 2 + 100], "data.tar", id="tar-cut"),
+        pytest.param(zipped[: len(zipped) // 2], "data.zip", id="zip-cut"),
+        pytest.param(bytes(damaged), "data.zip", id="zip-damaged"),
+    ]
+
+
+@pytest.mark.parametrize(("archive", "filename"), truncated_cases())
+def test_truncated_or_corrupt_archives_are_reported(
+    deployed: Stack, archive: bytes, filename: str
+) -> None:
+    client = deployed.client(deployed.new_key())
+    job = upload(client, archive, filename=filename)
+    done = deployed.wait_job(client, job["id"], statuses=("failed",))
+    assert "truncated or corrupt" in done["error"], done["error"]
+    assert done["result"] is not None, done
+    [error] = done["result"]["errors"]
+    assert error["row"] is None and error["file"] is None
+    assert error["reason"].startswith("archive: the archive is truncated or corrupt"), error
+    assert client.get(f"/datasets/{job['dataset_id']}").status_code == 404
+    assert list(deployed.store.iter_keys(f"datasets/{job['dataset_id']}/")) == []
+    assert list(deployed.store.iter_keys(f"uploads/{job['id']}/")) == []
+
+
+def test_control_characters_in_the_csv_are_bad_rows(stack: Stack) -> None:
+    client = stack.client(stack.new_key())
+    images = {f"{i}.png": png(40 + i) for i in range(5)}
+    rows = [
+        ["0.png", "psoriasis", 2],
+        ["1.png", "ecz\x00ema", 2],  # NUL: PostgreSQL cannot even store it
+        ["2.png", "pso\x1briasis", 3],
+        ["3.png", "ac\x85ne", 3],  # C1 (at an end, strip() takes it as whitespace)
+        ["4\x01.png", "psoriasis", 3],
+    ]
+    images["metadata.csv"] = csv_text(["file", "label", "fitzpatrick"], rows)
+    job = upload(client, make_zip(images))
+    done = stack.wait_job(client, job["id"], statuses=("failed",))
+    errors = done["result"]["errors"]
+    assert [e["row"] for e in errors] == [3, 4, 5, 6]
+    assert all("control character" in e["reason"] for e in errors), errors
+    assert [e["file"] for e in errors] == ["1.png", "2.png", "3.png", "4\\x01.png"]
+    assert errors[0]["reason"] == "label 'ecz\\x00ema' has a control character (U+0000)"
+    assert client.get(f"/datasets/{job['dataset_id']}").status_code == 404
+    # with on_error=skip the good row is kept
+    kept = upload(client, make_zip(images), on_error="skip")
+    done = stack.wait_job(client, kept["id"])
+    assert done["result"]["accepted"] == 1
+    assert [e["row"] for e in done["result"]["skipped"]] == [3, 4, 5, 6]
+    assert counts(client, done["dataset_id"]) == {("psoriasis", 2): 1}
+
+
+def test_labels_in_any_script_end_to_end(stack: Stack) -> None:
+    """湿疹 (eczema) and 銀屑病 (psoriasis) are classes of their own, in storage keys and
+    signed URLs on both stores; labels that differ by an accent are one class, and said so."""
+    client = stack.client(stack.new_key())
+    images = {f"{i}.png": png(60 + i) for i in range(5)}
+    rows = [
+        ["0.png", "湿疹", 2],
+        ["1.png", "銀屑病", 5],
+        ["2.png", "café au lait macule", 3],
+        ["3.png", "cafe au lait macule", 3],
+        ["4.png", "湿疹", 6],
+    ]
+    images["metadata.csv"] = csv_text(["file", "label", "fitzpatrick"], rows)
+    job = upload(client, make_zip(images), name="多言語")
+    done = stack.wait_job(client, job["id"])
+    result = done["result"]
+    assert result["accepted"] == 5
+    assert result["merged_labels"] == {
+        "cafe-au-lait-macule": ["café au lait macule", "cafe au lait macule"]
+    }
+    dataset_id = done["dataset_id"]
+    assert client.get(f"/datasets/{dataset_id}").json()["name"] == "多言語"
+    assert counts(client, dataset_id) == {
+        ("湿疹", 2): 1,
+        ("湿疹", 6): 1,
+        ("銀屑病", 5): 1,
+        ("cafe-au-lait-macule", 3): 2,
+    }
+    names = {c["slug"]: c["name"] for c in client.get("/conditions").json()["items"]}
+    assert names["湿疹"] == "湿疹" and names["銀屑病"] == "銀屑病"
+    # the manifest (filtered by a non-ASCII condition) and every image by its URL
+    manifest = client.get(f"/datasets/{dataset_id}/manifest", params={"condition": "湿疹"})
+    assert manifest.status_code == 200, manifest.text
+    listed = [json.loads(line) for line in manifest.text.splitlines()]
+    assert sorted(r["original_name"] for r in listed) == ["0.png", "4.png"]
+    every = client.get(f"/datasets/{dataset_id}/manifest", params={"format": "csv"})
+    by_csv = {r["original_name"]: r for r in csv.DictReader(io.StringIO(every.text))}
+    assert len(by_csv) == 5
+    for row in listed + list(by_csv.values()):
+        assert f"/{row['condition']}/" in row["storage_key"]
+        response = httpx.get(row["url"], timeout=30)  # no API key: the URL signs
+        assert response.status_code == 200, (row["url"], response.text)
+        assert response.content == images[row["original_name"]]
+    # a job may name the new condition
+    generate = client.post("/jobs", json={"condition": "湿疹", "count": 1, "dataset_name": "湿疹"})
+    assert generate.status_code == 202, generate.text
+    assert generate.json()["condition"] == "湿疹"
+    client.post(f"/jobs/{generate.json()['id']}/cancel")
