@@ -26,36 +26,50 @@ from app.cli.serve import Supervisor
 from app.config import Settings
 from tests.conftest import FAST, ROOT, free_port, settings_env, wait_for
 
+SYNTHDERM = [sys.executable, "-m", "app.cli"]
 
-@pytest.mark.slow
-def test_run_serves_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
+
+def start_run(
+    tmp_path: Path, *args: str, **fields: object
+) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+    """`synthderm run ARGS` on a fresh data folder and a free port, its output in
+    tmp_path/run.log; the process, the API's base URL and the environment it was given."""
     port = free_port()
     settings = Settings(
         data_dir=tmp_path / "var",
         api_port=port,
         public_base_url=f"http://127.0.0.1:{port}",
-        **{**FAST, "shutdown_grace_s": 15.0},
+        **fields,  # type: ignore[arg-type]
     )
     env = settings_env(settings)
-    synthderm = [sys.executable, "-m", "app.cli"]
-    log = (tmp_path / "run.log").open("wb")
-    proc = subprocess.Popen(
-        [*synthderm, "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
+    with (tmp_path / "run.log").open("wb") as log:  # the child holds its own copy
+        proc = subprocess.Popen(
+            [*SYNTHDERM, "run", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    return proc, f"http://127.0.0.1:{port}", env
+
+
+def wait_ready(base: str) -> None:
+    """Until the run's API says every dependency is ready."""
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout=120, interval=0.5, what="readyz")
+
+
+@pytest.mark.slow
+def test_run_serves_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
+    proc, base, env = start_run(tmp_path, **{**FAST, "shutdown_grace_s": 15.0})
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout=120, interval=0.5, what="readyz")
+        wait_ready(base)
         assert (tmp_path / "var" / "models" / "tiny-random" / "model_index.json").is_file()
         assert (tmp_path / "var" / "synthderm.sqlite").is_file()
         key = subprocess.run(
-            [*synthderm, "keys", "create", "--name", "alice"],
+            [*SYNTHDERM, "keys", "create", "--name", "alice"],
             cwd=ROOT, env=env, capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
@@ -139,23 +153,8 @@ def workers_of(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
 def test_a_killed_worker_is_restarted_and_the_api_stays_up(
     tmp_path: Path, models_dir: Path
 ) -> None:
-    port = free_port()
-    settings = Settings(
-        data_dir=tmp_path / "var",
-        models_dir=models_dir,
-        api_port=port,
-        public_base_url=f"http://127.0.0.1:{port}",
-        **FAST,
-    )
-    env = settings_env(settings)
-    synthderm = [sys.executable, "-m", "app.cli"]
+    proc, base, env = start_run(tmp_path, "--no-build-tiny", models_dir=models_dir, **FAST)
     log_path = tmp_path / "run.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [*synthderm, "run", "--no-build-tiny"], cwd=ROOT, env=env, stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
     health_failures: list[str] = []
     watching = threading.Event()
     done = threading.Event()
@@ -174,14 +173,7 @@ def test_a_killed_worker_is_restarted_and_the_api_stays_up(
     watcher = threading.Thread(target=watch_health, daemon=True)
     watcher.start()
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout=120, interval=0.5, what="readyz")
+        wait_ready(base)
         (worker,) = wait_for(lambda: workers_of(proc), timeout=60, what="the worker")
         wait_for(
             lambda: " ready." in log_path.read_text(errors="replace"),
@@ -201,7 +193,7 @@ def test_a_killed_worker_is_restarted_and_the_api_stays_up(
         assert proc.poll() is None, output[-3000:]
 
         key = subprocess.run(
-            [*synthderm, "keys", "create", "--name", "alice"],
+            [*SYNTHDERM, "keys", "create", "--name", "alice"],
             cwd=ROOT, env=env, capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
