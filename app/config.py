@@ -108,6 +108,15 @@ class Settings(BaseSettings):
         "queue is empty, is taken as lost and sent again.",
     )
     recovery_interval_s: float = Field(10.0, gt=0, description="Period of the recovery step.")
+    dispatch_window: int = Field(
+        2,
+        ge=1,
+        le=10_000,
+        description="Chunks of one job kind waiting in the broker at most; the database holds "
+        "the rest, and each claim sends the next, the key with the fewest chunks in flight "
+        "first, so a small job behind a huge one starts within a chunk or two. Workers refill "
+        "it as they claim and finish chunks; raise it if a queue's many workers find it empty.",
+    )
     progress_update_interval_s: float = Field(
         1.0, ge=0, description="Least time between two progress writes of one chunk."
     )

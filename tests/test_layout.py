@@ -188,7 +188,7 @@ def test_the_graph_sees_every_kind_of_import() -> None:
     a function (workers load diffusers' pipeline code lazily) are all edges of the graph."""
     graph = import_graph()
     assert "app.engine" in graph["app.generation.service"]
-    assert "app.engine.claims" in graph["app.engine.dispatch"]
+    assert "app.engine.jobs" in graph["app.engine.dispatch"]
     assert "models.pipelines" in graph["workers.sampling"]
     assert group_of("app.cli.common") == ("cli", 5)
 

@@ -15,9 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from celery import Task
+from celery.signals import task_postrun
 from sqlalchemy.orm import Session
 
 from app import engine
+from app.broker import JOB_TASKS
 from app.config import Settings, get_settings
 from app.db.session import session_factory
 from app.schemas import JobStatus
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 
 _state_lock = threading.Lock()
 _store: ObjectStore | None = None
+# task name -> the job kind it runs
+KIND_OF_TASK = {task: kind for kind, (task, _queue) in JOB_TASKS.items()}
 
 
 class Canceled(Exception):
@@ -58,7 +62,27 @@ def claim_task_chunk(
         claim = engine.claim_chunk(
             session=session, settings=settings, job_id=job_id, index=chunk_index, worker=worker
         )
+    refill_window(settings, task.name)  # this message left the queue: the next one goes in
     return settings, worker, claim
+
+
+def refill_window(settings: Settings, task_name: str | None) -> None:
+    """Top up the dispatch window of the task's job kind (app/engine/dispatch.py); a broker
+    failure is logged and left to the recovery step."""
+    kind = KIND_OF_TASK.get(task_name or "")
+    if kind is None:
+        return
+    try:
+        engine.refill(settings, kind)
+    except Exception:
+        log.exception("refilling the %s dispatch window failed; recovery will", kind)
+
+
+@task_postrun.connect
+def _refill_after_task(sender: Task | None = None, **_kwargs: object) -> None:
+    """A chunk task ended (done, failed, skipped or retrying): its worker is free for the next."""
+    if sender is not None:
+        refill_window(get_settings(), sender.name)
 
 
 @contextmanager

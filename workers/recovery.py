@@ -42,7 +42,11 @@ def recover_kind(settings: Settings, kind: str) -> int:
         send_chunk(settings, kind=kind, job_id=chunk.job_id, chunk_index=chunk.index)
         log.warning("re-dispatched chunk %s/%s (%s)", chunk.job_id, chunk.index, chunk.reason)
         sent += 1
-    return sent
+    # chunks that were never sent (the API's broker refused, or their turn came) go now
+    fresh = engine.refill(settings, kind)
+    if fresh:
+        log.info("dispatched %s waiting chunk(s) of %s jobs", fresh, kind)
+    return sent + fresh
 
 
 class RecoveryLoop:

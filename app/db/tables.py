@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -101,6 +102,8 @@ class GeneratorModel(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    # GET /datasets pages a key's datasets newest first
+    __table_args__ = (Index("ix_datasets_owner_created", "owner_id", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
@@ -113,6 +116,8 @@ class Dataset(Base):
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
+        # GET /jobs pages a key's jobs newest first
+        Index("ix_jobs_owner_created", "owner_id", "created_at", "id"),
         # an idempotency key is scoped to (owner, kind): /jobs and /experiments keys are apart
         UniqueConstraint(
             "owner_id", "kind", "idempotency_key", name="uq_jobs_owner_kind_idempotency"
@@ -150,11 +155,32 @@ class Job(Base):
     canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
+UNDISPATCHED_SQL = "status = 'pending' AND dispatched_at IS NULL"
+IN_FLIGHT_SQL = "status = 'running' OR (status = 'pending' AND dispatched_at IS NOT NULL)"
+
+
 class JobChunk(Base):
     """One Celery task's share of a job: images [start, stop)."""
 
     __tablename__ = "job_chunks"
-    __table_args__ = (Index("ix_job_chunks_status", "status"),)
+    __table_args__ = (
+        Index("ix_job_chunks_status", "status"),
+        # the dispatch window's lookups (app/engine/dispatch.py): a job's next chunk to send,
+        # and the chunks in flight, without reading a million-image job's finished chunks
+        Index(
+            "ix_job_chunks_undispatched",
+            "job_id",
+            "index",
+            postgresql_where=text(UNDISPATCHED_SQL),
+            sqlite_where=text(UNDISPATCHED_SQL),
+        ),
+        Index(
+            "ix_job_chunks_in_flight",
+            "job_id",
+            postgresql_where=text(IN_FLIGHT_SQL),
+            sqlite_where=text(IN_FLIGHT_SQL),
+        ),
+    )
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     index: Mapped[int] = mapped_column(Integer, primary_key=True)

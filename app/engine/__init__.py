@@ -1,10 +1,10 @@
 """The job engine: the life of every job kind (generate, ingest, export, experiment).
 
 A job is inserted with its chunks (`insert_job`), committed by its caller, then dispatched
-(`enqueue_after_commit`); workers claim chunks, beat, report progress and finish them here, and
-the recovery step finds chunks whose messages were lost. The database is the source of truth;
-the broker only delivers ids. The engine imports no domain (datasets, generation, experiments):
-they import it.
+(`enqueue_after_commit`) through a bounded window per kind, fair across keys (`refill`);
+workers claim chunks, beat, report progress and finish them here, and the recovery step
+finds chunks whose messages were lost. The database is the source of truth; the broker only
+delivers ids. The engine imports no domain (datasets, generation, experiments): they import it.
 
 Commit rule: functions a worker calls (claims, progress, finish, recovery) commit, and say so;
 functions a service calls inside its own unit of work (insert, cancel, lookups) never do, and
@@ -21,7 +21,14 @@ from app.engine.claims import (
     record_step,
     release_for_retry,
 )
-from app.engine.dispatch import dispatch_after_commit, dispatch_job, enqueue_after_commit
+from app.engine.dispatch import (
+    dispatch_after_commit,
+    enqueue_after_commit,
+    fill_window,
+    next_chunk,
+    refill,
+    waiting_count,
+)
 from app.engine.jobs import (
     ACTIVE_STATUS_VALUES,
     ChunkStatus,
@@ -40,7 +47,6 @@ from app.engine.jobs import (
     set_job_result,
 )
 from app.engine.recovery import (
-    DISPATCH_GRACE_S,
     LostChunk,
     find_lost_chunks,
     has_active_chunks,
@@ -49,7 +55,6 @@ from app.engine.recovery import (
 
 __all__ = [
     "ACTIVE_STATUS_VALUES",
-    "DISPATCH_GRACE_S",
     "ChunkClaim",
     "ChunkStatus",
     "KeyRace",
@@ -60,8 +65,8 @@ __all__ = [
     "count_job_images",
     "detach_dataset",
     "dispatch_after_commit",
-    "dispatch_job",
     "enqueue_after_commit",
+    "fill_window",
     "find_lost_chunks",
     "finish_chunk",
     "get_job",
@@ -70,13 +75,16 @@ __all__ = [
     "job_for_request",
     "job_status",
     "list_jobs",
+    "next_chunk",
     "record_heartbeat",
     "record_progress",
     "record_step",
+    "refill",
     "release_for_retry",
     "request_hash",
     "requeue_chunk",
     "running_chunks",
     "set_job_count",
     "set_job_result",
+    "waiting_count",
 ]

@@ -1,27 +1,45 @@
-"""Dispatch: send a committed job's chunks to the broker, marking each only once it is accepted.
+"""Dispatch: keep a bounded window of each job kind's chunks in the broker, fairly across keys.
 
-Commit first, enqueue after: a fast worker must find the rows its message names. A broker
-failure leaves the unmarked chunks to the recovery step instead of losing them.
+The database holds every chunk; the broker holds at most `dispatch_window` of a kind's chunks
+that no worker has taken yet. The window is refilled when a job is committed, when a worker
+claims a chunk (a message left the queue), when it finishes one, and by the recovery step.
+Each refill sends the next chunk of the key with the fewest chunks in flight (waiting or
+running), its oldest job first, so one key's million-image job cannot hold a queue: another
+key's small job starts within a chunk or two, and a cancel leaves at most the window behind.
+
+A chunk is marked dispatched in the transaction that picks it, then sent; a broker failure
+unmarks it and leaves it to the next refill or to the recovery step.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from app.broker import send_chunk
 from app.config import Settings
 from app.db.session import session_factory as make_session_factory
 from app.db.tables import Job, JobChunk, utcnow
-from app.engine.claims import job_status
 from app.engine.jobs import ACTIVE_STATUS_VALUES, ChunkStatus
 
 log = logging.getLogger(__name__)
+
+PENDING = ChunkStatus.PENDING.value
+RUNNING = ChunkStatus.RUNNING.value
+
+# The predicates of the partial indexes ix_job_chunks_undispatched and ix_job_chunks_in_flight
+# (app/db/tables.py), written the same way so that both databases use them.
+UNDISPATCHED: ColumnElement[bool] = and_(
+    JobChunk.status == PENDING, JobChunk.dispatched_at.is_(None)
+)
+WAITING: ColumnElement[bool] = and_(JobChunk.status == PENDING, JobChunk.dispatched_at.is_not(None))
+IN_FLIGHT: ColumnElement[bool] = or_(JobChunk.status == RUNNING, WAITING)
 
 
 class Background(Protocol):
@@ -30,76 +48,127 @@ class Background(Protocol):
     def add_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None: ...
 
 
-def undispatched_chunks(*, session: Session, job_id: str) -> list[int]:
-    """Indices of the job's pending chunks that no message was sent for."""
-    return list(
-        session.scalars(
-            select(JobChunk.index).where(
-                JobChunk.job_id == job_id,
-                JobChunk.status == ChunkStatus.PENDING.value,
-                JobChunk.dispatched_at.is_(None),
-            )
+def _active(kind: str) -> Any:
+    return select(Job.id).where(Job.kind == kind, Job.status.in_(ACTIVE_STATUS_VALUES))
+
+
+def waiting_count(*, session: Session, kind: str) -> int:
+    """Chunks of active `kind` jobs sent to the broker and not yet claimed."""
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(JobChunk)
+            .where(JobChunk.job_id.in_(_active(kind)), WAITING)
         )
+        or 0
     )
 
 
-def dispatch_job(
+def next_chunk(*, session: Session, kind: str) -> tuple[str, int] | None:
+    """The chunk to send next: of the key with the fewest chunks in flight (ties: the key whose
+    oldest waiting job is oldest), its oldest job's lowest undispatched chunk."""
+    active = _active(kind)
+    flight = dict(
+        session.execute(
+            select(Job.owner_id, func.count())
+            .join(JobChunk, JobChunk.job_id == Job.id)
+            .where(Job.id.in_(active), IN_FLIGHT)
+            .group_by(Job.owner_id)
+        ).all()
+    )
+    has_undispatched = (
+        select(JobChunk.index).where(JobChunk.job_id == Job.id, UNDISPATCHED).exists()
+    )
+    waiting = session.execute(
+        select(Job.owner_id, func.min(Job.created_at))
+        .where(Job.id.in_(active), has_undispatched)
+        .group_by(Job.owner_id)
+    ).all()
+    if not waiting:
+        return None
+    owner = min(waiting, key=lambda row: (flight.get(row[0], 0), row[1]))[0]
+    job_id = session.scalar(
+        select(Job.id)
+        .where(Job.id.in_(active), Job.owner_id == owner, has_undispatched)
+        .order_by(Job.created_at, Job.id)
+        .limit(1)
+    )
+    index = session.scalar(
+        select(func.min(JobChunk.index)).where(JobChunk.job_id == job_id, UNDISPATCHED)
+    )
+    return None if job_id is None or index is None else (job_id, index)
+
+
+def _lock_window(session: Session, kind: str) -> None:
+    """One refill of `kind` at a time on PostgreSQL (a transaction-scoped advisory lock), so
+    concurrent refills do not overfill the window. SQLite has one writer at a time anyway; two
+    refills there can overshoot by the few chunks they pick at the same moment."""
+    if session.get_bind().dialect.name == "postgresql":
+        key = zlib.crc32(f"synthderm-dispatch:{kind}".encode()) & 0x7FFFFFFF
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def fill_window(
     *,
     session_factory: Callable[[], Session],
-    job_id: str,
+    kind: str,
+    window: int,
     send: Callable[[str, int], None],
-    mark_every: int = 200,
 ) -> int:
-    """Send every undispatched chunk of a committed job; returns how many were sent. Commits
-    the marks.
-
-    Chunks are marked only after their messages are accepted, so a broker failure leaves the
-    rest for the recovery step instead of losing them."""
-    with session_factory() as session:
-        indices = undispatched_chunks(session=session, job_id=job_id)
-    sent: list[int] = []
-
-    def mark() -> None:
-        if not sent:
-            return
+    """Send chunks of `kind` until `window` of them wait in the broker or none is left;
+    returns how many were sent. Commits each pick before its message goes out (a fast worker
+    must find the row marked), and unmarks a chunk whose message the broker refused."""
+    sent = 0
+    while True:
         with session_factory() as session, session.begin():
-            session.execute(
+            _lock_window(session, kind)
+            if waiting_count(session=session, kind=kind) >= window:
+                return sent
+            picked = next_chunk(session=session, kind=kind)
+            if picked is None:
+                return sent
+            job_id, index = picked
+            marked = session.execute(
                 update(JobChunk)
-                .where(
-                    JobChunk.job_id == job_id,
-                    JobChunk.index.in_(sent),
-                    JobChunk.dispatched_at.is_(None),
-                )
+                .where(JobChunk.job_id == job_id, JobChunk.index == index, UNDISPATCHED)
                 .values(dispatched_at=utcnow(), dispatches=JobChunk.dispatches + 1)
             )
-        sent.clear()
-
-    total = 0
-    try:
-        for index in indices:
+            if not marked.rowcount:  # type: ignore[attr-defined]
+                continue  # another refill took it first
+        try:
             send(job_id, index)
-            sent.append(index)
-            total += 1
-            if len(sent) >= mark_every:
-                mark()
-                with session_factory() as session:
-                    if job_status(session=session, job_id=job_id) not in ACTIVE_STATUS_VALUES:
-                        break  # canceled or failed while its chunks were being sent
-    finally:
-        mark()
-    return total
+        except Exception:
+            with session_factory() as session, session.begin():
+                session.execute(
+                    update(JobChunk)
+                    .where(JobChunk.job_id == job_id, JobChunk.index == index, WAITING)
+                    .values(dispatched_at=None, dispatches=JobChunk.dispatches - 1)
+                )
+            raise
+        sent += 1
+
+
+def refill(settings: Settings, kind: str) -> int:
+    """Fill `kind`'s window from the settings' database into their broker."""
+    return fill_window(
+        session_factory=make_session_factory(settings.database_url),
+        kind=kind,
+        window=settings.dispatch_window,
+        send=lambda job_id, index: send_chunk(
+            settings, kind=kind, job_id=job_id, chunk_index=index
+        ),
+    )
 
 
 def dispatch_after_commit(settings: Settings, job_id: str, kind: str) -> None:
-    """Send a committed job's chunks; on a broker failure the recovery step sends them."""
+    """A job was committed: fill its kind's window (its chunks go when it is their turn). On a
+    broker failure the recovery step fills it later."""
     try:
-        dispatch_job(
-            session_factory=make_session_factory(settings.database_url),
-            job_id=job_id,
-            send=lambda j, i: send_chunk(settings, kind=kind, job_id=j, chunk_index=i),
-        )
+        refill(settings, kind)
     except Exception:
-        log.exception("dispatch of job %s failed; the worker's recovery step will send it", job_id)
+        log.exception(
+            "dispatch after job %s failed; the worker's recovery step will send it", job_id
+        )
 
 
 def enqueue_after_commit(background: Background, settings: Settings, job: Job) -> None:

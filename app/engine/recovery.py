@@ -1,6 +1,7 @@
 """Recovery: chunks of active jobs that no worker holds and no message will deliver.
 
-A worker's recovery loop (workers/recovery.py) finds them here and sends them again.
+A worker's recovery loop (workers/recovery.py) finds them here and sends them again, then
+refills the dispatch window (app/engine/dispatch.py), which also sends what the API could not.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from app.config import Settings
 from app.db.tables import Job, JobChunk, utcnow
 from app.engine.jobs import ACTIVE_STATUS_VALUES, UNFINISHED_CHUNKS, ChunkStatus
 
-# A chunk created this recently with no dispatch is left to the API that is sending it.
-DISPATCH_GRACE_S = 5.0
 PENDING = ChunkStatus.PENDING.value
 RUNNING = ChunkStatus.RUNNING.value
 
@@ -35,28 +34,15 @@ def find_lost_chunks(
 ) -> list[LostChunk]:
     """Chunks of active jobs that no worker holds and no message will deliver.
 
-    - never dispatched (the API died, or the broker refused) past a short grace;
+    (Chunks never dispatched are not lost: they wait their turn in the dispatch window, which
+    the recovery step refills.)
     - dispatched, not started, and the queue is empty: its message was lost (Redis restarted
       empty, or an embedded broker whose worker was killed);
     - running with a stale heartbeat: its worker died.
     """
     now = utcnow()
-    grace = now - timedelta(seconds=DISPATCH_GRACE_S)
     active = select(Job.id).where(Job.status.in_(ACTIVE_STATUS_VALUES), Job.kind == kind)
     found: list[LostChunk] = []
-
-    never = session.execute(
-        select(JobChunk.job_id, JobChunk.index)
-        .join(Job, Job.id == JobChunk.job_id)
-        .where(
-            JobChunk.job_id.in_(active),
-            JobChunk.status == PENDING,
-            JobChunk.dispatched_at.is_(None),
-            Job.created_at < grace,
-        )
-        .limit(limit)
-    )
-    found += [LostChunk(j, i, PENDING, None, "never dispatched") for j, i in never]
 
     if queue_is_empty:
         cutoff = now - timedelta(seconds=settings.redispatch_after_s)

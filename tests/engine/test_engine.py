@@ -1,24 +1,23 @@
 """The job engine alone, on each database: no API, no worker, no diffusers.
 
 One insert for every kind (the chunk layout each kind relies on), the claim/progress/finish
-state machine with its two failure policies, cancel, dispatch that marks only what the broker
-took, and recovery's view of a chunk nobody sent.
+state machine with its two failure policies, cancel, the dispatch window (marks only what the
+broker took, holds the rest, interleaves keys), and recovery's view of a chunk nobody sent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import engine
 from app.config import Settings
 from app.db.session import make_engine, session_factory
-from app.db.tables import ApiKey, Base, Job, JobChunk, utcnow
+from app.db.tables import ApiKey, Base, Job, JobChunk
 from app.errors import Conflict, NotFound
 
 
@@ -174,43 +173,94 @@ def test_cancel_stops_pending_chunks_once(session: Session, settings: Settings) 
         engine.get_job(session=session, job_id=job.id, owner=owner(session, "them"))
 
 
+def dispatched(session: Session, job: Job) -> list[int]:
+    session.expire_all()
+    return sorted(
+        session.scalars(
+            select(JobChunk.index).where(
+                JobChunk.job_id == job.id, JobChunk.dispatched_at.is_not(None)
+            )
+        )
+    )
+
+
 def test_dispatch_marks_only_what_the_broker_took(session: Session, settings: Settings) -> None:
     job = new_job(session, count=5, kind="generate")
     sent: list[int] = []
+    broker = {"up": True}
 
     def send(job_id: str, index: int) -> None:
-        if len(sent) == 2:
+        if len(sent) == 2 and not broker["up"]:
             raise ConnectionError("broker down")
         sent.append(index)
 
+    fill = session_factory(settings.database_url)
+    broker["up"] = False
     with pytest.raises(ConnectionError):
-        engine.dispatch_job(
-            session_factory=session_factory(settings.database_url), job_id=job.id, send=send
-        )
-    session.expire_all()
-    dispatched = session.scalars(
-        select(JobChunk.index).where(JobChunk.job_id == job.id, JobChunk.dispatched_at.is_not(None))
-    ).all()
-    assert sorted(dispatched) == sent == [0, 1]
+        engine.fill_window(session_factory=fill, kind="generate", window=10, send=send)
+    assert dispatched(session, job) == sent == [0, 1]  # the refused one is unmarked
 
-    # past the grace period, recovery sees the three nobody sent, and takes each once
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id)
-        .values(created_at=utcnow() - timedelta(seconds=engine.DISPATCH_GRACE_S + 1))
-    )
-    session.commit()
+    # the three nobody sent are not "lost": they wait for the next refill, which sends each once
     lost = engine.find_lost_chunks(
         session=session, settings=settings, kind="generate", queue_is_empty=False
     )
-    assert sorted((c.index, c.reason) for c in lost if c.job_id == job.id) == [
-        (2, "never dispatched"),
-        (3, "never dispatched"),
-        (4, "never dispatched"),
-    ]
-    first = next(c for c in lost if c.job_id == job.id)
-    assert engine.requeue_chunk(session=session, settings=settings, chunk=first)
+    assert [c for c in lost if c.job_id == job.id] == []
+    broker["up"] = True
+    assert engine.fill_window(session_factory=fill, kind="generate", window=10, send=send) == 3
+    assert sent == [0, 1, 2, 3, 4]
+    assert dispatched(session, job) == [0, 1, 2, 3, 4]
+    assert engine.fill_window(session_factory=fill, kind="generate", window=10, send=send) == 0
+    assert session.scalar(select(func.max(JobChunk.dispatches))) == 1  # each sent once
+
+
+def test_window_holds_the_rest_and_interleaves_keys(session: Session, settings: Settings) -> None:
+    """A key's huge job fills the window; another key's small job takes the next free place,
+    ahead of the huge job's remaining chunks; a cancel leaves at most the window behind."""
+    huge = engine.insert_job(
+        session=session, owner=owner(session), kind="generate", count=100, chunk_size=1, params={}
+    )
     session.commit()
-    assert not engine.requeue_chunk(session=session, settings=settings, chunk=first)
+    sent: list[tuple[str, int]] = []
+    fill = session_factory(settings.database_url)
+
+    def refill() -> int:
+        return engine.fill_window(
+            session_factory=fill, kind="generate", window=2, send=lambda j, i: sent.append((j, i))
+        )
+
+    assert refill() == 2
+    assert sent == [(huge.id, 0), (huge.id, 1)]
+    assert engine.waiting_count(session=session, kind="generate") == 2
+    small = engine.insert_job(
+        session=session, owner=owner(session, "them"), kind="generate", count=2, chunk_size=1,
+        params={},
+    )  # fmt: skip
+    session.commit()
+    assert refill() == 0  # the window is full: the small job waits in the database
+
+    claim(session, settings, huge, 0)  # a worker took a message: one place is free
+    assert refill() == 1
+    assert sent[-1] == (small.id, 0)  # "them" has nothing in flight, "me" has two
+    claim(session, settings, huge, 1)
+    assert refill() == 1
+    # in flight: "me" two running, "them" one waiting: "them" still has fewer
+    assert sent[-1] == (small.id, 1)
+    engine.finish_chunk(session=session, job_id=huge.id, index=0, status="succeeded", done=1)
+    claim(session, settings, small, 0)
+    assert refill() == 1
+    assert sent[-1] == (huge.id, 2)  # the small job has all its chunks out: the huge one goes on
+
+    engine.cancel_job(session=session, job_id=huge.id, owner=owner(session))
+    session.commit()
+    assert refill() == 0  # the small job has nothing left to send
+    # in the broker at most the window: the huge job's last chunk and the small job's second
+    assert sent[-2:] == [(small.id, 1), (huge.id, 2)]
+    assert len(sent) == 5
+    remaining = session.scalar(
+        select(func.count())
+        .select_from(JobChunk)
+        .where(JobChunk.job_id == huge.id, JobChunk.dispatched_at.is_(None))
+    )
+    assert remaining == 97  # never sent: no message to drain after the cancel
     assert engine.has_active_chunks(session=session, kind="generate")
     assert not engine.has_active_chunks(session=session, kind="export")

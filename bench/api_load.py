@@ -1,0 +1,284 @@
+"""POST /jobs under load: requests per second and latency of the API, against a bare FastAPI
+endpoint that parses the same body (the baseline), measured in the same run.
+
+    python -m bench.api_load                          # 16 connections, 15 s, every stack
+    python -m bench.api_load --seconds 5 --stacks embedded
+
+Stacks, each the API alone on a fresh data folder, started as `synthderm run --no-with-worker`
+starts it (migrations, tiny generators, uvicorn with the service's settings):
+- bare: a FastAPI app with one POST /jobs that validates the body as JobCreate and answers 202;
+- embedded: the embedded default (SQLite, the SQLite broker, local files);
+- postgres+redis: a new PostgreSQL database on 127.0.0.1:5432 and Redis db 15 (flushed).
+
+The load: `--connections` asyncio clients (httpx) each sending POST /jobs with count 1 in a
+loop for `--seconds`, after a 2 s warm-up that is not counted. Printed per stack: requests,
+failures (any status but 202), req/s, p50, p99 and max latency, and the ratio of req/s to the
+bare endpoint's. Then, for the service stacks, whether every job was dispatched at most once
+and the broker holds exactly the chunks marked dispatched (the window: the database holds the
+rest until a worker takes them).
+
+The load generator shares the machine's cores with the API: on a 2-core machine it takes
+about one of them, so the numbers are the API's on the core that is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from app.schemas import JobCreate
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/15"
+BODY = {"condition": "psoriasis", "skin_tone": 5, "strategy": "text-to-image", "count": 1}
+WARMUP_S = 2.0
+
+bare_app = FastAPI()
+
+
+@bare_app.post("/jobs", status_code=202)
+def bare_create(body: JobCreate) -> dict[str, Any]:
+    """The baseline: the same body parsed by the same model, nothing stored."""
+    return {"id": str(uuid.uuid4()), "status": "queued", "count": body.count}
+
+
+@bare_app.get("/healthz")
+def bare_health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@dataclass
+class Result:
+    stack: str
+    requests: int
+    failures: int
+    seconds: float
+    latencies_ms: list[float]
+    statuses: dict[int, int]
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(
+                f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise SystemExit(f"the server did not start in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[None]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *command], cwd=ROOT, env=env, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_serving(url, proc, log)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    import psycopg
+
+    name = f"bench_api_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def load(url: str, key: str | None, connections: int, seconds: float, name: str) -> Result:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    failures = 0
+    start = time.perf_counter()
+    counted_from = start + WARMUP_S
+    stop = counted_from + seconds
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal failures
+        while True:
+            sent = time.perf_counter()
+            if sent >= stop:
+                return
+            try:
+                response = await client.post("/jobs", json=BODY)
+                status = response.status_code
+            except httpx.HTTPError:
+                status = 0
+            took = time.perf_counter() - sent
+            if sent >= counted_from:
+                latencies.append(took * 1000)
+                statuses[status] = statuses.get(status, 0) + 1
+                failures += status != 202
+
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, limits=limits, timeout=30
+    ) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(connections)))
+    return Result(name, len(latencies), failures, seconds, latencies, statuses)
+
+
+def service_env(settings: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHDERM_")}
+    for field, value in settings.model_dump().items():
+        if value is not None:
+            env[f"SYNTHDERM_{field.upper()}"] = str(value)
+    return env
+
+
+def prepare(settings: Any) -> str:
+    """Migrate, build the tiny generators and register them, and make a key: what
+    `synthderm run` does before it serves, plus the key a user would make."""
+    from app.cli.admin import build_tiny_models, upgrade_database
+    from app.db.session import session_scope
+    from app.keys import create_key
+    from app.vocabulary import register_models_in
+
+    build_tiny_models(settings.resolved_models_dir)
+    upgrade_database(settings)
+    with session_scope(settings.database_url) as session:
+        register_models_in(session=session, models_dir=settings.resolved_models_dir)
+        _row, raw = create_key(session=session, name="bench")
+    return raw
+
+
+def dispatch_check(settings: Any, created: int) -> str:
+    """Every job stored, no chunk sent twice, and the broker holding exactly what is marked."""
+    from sqlalchemy import func, select
+
+    from app.broker import GPU_QUEUE, queue_depth
+    from app.db.session import session_scope
+    from app.db.tables import Job, JobChunk
+
+    with session_scope(settings.database_url) as session:
+        jobs = session.scalar(select(func.count()).select_from(Job)) or 0
+        twice = session.scalar(
+            select(func.count()).select_from(JobChunk).where(JobChunk.dispatches > 1)
+        )
+        marked = session.scalar(
+            select(func.count()).select_from(JobChunk).where(JobChunk.dispatched_at.is_not(None))
+        )
+    depth = queue_depth(settings, GPU_QUEUE)
+    ok = jobs >= created and twice == 0 and depth == marked
+    return (
+        f"jobs stored {jobs} (202s counted {created}, plus warm-up), chunks sent twice {twice}, "
+        f"marked dispatched {marked}, in the broker {depth}: {'ok' if ok else 'MISMATCH'}"
+    )
+
+
+def run_stack(name: str, args: argparse.Namespace, tmp: Path) -> tuple[Result, str]:
+    from app.config import Settings
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp / f"{name}.log"
+    if name == "bare":
+        env = dict(os.environ)
+        command = ["uvicorn", "bench.api_load:bare_app", "--host", "127.0.0.1", "--port",
+                   str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
+        with server(command, env, url, log):
+            return asyncio.run(load(url, None, args.connections, args.seconds, name)), ""
+    with contextlib.ExitStack() as stack:
+        extra: dict[str, Any] = {}
+        if name == "postgres+redis":
+            import redis
+
+            redis.Redis.from_url(REDIS_URL).flushdb()
+            extra = {"database_url": stack.enter_context(fresh_pg_database()),
+                     "broker_url": REDIS_URL}  # fmt: skip
+        settings = Settings(
+            data_dir=tmp / name, api_host="127.0.0.1", api_port=port, public_base_url=url,
+            **extra,
+        )  # fmt: skip
+        key = prepare(settings)
+        command = ["uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
+                   "--log-level", "warning", "--no-access-log"]  # fmt: skip
+        with server(command, service_env(settings), url, log):
+            result = asyncio.run(load(url, key, args.connections, args.seconds, name))
+            time.sleep(1.0)  # the last responses' background dispatches
+            check = dispatch_check(settings, result.statuses.get(202, 0))
+        return result, check
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--stacks", default="bare,embedded,postgres+redis", help="comma-separated, bare first"
+    )
+    args = parser.parse_args()
+    machine = platform.processor() or platform.machine()
+    print(f"# bench.api_load on {machine}, {os.cpu_count()} CPUs; "
+          f"{args.connections} connections, {args.seconds:g} s each")  # fmt: skip
+    results: dict[str, Result] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
+        for name in args.stacks.split(","):
+            result, check = run_stack(name, args, Path(tmp))
+            results[name] = result
+            base = results.get("bare")
+            ratio = f", {result.rate / base.rate:.2f}x bare" if base and name != "bare" else ""
+            print(
+                f"{name:15s} {result.requests:6d} requests, {result.failures} failures "
+                f"{dict(sorted(result.statuses.items()))}: {result.rate:6.1f} req/s, "
+                f"p50 {result.quantile(0.5):6.1f} ms, p99 {result.quantile(0.99):6.1f} ms, "
+                f"max {max(result.latencies_ms, default=float('nan')):6.1f} ms{ratio}"
+            )
+            if check:
+                print(f"{'':15s} {check}")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
