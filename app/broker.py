@@ -41,6 +41,10 @@ JOB_TASKS = {
     "export": (EXPORT_TASK, TRAIN_QUEUE),
     "experiment": (TRAIN_TASK, TRAIN_QUEUE),
 }
+# Webhook deliveries have a queue of their own, so a job's last event never waits behind a
+# generation chunk (`synthderm run` and compose start a small worker for it).
+WEBHOOK_TASK = "synthderm.deliver_webhook"
+WEBHOOK_QUEUE = "webhooks"
 
 
 # The id of a delivered message's row, carried in its properties until it is acked.
@@ -274,7 +278,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": GPU_QUEUE,
-        "task_routes": {task: {"queue": queue} for task, queue in JOB_TASKS.values()},
+        "task_routes": {
+            **{task: {"queue": queue} for task, queue in JOB_TASKS.values()},
+            WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
+        },
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
@@ -303,6 +310,19 @@ def send_chunk(settings: Settings, *, kind: str, job_id: str, chunk_index: int) 
         task,
         kwargs={"job_id": job_id, "chunk_index": chunk_index},
         queue=queue,
+        retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+    )
+
+
+def send_delivery(settings: Settings, *, delivery_id: str, countdown: float | None = None) -> None:
+    """Enqueue one webhook delivery's attempt (after `countdown` seconds); raises if the broker
+    refuses."""
+    producer(settings).send_task(
+        WEBHOOK_TASK,
+        kwargs={"delivery_id": delivery_id},
+        queue=WEBHOOK_QUEUE,
+        countdown=countdown,
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
     )

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     signing_secret: str = Field(
         "", description="HMAC secret signing local-store URLs; empty: kept in {data_dir}."
     )
+    metrics_token: str = Field(
+        "",
+        description="Bearer token /metrics requires (an operator's, not an API key); empty: "
+        "/metrics answers only clients on this host's loopback, not through a proxy.",
+    )
 
     models_dir: Path | None = Field(
         None, description="Folder of generator model directories; empty: {data_dir}/models."
@@ -121,6 +126,37 @@ class Settings(BaseSettings):
         1.0, ge=0, description="Least time between two progress writes of one chunk."
     )
 
+    webhook_allow_private: bool = Field(
+        False,
+        description="Deliver webhooks to private, link-local, reserved and loopback addresses.",
+    )
+    webhook_allow_loopback: bool | None = Field(
+        None,
+        description="Deliver webhooks to loopback addresses (127.0.0.0/8, ::1); unset: only on "
+        "the embedded default (a SQLite database).",
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, description="Time a webhook receiver has to answer one attempt."
+    )
+    webhook_max_attempts: int = Field(
+        8, ge=1, description="Attempts of a webhook delivery before it is marked failed."
+    )
+    webhook_backoff_s: float = Field(
+        5.0, gt=0, description="Wait before a delivery's first retry; doubles per retry."
+    )
+    webhook_max_backoff_s: float = Field(
+        3600.0, gt=0, description="Longest wait between two attempts of a delivery."
+    )
+    webhook_progress_interval_s: float = Field(
+        10.0, ge=0, description="Least time between two progress events of one job's webhook."
+    )
+    webhook_redeliver_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="A pending delivery this long overdue, while the webhooks queue is empty, "
+        "is taken as lost and sent again.",
+    )
+
     upload_max_bytes: int = Field(8 * 2**30, description="Largest dataset archive accepted.")
     archive_max_members: int = Field(1_000_000, description="Most files in an archive.")
     archive_max_uncompressed_bytes: int = Field(
@@ -178,6 +214,15 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def webhooks_reach_loopback(self) -> bool:
+        """Whether webhooks may go to loopback addresses (the embedded default allows it)."""
+        if self.webhook_allow_private:
+            return True
+        if self.webhook_allow_loopback is None:
+            return self.is_sqlite
+        return self.webhook_allow_loopback
 
     @property
     def broker_is_embedded(self) -> bool:

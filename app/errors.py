@@ -35,3 +35,10 @@ class Conflict(ProblemError):
 class Unauthorized(ProblemError):
     status = 401
     title = "Unauthorized"
+
+
+class Forbidden(ProblemError):
+    """The caller is known or the rule is clear, and it still may not have this."""
+
+    status = 403
+    title = "Forbidden"

@@ -9,7 +9,7 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.tables import ApiKey, utcnow
+from app.db.tables import ApiKey, new_webhook_secret, utcnow
 
 KEY_PREFIX = "sdk_"
 
@@ -19,9 +19,16 @@ def hash_key(raw_key: str) -> str:
 
 
 def create_key(*, session: Session, name: str) -> tuple[ApiKey, str]:
-    """Create a key; returns the row and the raw key, which is shown once and never stored."""
+    """Create a key; returns the row and the raw key, which is shown once and never stored.
+    The row's `webhook_secret` signs its webhooks (shown once by the CLI too)."""
     raw = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(id=str(uuid.uuid4()), name=name, prefix=raw[:10], key_hash=hash_key(raw))
+    row = ApiKey(
+        id=str(uuid.uuid4()),
+        name=name,
+        prefix=raw[:10],
+        key_hash=hash_key(raw),
+        webhook_secret=new_webhook_secret(),
+    )
     session.add(row)
     session.flush()
     return row, raw
@@ -37,6 +44,16 @@ def authenticate(*, session: Session, raw_key: str) -> ApiKey | None:
 
 def list_keys(*, session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+
+def rotate_webhook_secret(*, session: Session, key_id: str) -> str | None:
+    """Give a key (by id or prefix) a new webhook signing secret and return it; None when no
+    key matches. Deliveries attempted from now on are signed with the new one."""
+    row = session.scalar(select(ApiKey).where((ApiKey.id == key_id) | (ApiKey.prefix == key_id)))
+    if row is None:
+        return None
+    row.webhook_secret = new_webhook_secret()
+    return row.webhook_secret
 
 
 def revoke_key(*, session: Session, key_id: str) -> bool:

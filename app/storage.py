@@ -62,6 +62,18 @@ def _check_key(key: str) -> str:
     return key
 
 
+def _temp_file_in(folder: Path) -> tuple[int, str]:
+    """A temporary file in `folder`, made with its parents; again if a concurrent delete
+    pruned the folder between the two."""
+    for _ in range(10):
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            return tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(f"folder {folder} keeps disappearing")
+
+
 class LocalStore:
     """Objects as files under a root folder; URLs are HMAC-signed routes of the API."""
 
@@ -76,8 +88,7 @@ class LocalStore:
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        fd, tmp = _temp_file_in(path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -91,8 +102,7 @@ class LocalStore:
     def put_file(self, key: str, handle: IO[bytes], *, content_type: str) -> None:
         """Stream a file object into the store (never whole in memory)."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        fd, tmp = _temp_file_in(path.parent)
         try:
             with os.fdopen(fd, "wb") as out:
                 shutil.copyfileobj(handle, out, length=1 << 20)
@@ -128,7 +138,17 @@ class LocalStore:
         return ObjectInfo(key=key, size=path.stat().st_size)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        """Delete an object and the folders it leaves empty, up to the root (a failed upload
+        leaves no `uploads/{job}/` behind). A folder a concurrent put fills again stays."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == self.root or self.root not in folder.parents:
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone): the folders above are not empty either
+                break
 
     def iter_keys(self, prefix: str) -> Iterator[str]:
         base = self.root / prefix if prefix else self.root
@@ -145,7 +165,8 @@ class LocalStore:
     def verify(self, key: str, expires: int, signature: str) -> bool:
         if expires < time.time():
             return False
-        return hmac.compare_digest(self.signature(key, expires), signature)
+        # as bytes: compare_digest refuses str with non-ASCII characters (a forged URL's)
+        return hmac.compare_digest(self.signature(key, expires).encode(), signature.encode())
 
     def url(self, key: str) -> str:
         expires = int(time.time()) + self.expiry_s

@@ -1,5 +1,8 @@
 """The condition vocabulary and the generator model registry (both are data, not code).
 
+The vocabulary is per key: the seeded conditions are everyone's, a label a key uploads is that
+key's (`condition_owners`). Look conditions up here with the caller's key, never globally.
+
 A generator model is a diffusers pipeline directory under `models_dir`; registering reads only
 its model_index.json, so the API never needs torch.
 """
@@ -11,12 +14,14 @@ import json
 import logging
 import re
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.db.tables import Condition, GeneratorModel, utcnow
+from app.db.tables import Condition, ConditionOwner, GeneratorModel, Job, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -70,24 +75,88 @@ def condition_name(label: str) -> str:
     return words if " " in words else " ".join(re.split(r"[-_]+", words)).strip()
 
 
-def get_condition(*, session: Session, slug: str) -> Condition | None:
-    return session.get(Condition, slug)
+@dataclass(frozen=True)
+class KnownCondition:
+    """A condition as one key sees it: `name` is its own words for a label it uploaded;
+    `shared` is true for the seeded vocabulary, which every key sees."""
+
+    slug: str
+    name: str
+    shared: bool
 
 
-def add_conditions(*, session: Session, labels: list[tuple[str, str]]) -> list[str]:
-    """Add the conditions not known yet, from (slug, label) pairs, each named after its label;
-    returns the slugs added. Flushed, not committed."""
+# The vocabulary is per key (issue 21): a condition nobody owns (the seeded ones) is everyone's;
+# a label a key uploaded is seen, validated and prompted with only by the keys that own it.
+_OWNERLESS = ~exists().where(ConditionOwner.slug == Condition.slug)
+
+
+def get_condition(*, session: Session, slug: str, owner_id: str) -> KnownCondition | None:
+    """The condition `slug` as key `owner_id` sees it; None if that key may not use it."""
+    own = session.get(ConditionOwner, (slug, owner_id))
+    if own is not None:
+        return KnownCondition(slug=slug, name=own.name, shared=False)
+    shared = session.scalar(select(Condition).where(Condition.slug == slug, _OWNERLESS))
+    return KnownCondition(slug=slug, name=shared.name, shared=True) if shared else None
+
+
+def job_condition(*, session: Session, job_id: str) -> KnownCondition | None:
+    """The condition a job names, as the job's owner sees it (the words of its prompt)."""
+    job = session.get(Job, job_id)
+    if job is None or job.condition is None:
+        return None
+    return get_condition(session=session, slug=job.condition, owner_id=job.owner_id)
+
+
+def list_conditions(*, session: Session, owner_id: str) -> list[KnownCondition]:
+    """Every condition key `owner_id` may use, by slug: the shared ones and its own."""
+    shared = session.execute(select(Condition.slug, Condition.name).where(_OWNERLESS))
+    own = session.execute(
+        select(ConditionOwner.slug, ConditionOwner.name).where(ConditionOwner.owner_id == owner_id)
+    )
+    found = [KnownCondition(slug=s, name=n, shared=True) for s, n in shared]
+    found += [KnownCondition(slug=s, name=n, shared=False) for s, n in own]
+    return sorted(found, key=lambda c: c.slug)
+
+
+def add_conditions(*, session: Session, labels: list[tuple[str, str]], owner_id: str) -> list[str]:
+    """Make the conditions of (slug, label) pairs usable by key `owner_id`, each named after
+    its label: a slug new to the service is created, and a slug that is not shared becomes
+    the key's too. Returns the slugs new to this key's vocabulary. Flushed, not committed;
+    a concurrent upload of the same label by another key is not a conflict."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     added = []
+    now = utcnow()
     for slug, label in labels:
-        if session.get(Condition, slug) is None:
-            session.add(Condition(slug=slug, name=condition_name(label)))
-            added.append(slug)
+        name = condition_name(label)
+        existed = session.get(Condition, slug) is not None
+        if existed and (
+            session.get(ConditionOwner, (slug, owner_id)) is not None  # already this key's
+            or session.scalar(select(Condition.slug).where(Condition.slug == slug, _OWNERLESS))
+        ):
+            continue  # or shared: the seeded vocabulary stays everyone's
+        session.execute(  # another key's upload may create it meanwhile: then it is both's
+            insert(Condition)
+            .values(slug=slug, name=name, created_at=now)
+            .on_conflict_do_nothing(index_elements=["slug"])
+        )
+        session.execute(
+            insert(ConditionOwner)
+            .values(slug=slug, owner_id=owner_id, name=name, created_at=now)
+            .on_conflict_do_nothing(index_elements=["slug", "owner_id"])
+        )
+        added.append(slug)
     session.flush()
     return added
 
 
-def list_conditions(*, session: Session) -> list[Condition]:
-    return list(session.scalars(select(Condition).order_by(Condition.slug)))
+def add_job_conditions(
+    *, session: Session, job_id: str, labels: list[tuple[str, str]]
+) -> list[str]:
+    """add_conditions for the owner of job `job_id` (an ingest found these labels)."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"no job {job_id!r}")
+    return add_conditions(session=session, labels=labels, owner_id=job.owner_id)
 
 
 def get_model(*, session: Session, model_id: str) -> GeneratorModel | None:

@@ -3,7 +3,8 @@
 #   1. hadolint on the Dockerfile (any finding, style included, fails);
 #   2. docker-compose.yml against the Compose Specification schema vendored in
 #      check-jsonschema;
-#   3. structural checks of docker-compose.yml, the Dockerfile and .dockerignore (PyYAML);
+#   3. structural checks of docker-compose.yml, the Dockerfile, .dockerignore and the
+#      Prometheus scrape configuration deploy/prometheus.yml (PyYAML);
 #   4. `docker compose config` as well, only when a Docker CLI with compose is present.
 #
 # Tools come from "${VENV:-.venv}/bin" when there, else from PATH.
@@ -65,8 +66,9 @@ def fail(msg: str) -> None:
 compose = yaml.safe_load(Path("docker-compose.yml").read_text())
 services = compose.get("services") or {}
 
-EXPECTED = {"api", "migrate", "worker-gpu", "worker-train", "postgres", "redis", "minio"}
-WORKERS = {"worker-gpu", "worker-train"}
+EXPECTED = {"api", "migrate", "worker-gpu", "worker-train", "worker-webhooks", "postgres", "redis",
+            "minio"}
+WORKERS = {"worker-gpu", "worker-train", "worker-webhooks"}
 APP = {"api", "migrate"} | WORKERS
 BACKING = {"postgres", "redis", "minio"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
@@ -169,7 +171,8 @@ if not missing:
         fail("migrate: must not restart after it completes")
     if "uvicorn" not in as_list(services["api"].get("command") or ["uvicorn"]):
         fail("api: command must run uvicorn")
-    for name, queue in (("worker-gpu", "gpu"), ("worker-train", "train")):
+    for name, queue in (("worker-gpu", "gpu"), ("worker-train", "train"),
+                        ("worker-webhooks", "webhooks")):
         cmd = as_list(services[name].get("command"))
         if cmd[:4] != ["celery", "-A", "workers.celery_app", "worker"]:
             fail(f"{name}: command must start `celery -A workers.celery_app worker`")
@@ -177,6 +180,10 @@ if not missing:
             fail(f"{name}: must consume queue {queue!r} (-Q {queue})")
     if env_of(services["worker-gpu"]).get("SYNTHDERM_DEVICE") != "cuda":
         fail("worker-gpu: SYNTHDERM_DEVICE must be cuda")
+    # /metrics is for operators (issue 21): the api takes its token from the environment,
+    # never a value written here, and the scrape configuration sends it as a bearer token
+    if "${SYNTHDERM_METRICS_TOKEN" not in str(env_of(services["api"]).get("SYNTHDERM_METRICS_TOKEN")):
+        fail("api: SYNTHDERM_METRICS_TOKEN must come from the environment (${SYNTHDERM_METRICS_TOKEN:-})")
 
     devices = (
         ((services["worker-gpu"].get("deploy") or {}).get("resources") or {}).get("reservations")
@@ -197,6 +204,26 @@ if not missing:
             src in volumes and dst == target for src, dst in mounts(services[name])
         ):
             fail(f"{name}: {target} must be a named volume declared under volumes:")
+
+# deploy/prometheus.yml: scrapes the api's /metrics with the token from a file, never inline.
+scrape_path = Path("deploy/prometheus.yml")
+if scrape_path.exists():
+    scrape = yaml.safe_load(scrape_path.read_text()) or {}
+    jobs = [j for j in scrape.get("scrape_configs") or [] if j.get("job_name") == "synthderm"]
+    if not jobs:
+        fail("deploy/prometheus.yml: no scrape_configs entry with job_name synthderm")
+    for job in jobs:
+        auth = job.get("authorization") or {}
+        if job.get("metrics_path", "/metrics") != "/metrics":
+            fail("deploy/prometheus.yml: the synthderm job must scrape /metrics")
+        if auth.get("type", "Bearer") != "Bearer" or not auth.get("credentials_file"):
+            fail("deploy/prometheus.yml: the synthderm job must send the metrics token as a "
+                 "bearer token read from authorization.credentials_file")
+        if auth.get("credentials") or job.get("bearer_token"):
+            fail("deploy/prometheus.yml: the metrics token must not be written in the file")
+        targets = [t for c in job.get("static_configs") or [] for t in c.get("targets") or []]
+        if "api:8000" not in targets:
+            fail("deploy/prometheus.yml: the synthderm job must target api:8000")
 
 # Variable interpolation: `$$` is a literal dollar; anything else must be ${VAR...}.
 for lineno, line in enumerate(Path("docker-compose.yml").read_text().splitlines(), 1):

@@ -54,6 +54,8 @@ FAST = {
     "task_max_retries": 2,
     "default_num_inference_steps": 4,
     "shutdown_grace_s": 10.0,
+    "webhook_allow_loopback": True,  # the receivers of tests/api/test_webhooks.py
+    "webhook_progress_interval_s": 600.0,  # one progress event per job, however slow
 }
 
 

@@ -23,11 +23,13 @@ SCRIPT = ROOT / "scripts" / "check_deploy.sh"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+SCRAPE_CONFIG = ROOT / "deploy" / "prometheus.yml"
 
-SERVICES = {"api", "migrate", "worker-gpu", "worker-train", "postgres", "redis", "minio"}
+SERVICES = {"api", "migrate", "worker-gpu", "worker-train", "worker-webhooks", "postgres", "redis",
+            "minio"}  # fmt: skip
 BACKING = ("postgres", "redis", "minio")
-APP = ("api", "migrate", "worker-gpu", "worker-train")
-LONG_RUNNING_APP = ("api", "worker-gpu", "worker-train")
+APP = ("api", "migrate", "worker-gpu", "worker-train", "worker-webhooks")
+LONG_RUNNING_APP = ("api", "worker-gpu", "worker-train", "worker-webhooks")
 SHARED_ENV = (
     "SYNTHDERM_DATABASE_URL",
     "SYNTHDERM_BROKER_URL",
@@ -147,6 +149,10 @@ def _drop_env(data: dict[str, Any]) -> None:
     del data["services"]["worker-train"]["environment"]["SYNTHDERM_DATABASE_URL"]
 
 
+def _metrics_token_written_in(data: dict[str, Any]) -> None:  # a secret in the file
+    data["services"]["api"]["environment"]["SYNTHDERM_METRICS_TOKEN"] = "hunter2"
+
+
 @pytest.mark.parametrize(
     "breakage",
     [
@@ -156,6 +162,7 @@ def _drop_env(data: dict[str, Any]) -> None:
         _drop_postgres_healthcheck,
         _unknown_key,
         _drop_env,
+        _metrics_token_written_in,
     ],
 )
 def test_check_script_rejects_broken_compose(tmp_path: Path, breakage: Any) -> None:
@@ -173,6 +180,29 @@ def test_check_script_rejects_broken_compose(tmp_path: Path, breakage: Any) -> N
 def _run_script_on(root: Path, data: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     (root / "docker-compose.yml").write_text(yaml.safe_dump(data, sort_keys=False))
     return _run_script(root)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("credentials_file: /etc/prometheus/synthderm_metrics_token", "credentials: hunter2"),
+        ("type: Bearer", "type: Basic"),
+        ('targets: ["api:8000"]', 'targets: ["api:9999"]'),
+        ("job_name: synthderm", "job_name: other"),
+    ],
+)
+def test_check_script_rejects_a_broken_scrape_config(tmp_path: Path, old: str, new: str) -> None:
+    """deploy/prometheus.yml must send the metrics token as a bearer token read from a file."""
+    root = _copy_tree(tmp_path)
+    (root / "deploy").mkdir()
+    text = SCRAPE_CONFIG.read_text()
+    assert old in text
+    (root / "deploy" / "prometheus.yml").write_text(text)
+    assert _run_script(root).returncode == 0, "the unbroken copy must pass"
+    (root / "deploy" / "prometheus.yml").write_text(text.replace(old, new, 1))
+    result = _run_script(root)
+    assert result.returncode != 0, f"{new!r} went unnoticed:\n{result.stdout}"
+    assert "deploy/prometheus.yml" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -268,6 +298,16 @@ def test_worker_commands(services: dict[str, Any], name: str, queue: str) -> Non
     assert command[command.index("-n") + 1] == f"{queue}@%h"
 
 
+def test_worker_webhooks_consumes_its_queue_with_threads(services: dict[str, Any]) -> None:
+    # a receiver that never answers holds one thread for webhook_timeout_s, not the worker
+    command = _command(services["worker-webhooks"])
+    assert command[:4] == ["celery", "-A", "workers.celery_app", "worker"]
+    assert command[command.index("-Q") + 1] == "webhooks"
+    assert command[command.index("--pool") + 1] == "threads"
+    assert int(command[command.index("--concurrency") + 1]) > 1
+    assert command[command.index("-n") + 1] == "webhooks@%h"
+
+
 def test_worker_gpu_reserves_an_nvidia_gpu(services: dict[str, Any]) -> None:
     devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(
@@ -300,6 +340,17 @@ def test_shared_environment(services: dict[str, Any], name: str) -> None:
     assert env["SYNTHDERM_MODELS_DIR"] == "/models"
     assert "localhost:9000" in env["SYNTHDERM_S3_PUBLIC_ENDPOINT_URL"]
     assert env["SYNTHDERM_SIGNING_SECRET"].startswith("${SYNTHDERM_SIGNING_SECRET")
+
+
+def test_api_metrics_token_comes_from_the_environment(services: dict[str, Any]) -> None:
+    """/metrics is for operators: the api reads its token from the host's environment, and
+    the scrape configuration sends it as a bearer token from a file (issue 21)."""
+    assert _env(services["api"])["SYNTHDERM_METRICS_TOKEN"] == "${SYNTHDERM_METRICS_TOKEN:-}"
+    scrape = yaml.safe_load(SCRAPE_CONFIG.read_text())
+    (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "synthderm"]
+    assert job["authorization"]["type"] == "Bearer"
+    assert job["authorization"]["credentials_file"]
+    assert job["static_configs"][0]["targets"] == ["api:8000"]
 
 
 def test_minio_credentials_match_the_s3_settings(services: dict[str, Any]) -> None:

@@ -13,14 +13,17 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from app.db.session import make_engine
 from app.db.tables import Base
+from app.vocabulary import list_conditions
 from tests.conftest import ROOT
 
 TABLES = {
     "api_keys",
     "conditions",
+    "condition_owners",
     "generator_models",
     "datasets",
     "jobs",
@@ -29,6 +32,7 @@ TABLES = {
     "images",
     "runs",
     "feature_cache",
+    "webhook_deliveries",
 }
 NOW = datetime(2026, 12, 2, tzinfo=UTC)
 PAPER_SLUGS = [
@@ -158,7 +162,7 @@ def test_condition_names_become_words(database_url: str, engine: Engine) -> None
                 {"s": "t-cell-lymphoma", "n": "t-cell lymphoma", "t": NOW},  # a space: kept
             ],
         )
-    command.upgrade(config, "head")
+    command.upgrade(config, "0005")  # (0007 drops conditions no data uses, as these are)
     with engine.connect() as conn:
         names = dict(conn.execute(text("SELECT slug, name FROM conditions")).all())
     assert names["acne-vulgaris"] == "acne vulgaris"
@@ -208,6 +212,73 @@ def test_idempotency_keys_become_per_kind_and_rows_survive(
         keys = dict(conn.execute(text("SELECT id, idempotency_key FROM jobs")).all())
     assert keys == {"j1": "K", "j2": None}
     assert count_where(engine, "SELECT count(*) FROM job_chunks WHERE job_id = 'j1'") == 1
+
+
+def test_condition_owners_backfilled_from_datasets_and_jobs(
+    database_url: str, engine: Engine
+) -> None:
+    """0007: a condition that is not seeded belongs to the keys whose datasets hold images of
+    it and whose jobs name it; a seeded one stays everyone's; one nobody uses is dropped."""
+    config = alembic_config(database_url)
+    command.upgrade(config, "0006")
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO api_keys (id, name, prefix, key_hash, created_at) "
+                 "VALUES (:id, :id, 'p', :id, :t)"),
+            [{"id": k, "t": NOW} for k in ("k1", "k2", "k3")],
+        )  # fmt: skip
+        conn.execute(
+            text("INSERT INTO conditions (slug, name, created_at) VALUES (:s, :n, :t)"),
+            [{"s": "junk-a", "n": "junk a", "t": NOW},  # k1's images
+             {"s": "granuloma-annulare", "n": "granuloma annulare", "t": NOW},  # k1 and k2
+             {"s": "orphan", "n": "orphan", "t": NOW}],  # nobody's
+        )  # fmt: skip
+        conn.execute(
+            text("INSERT INTO datasets (id, owner_id, name, kind, description, created_at) "
+                 "VALUES (:id, :o, 'd', 'real', '', :t)"),
+            [{"id": "d1", "o": "k1", "t": NOW}, {"id": "d2", "o": "k3", "t": NOW}],
+        )  # fmt: skip
+        conn.execute(
+            text("INSERT INTO images (id, dataset_id, source, condition, width, height, sha256, "
+                 "size_bytes, storage_key, provenance, created_at) VALUES (:id, :d, 'real', :c, "
+                 "8, 8, 'x', 1, 'k', '{}', :t)"),
+            [{"id": "i1", "d": "d1", "c": "junk-a", "t": NOW},
+             {"id": "i2", "d": "d1", "c": "junk-a", "t": NOW},
+             {"id": "i3", "d": "d1", "c": "granuloma-annulare", "t": NOW},
+             {"id": "i4", "d": "d2", "c": "psoriasis", "t": NOW}],  # seeded: no owner
+        )  # fmt: skip
+        conn.execute(
+            text("INSERT INTO jobs (id, owner_id, kind, status, condition, count, seed, "
+                 "chunk_size, params, done, created_at) VALUES (:id, :o, 'generate', "
+                 "'succeeded', :c, 1, 0, 1, '{}', 1, :t)"),
+            [{"id": "j1", "o": "k2", "c": "granuloma-annulare", "t": NOW},
+             {"id": "j2", "o": "k1", "c": "granuloma-annulare", "t": NOW},
+             {"id": "j3", "o": "k3", "c": "psoriasis", "t": NOW}],
+        )  # fmt: skip
+    command.upgrade(config, "0007")
+    with engine.connect() as conn:
+        owners = set(conn.execute(text("SELECT slug, owner_id, name FROM condition_owners")))
+    assert owners == {
+        ("junk-a", "k1", "junk a"),
+        ("granuloma-annulare", "k1", "granuloma annulare"),
+        ("granuloma-annulare", "k2", "granuloma annulare"),
+    }
+    assert slugs(engine) == sorted([*PAPER_SLUGS, "junk-a", "granuloma-annulare"])
+    with Session(engine) as session:  # what each key sees now
+        visible = {
+            key: {c.slug for c in list_conditions(session=session, owner_id=key)}
+            for key in ("k1", "k2", "k3")
+        }
+    assert visible == {
+        "k1": {*PAPER_SLUGS, "junk-a", "granuloma-annulare"},
+        "k2": {*PAPER_SLUGS, "granuloma-annulare"},
+        "k3": set(PAPER_SLUGS),
+    }
+
+    command.downgrade(config, "0006")  # the vocabulary is global again; nothing else is lost
+    assert "condition_owners" not in tables(engine)
+    assert slugs(engine) == sorted([*PAPER_SLUGS, "junk-a", "granuloma-annulare"])
+    assert count_where(engine, "SELECT count(*) FROM jobs") == 3
 
 
 def count_where(engine: Engine, sql: str) -> int:

@@ -28,6 +28,7 @@ app.conf.include = [
     "workers.ingest",
     "workers.export",
     "workers.train",
+    "workers.webhooks",
 ]
 
 _recovery: RecoveryLoop | None = None

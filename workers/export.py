@@ -145,7 +145,8 @@ def run_export(
         dataset = exports.export_source(session=session, dataset_id=claim.dataset_id)
         session.expunge(dataset)
         ids = exports.export_image_ids(session=session, dataset_id=dataset.id, params=params)
-        condition_names = {c.slug: c.name for c in list_conditions(session=session)}
+        known = list_conditions(session=session, owner_id=dataset.owner_id)  # its owner's words
+        condition_names = {c.slug: c.name for c in known}
 
     # 2. the shards: samples into a tar on disk, each full shard streamed to the store
     report = _ProgressReport(

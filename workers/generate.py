@@ -31,7 +31,7 @@ from app.db.tables import GeneratorModel, utcnow
 from app.ids import image_seed, synthetic_image_id
 from app.schemas.jobs import GenerationParams
 from app.storage import ObjectStore, image_key
-from app.vocabulary import get_condition, get_model
+from app.vocabulary import get_model, job_condition
 from workers.celery_app import app
 from workers.chunk_task import Canceled, claim_task_chunk, heartbeat, job_stopped, object_store
 from workers.sampling import (
@@ -187,7 +187,8 @@ def _chunk_state(
             session=session, job_id=claim.job_id, start=claim.start, stop=claim.stop
         )
         model = get_model(session=session, model_id=claim.model_id)
-        condition = get_condition(session=session, slug=claim.condition)
+        # the condition in the words of the job's owner (an uploaded label is the key's own)
+        condition = job_condition(session=session, job_id=claim.job_id)
         if model is None or condition is None:
             raise RuntimeError(
                 f"model {claim.model_id!r} or condition {claim.condition!r} vanished"

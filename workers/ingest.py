@@ -39,7 +39,7 @@ from app.db.session import session_factory
 from app.db.tables import utcnow
 from app.ids import real_image_id
 from app.storage import ObjectStore, image_key
-from app.vocabulary import add_conditions
+from app.vocabulary import add_job_conditions
 from workers.celery_app import app
 from workers.chunk_task import Canceled, claim_task_chunk, heartbeat, job_stopped, object_store
 
@@ -117,10 +117,10 @@ def run_ingest(settings: Settings, claim: engine.ChunkClaim, folder: Path) -> di
     # 5. all or nothing (unless the user asked to skip bad rows)
     _refuse_bad_rows(store, ingested, skipping=params.get("on_error") == "skip")
 
-    # 6. the conditions new to the vocabulary, and the rows
+    # 6. the labels new to the key's vocabulary (issue 21: they are its own), and the rows
     conditions = sorted({(a["condition"], a["provenance"]["label"]) for a in ingested.accepted})
     with make_session() as session:
-        added = add_conditions(session=session, labels=conditions)
+        added = add_job_conditions(session=session, job_id=claim.job_id, labels=conditions)
         for values in ingested.accepted:
             upsert_image(session=session, values=values)
         session.commit()

@@ -19,12 +19,18 @@ log = logging.getLogger(__name__)
 
 
 def recover_once(settings: Settings) -> int:
-    """One pass over every job kind: re-dispatch each lost chunk; returns how many were sent."""
-    return sum(recover_kind(settings, kind) for kind in JOB_TASKS)
+    """One pass over every job kind: re-dispatch each lost chunk (and each webhook delivery
+    whose message was lost); returns how many were sent."""
+    chunks = sum(recover_kind(settings, kind) for kind in JOB_TASKS)
+    return chunks + engine.resend_lost_deliveries(settings)
 
 
 def recover_kind(settings: Settings, kind: str) -> int:
     make_session = session_factory(settings.database_url)
+    with make_session() as session, session.begin():
+        closed = engine.close_abandoned_chunks(session=session, settings=settings, kind=kind)
+    if closed:
+        log.warning("closed %s chunk(s) a dead worker left running after their job ended", closed)
     with make_session() as session:
         if not engine.has_active_chunks(session=session, kind=kind):
             return 0

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.api.deps import CallerDep, SessionDep
+from app.api.problems import problem_responses
 from app.schemas import ConditionList, ConditionOut, ModelList, ModelOut
 from app.vocabulary import list_conditions, list_models
 
-router = APIRouter(tags=["catalog"])
+router = APIRouter(tags=["catalog"], responses=problem_responses(401, 422))
 
 
 @router.get("/models", response_model=ModelList)
@@ -28,8 +29,9 @@ def get_models(session: SessionDep, _caller: CallerDep) -> ModelList:
 
 
 @router.get("/conditions", response_model=ConditionList)
-def get_conditions(session: SessionDep, _caller: CallerDep) -> ConditionList:
-    """The condition vocabulary (slugs)."""
+def get_conditions(session: SessionDep, caller: CallerDep) -> ConditionList:
+    """The caller's condition vocabulary: the shared (seeded) slugs and the labels it uploaded."""
+    known = list_conditions(session=session, owner_id=caller.id)
     return ConditionList(
-        items=[ConditionOut(slug=c.slug, name=c.name) for c in list_conditions(session=session)]
+        items=[ConditionOut(slug=c.slug, name=c.name, shared=c.shared) for c in known]
     )

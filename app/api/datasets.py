@@ -6,12 +6,14 @@ URLs signed in bulk, JSON lines, CSV and Parquet) app/datasets/manifest_stream.p
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
+from app.api.deps import ID_PATTERN, CallerDep, CursorQuery, SessionDep, SettingsDep, StoreDep
+from app.api.problems import problem_responses
 from app.api.views import dataset_out
 from app.datasets import repository as service
 from app.datasets.combine import Part, combine
@@ -23,6 +25,8 @@ from app.schemas import (
     DatasetList,
     DatasetOut,
     ManifestFormat,
+    ManifestRow,
+    Name,
     SkinToneGroup,
     Source,
     Split,
@@ -30,7 +34,7 @@ from app.schemas import (
     Strategy,
 )
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], responses=problem_responses(401, 422))
 
 
 @router.get("", response_model=DatasetList)
@@ -39,9 +43,10 @@ def list_datasets(
     caller: CallerDep,
     kind: Source | None = None,
     limit: int = Query(50, ge=1, le=1000),
-    cursor: str | None = Query(None, description="Page start: next_cursor of the last page."),
+    cursor: CursorQuery = None,
 ) -> DatasetList:
-    """The caller's datasets with their image counts, newest first, a page at a time."""
+    """The caller's datasets with their image counts and status, newest first, a page at a
+    time."""
     rows, next_cursor = service.list_datasets(
         session=session,
         owner=caller,
@@ -49,10 +54,13 @@ def list_datasets(
         limit=limit,
         cursor=cursor,
     )
-    return DatasetList(items=[dataset_out(d, n) for d, n in rows], next_cursor=next_cursor)
+    statuses = service.dataset_statuses(session=session, dataset_ids=[d.id for d, _ in rows])
+    return DatasetList(
+        items=[dataset_out(d, n, status=statuses[d.id]) for d, n in rows], next_cursor=next_cursor
+    )
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=problem_responses(404))
 def get_dataset(dataset_id: str, session: SessionDep, caller: CallerDep) -> DatasetOut:
     """One dataset with its counts by condition x skin tone x strategy."""
     dataset = service.get_dataset(session=session, dataset_id=dataset_id, owner=caller)
@@ -62,7 +70,8 @@ def get_dataset(dataset_id: str, session: SessionDep, caller: CallerDep) -> Data
     splits = [
         SplitCountRow(**row) for row in service.split_counts(session=session, dataset_id=dataset.id)
     ]
-    return dataset_out(dataset, sum(c.count for c in counts), counts, splits)
+    status = service.dataset_statuses(session=session, dataset_ids=[dataset.id])[dataset.id]
+    return dataset_out(dataset, sum(c.count for c in counts), counts, splits, status=status)
 
 
 _MEDIA_TYPES = {
@@ -72,7 +81,27 @@ _MEDIA_TYPES = {
 }
 
 
-@router.get("/{dataset_id}/manifest")
+def _manifest_responses() -> dict[int | str, dict[str, Any]]:
+    """The document's word on the manifest: a ManifestRow per line or row in each format, the
+    paging headers, and its errors."""
+    schemas = {
+        ManifestFormat.JSONL: ManifestRow.model_json_schema(),  # each line
+        ManifestFormat.CSV: {"type": "string"},
+        ManifestFormat.PARQUET: {"type": "string", "format": "binary"},
+    }
+    content = {_MEDIA_TYPES[f].split(";")[0]: {"schema": schema} for f, schema in schemas.items()}
+    string = {"type": "string"}
+    headers = {
+        "X-Next-Cursor": {"description": "With `limit`: the next page's cursor.", "schema": string},
+        "Link": {"description": 'With `limit`: the next URL (rel="next").', "schema": string},
+    }
+    ok = {"description": "One ManifestRow per image.", "content": content, "headers": headers}
+    return {200: ok, **problem_responses(404)}
+
+
+@router.get(
+    "/{dataset_id}/manifest", response_class=StreamingResponse, responses=_manifest_responses()
+)
 def get_manifest(
     dataset_id: str,
     request: Request,
@@ -81,7 +110,7 @@ def get_manifest(
     store: StoreDep,
     caller: CallerDep,
     format: ManifestFormat = ManifestFormat.JSONL,
-    condition: str | None = None,
+    condition: Name | None = None,
     skin_tone: int | None = Query(None, ge=1, le=6, description="Fitzpatrick type 1..6."),
     skin_tone_group: SkinToneGroup | None = Query(
         None,
@@ -90,10 +119,12 @@ def get_manifest(
     ),
     strategy: Strategy | None = None,
     source: Source | None = None,
-    parent_image_id: str | None = Query(None, description="Children of this image."),
-    job_id: str | None = None,
+    parent_image_id: Name | None = Query(None, description="Children of this image."),
+    job_id: Name | None = None,
     split: Split | None = None,
-    cursor: str | None = Query(None, description="Page start: X-Next-Cursor of the last page."),
+    cursor: str | None = Query(
+        None, pattern=ID_PATTERN, description="Page start: X-Next-Cursor of the last page."
+    ),
     limit: int | None = Query(None, ge=1, le=1_000_000, description="Rows per page; all if unset."),
 ) -> StreamingResponse:
     """Every image of the dataset that the filters select, one row each, in image-id order,
@@ -135,7 +166,12 @@ def get_manifest(
     )
 
 
-@router.post("/combine", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+@router.post(
+    "/combine",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetOut,
+    responses=problem_responses(400),
+)
 def combine_datasets(body: CombineIn, session: SessionDep, caller: CallerDep) -> DatasetOut:
     """A dataset built from others, e.g. a real train split plus its images' synthetic
     children: `{"parts": [{"dataset_id": REAL, "split": "train"},

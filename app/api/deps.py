@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -44,17 +45,24 @@ def get_store(request: Request) -> ObjectStore:
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 
 
-def _raw_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return request.headers.get("x-api-key") or None
+# The two ways to send a key, declared so that the OpenAPI document lists them as security
+# schemes; neither refuses a request by itself (auto_error=False): get_caller says why.
+bearer_scheme = HTTPBearer(
+    scheme_name="bearer", auto_error=False, description="`Authorization: Bearer <API key>`."
+)
+api_key_scheme = APIKeyHeader(
+    name="X-API-Key", scheme_name="apiKey", auto_error=False, description="`X-API-Key: <API key>`."
+)
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
+ApiKeyHeaderDep = Annotated[str | None, Security(api_key_scheme)]
 
 
-def get_caller(request: Request, session: SessionDep) -> ApiKey:
-    """The API key making the request; 401 without a valid one."""
-    raw = _raw_key(request)
+def get_caller(
+    request: Request, session: SessionDep, bearer: BearerDep, api_key: ApiKeyHeaderDep
+) -> ApiKey:
+    """The API key making the request (a bearer token first, else X-API-Key); 401 without a
+    valid one."""
+    raw = bearer.credentials if bearer is not None else api_key
     if raw is None:
         raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
     key = authenticate(session=session, raw_key=raw)
@@ -81,3 +89,10 @@ def _check_control_characters(request: Request) -> None:
 
 
 CallerDep = Annotated[ApiKey, Depends(get_caller)]
+
+# Every id the service makes is a lowercase uuid (app.ids); a page cursor is one of them.
+ID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+CursorQuery = Annotated[
+    str | None,
+    Query(pattern=ID_PATTERN, description="Page start: the last page's next_cursor (an id)."),
+]

@@ -3,34 +3,52 @@ predictions and plots (PAPER.md section 4)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from app import engine
 from app.api.accepted import accept
-from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
-from app.api.views import experiment_out, experiment_with_report, run_out
+from app.api.deps import CallerDep, CursorQuery, SessionDep, SettingsDep, StoreDep
+from app.api.problems import problem_responses
+from app.api.views import delivery_out, experiment_out, experiment_with_report, run_out
 from app.errors import NotFound
 from app.experiments import plots, predictions
 from app.experiments import runs as service
-from app.experiments.predictions import check_format
+from app.experiments.predictions import PredictionFormat
 from app.experiments.reports import compare_settings
 from app.schemas import (
+    DeliveryList,
     ExperimentCreate,
     ExperimentList,
     ExperimentOut,
     JobStatus,
+    Name,
     RunCreate,
     RunList,
     RunOut,
 )
 
-router = APIRouter(tags=["experiments"])
+router = APIRouter(tags=["experiments"], responses=problem_responses(401, 422))
 
 
-@router.post("/experiments", status_code=status.HTTP_202_ACCEPTED, response_model=ExperimentOut)
+def _files(description: str, media_types: list[str]) -> dict[int | str, dict[str, Any]]:
+    """The document's word on a route that answers a file (a figure, a table), or a 404."""
+    content = {media_type: {"schema": {"type": "string"}} for media_type in media_types}
+    return {200: {"description": description, "content": content}, **problem_responses(404)}
+
+
+_PLOT = _files("The figure.", list(plots.FORMATS.values()))
+_PREDICTIONS = _files("The predictions table.", list(predictions.MEDIA_TYPES.values()))
+
+
+@router.post(
+    "/experiments",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ExperimentOut,
+    responses=problem_responses(400, 409),
+)
 def create_experiment(
     body: ExperimentCreate,
     session: SessionDep,
@@ -54,7 +72,7 @@ def list_experiments(
     session: SessionDep,
     caller: CallerDep,
     limit: int = Query(50, ge=1, le=1000),
-    cursor: str | None = None,
+    cursor: CursorQuery = None,
 ) -> ExperimentList:
     """The caller's experiments (single runs included), newest first, without reports."""
     rows, next_cursor = engine.list_jobs(
@@ -68,7 +86,9 @@ def list_experiments(
     return ExperimentList(items=[experiment_out(j) for j in rows], next_cursor=next_cursor)
 
 
-@router.get("/experiments/{experiment_id}", response_model=ExperimentOut)
+@router.get(
+    "/experiments/{experiment_id}", response_model=ExperimentOut, responses=problem_responses(404)
+)
 def get_experiment(
     experiment_id: str,
     session: SessionDep,
@@ -81,16 +101,43 @@ def get_experiment(
     return experiment_with_report(session, job, detail=runs)
 
 
-@router.post("/experiments/{experiment_id}/cancel", response_model=ExperimentOut)
+@router.post(
+    "/experiments/{experiment_id}/cancel",
+    response_model=ExperimentOut,
+    responses=problem_responses(404, 409),
+)
 def cancel_experiment(experiment_id: str, session: SessionDep, caller: CallerDep) -> ExperimentOut:
     """Cancel: queued runs never start, a running one stops at its next epoch; finished runs
     keep their results."""
     job = service.cancel_experiment(session=session, experiment_id=experiment_id, owner=caller)
+    engine.emit_job_events(session=session, job_id=job.id)  # job.completed
     session.commit()
     return experiment_with_report(session, job)
 
 
-@router.post("/experiments/{experiment_id}/resume", response_model=ExperimentOut)
+@router.get(
+    "/experiments/{experiment_id}/deliveries",
+    response_model=DeliveryList,
+    responses=problem_responses(404),
+)
+def experiment_deliveries(
+    experiment_id: str,
+    session: SessionDep,
+    caller: CallerDep,
+    limit: int = Query(50, ge=1, le=1000),
+    cursor: CursorQuery = None,
+) -> DeliveryList:
+    """The experiment's webhook delivery log, newest first."""
+    job = service.get_experiment(session=session, experiment_id=experiment_id, owner=caller)
+    rows, next_cursor = engine.list_deliveries(session=session, job=job, limit=limit, cursor=cursor)
+    return DeliveryList(items=[delivery_out(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.post(
+    "/experiments/{experiment_id}/resume",
+    response_model=ExperimentOut,
+    responses=problem_responses(404, 409),
+)
 def resume_experiment(
     experiment_id: str,
     session: SessionDep,
@@ -106,7 +153,9 @@ def resume_experiment(
     return experiment_with_report(session, job)
 
 
-@router.get("/experiments/{experiment_id}/plots/{filename}")
+@router.get(
+    "/experiments/{experiment_id}/plots/{filename}", response_class=Response, responses=_PLOT
+)
 def experiment_plot(
     experiment_id: str, filename: str, session: SessionDep, caller: CallerDep
 ) -> Response:
@@ -125,13 +174,13 @@ def experiment_plot(
     return Response(body, media_type=plots.FORMATS[fmt])
 
 
-@router.get("/experiments/{experiment_id}/compare")
+@router.get("/experiments/{experiment_id}/compare", responses=problem_responses(404))
 def experiment_compare(
     experiment_id: str,
     session: SessionDep,
     caller: CallerDep,
-    a: str = Query(..., description="A setting's label, e.g. 'n=16 k=10 inpaint'."),
-    b: str = Query(..., description="The setting it is compared with, e.g. 'n=16 k=0'."),
+    a: Annotated[Name, Query(description="A setting's label, e.g. 'n=16 k=10 inpaint'.")],
+    b: Annotated[Name, Query(description="The setting it is compared with, e.g. 'n=16 k=0'.")],
 ) -> dict[str, Any]:
     """Setting `a` minus setting `b`: top-1 and top-3 with paired bootstrap 95% CIs over the
     shared test images, and top-1 per Fitzpatrick group with the change of the gap (as the
@@ -146,17 +195,20 @@ def experiment_compare(
     )
 
 
-@router.get("/experiments/{experiment_id}/predictions")
+@router.get(
+    "/experiments/{experiment_id}/predictions",
+    response_class=StreamingResponse,
+    responses=_PREDICTIONS,
+)
 def experiment_predictions(
     experiment_id: str,
     session: SessionDep,
     store: StoreDep,
     caller: CallerDep,
-    format: str = Query("csv", description="csv or jsonl"),
+    format: PredictionFormat = "csv",
 ) -> StreamingResponse:
     """Every finished run's per-image predictions in one table, each row with its run, setting
     and seed: for analyses the report does not make (by skin type, by class, across seeds)."""
-    check_format(format)
     job = service.get_experiment(session=session, experiment_id=experiment_id, owner=caller)
     finished = [
         r
@@ -170,7 +222,12 @@ def experiment_predictions(
     return StreamingResponse(lines, media_type=predictions.MEDIA_TYPES[format])
 
 
-@router.post("/runs", status_code=status.HTTP_202_ACCEPTED, response_model=RunOut)
+@router.post(
+    "/runs",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=RunOut,
+    responses=problem_responses(400, 409),
+)
 def create_run(
     body: RunCreate,
     session: SessionDep,
@@ -192,38 +249,37 @@ def list_runs(
     session: SessionDep,
     caller: CallerDep,
     limit: int = Query(50, ge=1, le=1000),
-    cursor: str | None = None,
+    cursor: CursorQuery = None,
 ) -> RunList:
     """The caller's runs, newest first."""
     rows, next_cursor = service.list_runs(session=session, owner=caller, limit=limit, cursor=cursor)
     return RunList(items=[run_out(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/runs/{run_id}", response_model=RunOut)
+@router.get("/runs/{run_id}", response_model=RunOut, responses=problem_responses(404))
 def get_run(run_id: str, session: SessionDep, caller: CallerDep) -> RunOut:
     """A run's config, split counts, per-epoch curve, and test metrics (overall and per
     Fitzpatrick group)."""
     return run_out(service.get_run(session=session, run_id=run_id, owner=caller))
 
 
-@router.get("/runs/{run_id}/predictions")
+@router.get("/runs/{run_id}/predictions", response_class=Response, responses=_PREDICTIONS)
 def run_predictions(
     run_id: str,
     session: SessionDep,
     store: StoreDep,
     caller: CallerDep,
-    format: str = Query("jsonl", description="jsonl or csv"),
+    format: PredictionFormat = "jsonl",
 ) -> Response:
     """Per test image: id, true label, Fitzpatrick group, the top-3 labels and probabilities."""
     run = service.get_run(session=session, run_id=run_id, owner=caller)
-    check_format(format)
     if run.predictions_key is None:
         raise NotFound(f"run {run.id} has no predictions yet (it is {run.status})")
     body = predictions.run_table(store=store, key=run.predictions_key, fmt=format)
     return Response(body, media_type=predictions.MEDIA_TYPES[format])
 
 
-@router.get("/runs/{run_id}/plots/{filename}")
+@router.get("/runs/{run_id}/plots/{filename}", response_class=Response, responses=_PLOT)
 def run_plot(run_id: str, filename: str, session: SessionDep, caller: CallerDep) -> Response:
     """The run's training curve: training-curves.png or training-curves.svg."""
     name, _, fmt = filename.rpartition(".")

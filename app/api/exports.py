@@ -6,14 +6,20 @@ from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 
 from app.api.accepted import accept
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
+from app.api.problems import problem_responses
 from app.api.views import export_out, job_out
 from app.datasets import exports as export_service
 from app.schemas import ExportCreate, JobList, JobOut
 
-router = APIRouter(prefix="/datasets", tags=["exports"])
+router = APIRouter(prefix="/datasets", tags=["exports"], responses=problem_responses(401, 422))
 
 
-@router.post("/{dataset_id}/exports", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+@router.post(
+    "/{dataset_id}/exports",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    responses=problem_responses(400, 404),
+)
 def create_export(
     dataset_id: str,
     body: ExportCreate,
@@ -33,7 +39,7 @@ def create_export(
     return job_out(job)
 
 
-@router.get("/{dataset_id}/exports", response_model=JobList)
+@router.get("/{dataset_id}/exports", response_model=JobList, responses=problem_responses(404))
 def list_exports(
     dataset_id: str,
     session: SessionDep,
@@ -48,7 +54,9 @@ def list_exports(
     return JobList(items=[export_out(job, store.url) for job in rows], next_cursor=None)
 
 
-@router.get("/{dataset_id}/exports/{job_id}", response_model=JobOut)
+@router.get(
+    "/{dataset_id}/exports/{job_id}", response_model=JobOut, responses=problem_responses(404)
+)
 def get_export(
     dataset_id: str, job_id: str, session: SessionDep, store: StoreDep, caller: CallerDep
 ) -> JobOut:

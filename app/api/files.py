@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
 from app.api.deps import StoreDep
+from app.api.problems import problem_responses
 from app.errors import NotFound, ProblemError
 from app.storage import LocalStore, ObjectNotFound
 
@@ -21,7 +22,21 @@ class Forbidden(ProblemError):
     title = "Forbidden"
 
 
-@router.get("/files/{key:path}")
+_FILE = {
+    "description": "The object's bytes.",
+    "content": {
+        media_type: {"schema": {"type": "string", "format": "binary"}}
+        for media_type in ("image/png", "application/octet-stream")
+    },
+}
+
+
+# No API key: the URL's signature is the credential.
+@router.get(
+    "/files/{key:path}",
+    response_class=FileResponse,
+    responses={200: _FILE, **problem_responses(403, 404, 422)},
+)
 def get_file(
     key: str, store: StoreDep, expires: int = Query(...), signature: str = Query(...)
 ) -> FileResponse:

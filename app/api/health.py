@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import time
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -17,12 +19,14 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import text
 
-from app.api.deps import CallerDep, SettingsDep, StoreDep
+from app.api.deps import SettingsDep, StoreDep
+from app.api.problems import problem_responses
 from app.broker import GPU_QUEUE, TRAIN_QUEUE, check_broker, queue_depth
 from app.config import Settings
 from app.datasets import repository as datasets
 from app.db.session import session_factory
 from app.engine import metrics as job_metrics
+from app.errors import Forbidden, Unauthorized
 from app.schemas import CheckResult, Readiness
 
 router = APIRouter(tags=["health"])
@@ -45,7 +49,11 @@ def _timed(check: object) -> CheckResult:
     return CheckResult(ok=True, detail=f"ok in {1000 * (time.perf_counter() - started):.0f} ms")
 
 
-@router.get("/readyz", response_model=Readiness)
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "A dependency does not answer."}},
+)
 def readyz(settings: SettingsDep, store: StoreDep) -> JSONResponse:
     """Readiness: each dependency reported; 503 unless all answer."""
 
@@ -103,9 +111,69 @@ class ServiceCollector(Collector):
         yield gauge
 
 
-@router.get("/metrics")
-def metrics(settings: SettingsDep, _caller: CallerDep) -> Response:
-    """Prometheus text format (scrape with the API key as a bearer token)."""
+# Headers a proxy adds: a request that came through one is not a local one, whatever address
+# the proxy connected from
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1 and ::ffff:127.x; False for anything else (a name, a Unix
+    socket's missing address)."""
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)
+
+
+def check_metrics_access(
+    *, token: str, authorization: str, client_host: str | None, proxied: bool
+) -> None:
+    """/metrics is for operators (issue 21), not every API key: with a token set, only
+    `Authorization: Bearer <token>` (401 otherwise); without one, only a client on loopback
+    that did not come through a proxy (403 otherwise)."""
+    if token:
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise Unauthorized("/metrics needs the metrics token: 'Authorization: Bearer <token>'")
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise Unauthorized("the metrics token is not valid (an API key is not one)")
+        return
+    if not is_loopback(client_host) or proxied:
+        raise Forbidden(
+            "/metrics answers only clients on this host's loopback unless "
+            "SYNTHDERM_METRICS_TOKEN is set (then with that token as a bearer token)"
+        )
+
+
+def metrics_access(request: Request, settings: SettingsDep) -> None:
+    check_metrics_access(
+        token=settings.metrics_token,
+        authorization=request.headers.get("authorization", ""),
+        client_host=request.client.host if request.client else None,
+        proxied=any(name in request.headers for name in PROXY_HEADERS),
+    )
+
+
+_METRICS = {
+    200: {
+        "description": "Prometheus text exposition format.",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    },
+    **problem_responses(401, 403),
+}
+
+
+@router.get(
+    "/metrics",
+    dependencies=[Depends(metrics_access)],
+    response_class=Response,
+    responses=_METRICS,
+)
+def metrics(settings: SettingsDep) -> Response:
+    """Prometheus text format, for operators: with SYNTHDERM_METRICS_TOKEN set, scrape with it
+    as a bearer token; without it, from this host's loopback only."""
     registry = CollectorRegistry()
     registry.register(ServiceCollector(settings))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

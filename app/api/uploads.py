@@ -12,12 +12,13 @@ from fastapi import APIRouter, BackgroundTasks, File, Form, Response, UploadFile
 
 from app.api.accepted import accept
 from app.api.deps import CallerDep, SessionDep, SettingsDep, StoreDep
+from app.api.problems import problem_responses
 from app.api.views import job_out
 from app.datasets import uploads as upload_service
 from app.errors import InvalidField, ProblemError
 from app.schemas import CsvFormat, JobOut, Name, OnError, has_control
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], responses=problem_responses(401, 422))
 
 
 class TooLarge(ProblemError):
@@ -25,7 +26,12 @@ class TooLarge(ProblemError):
     title = "Upload too large"
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    responses=problem_responses(400, 413),
+)
 def upload_dataset(
     session: SessionDep,
     settings: SettingsDep,

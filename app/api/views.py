@@ -5,14 +5,16 @@ Routers import these; no router imports another router.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session
 
 from app import engine
+from app.config import Settings
 from app.datasets import exports as export_service
-from app.db.tables import Dataset, Job, JobChunk, Run
+from app.db.tables import Dataset, Job, JobChunk, Run, WebhookDelivery
 from app.experiments import plots
 from app.experiments import runs as run_service
 from app.experiments.reports import build_report
@@ -20,6 +22,8 @@ from app.schemas import (
     ChunkStep,
     CountRow,
     DatasetOut,
+    DatasetStatus,
+    DeliveryOut,
     ExperimentOut,
     JobOut,
     JobStatus,
@@ -31,10 +35,52 @@ from app.schemas import (
     Timings,
 )
 
+# A worker beats every heartbeat_interval_s; a running chunk that missed this many beats is
+# shown as stalled (its worker likely died) until recovery re-queues it at stale_after_s.
+STALLED_AFTER_BEATS = 3
 
-def job_out(job: Job, running: list[JobChunk] | None = None) -> JobOut:
-    """The public view of a job row (with its running chunks' steps when given)."""
+
+def chunk_step(chunk: JobChunk, *, now: datetime, heartbeat_interval_s: float) -> ChunkStep:
+    """A running chunk's progress, and whether its heartbeat stopped."""
+    age = (now - chunk.heartbeat_at).total_seconds() if chunk.heartbeat_at else None
+    return ChunkStep(
+        chunk=chunk.index,
+        done=chunk.done,
+        step=chunk.step,
+        steps=chunk.steps,
+        heartbeat_age_s=None if age is None else round(max(age, 0.0), 1),
+        stalled=age is not None and age > STALLED_AFTER_BEATS * heartbeat_interval_s,
+    )
+
+
+def stalled_since(settings: Settings) -> datetime:
+    """A running chunk whose last heartbeat is older than this is stalled."""
+    return datetime.now(UTC) - timedelta(
+        seconds=STALLED_AFTER_BEATS * settings.heartbeat_interval_s
+    )
+
+
+def job_status(job: Job, *, still_running: bool) -> JobStatus:
+    """A job's status as shown: `canceling` while a canceled job's chunks finish their batch."""
+    status = JobStatus(job.status)
+    if status is JobStatus.CANCELED and still_running:
+        return JobStatus.CANCELING
+    return status
+
+
+def job_out(
+    job: Job,
+    running: list[JobChunk] | None = None,
+    *,
+    heartbeat_interval_s: float = 5.0,
+    still_running: bool = False,
+) -> JobOut:
+    """The public view of a job row (with its running chunks' steps when given; a canceled job
+    with a running chunk that is not stalled, given or `still_running`, shows as canceling)."""
     now = datetime.now(UTC)
+    steps = [
+        chunk_step(c, now=now, heartbeat_interval_s=heartbeat_interval_s) for c in running or []
+    ]
     queued_s = running_s = None
     if job.started_at is not None:
         queued_s = (job.started_at - job.created_at).total_seconds()
@@ -42,7 +88,9 @@ def job_out(job: Job, running: list[JobChunk] | None = None) -> JobOut:
     return JobOut(
         id=job.id,
         kind=job.kind,
-        status=JobStatus(job.status),
+        status=job_status(
+            job, still_running=still_running or any(not step.stalled for step in steps)
+        ),
         dataset_id=job.dataset_id,
         condition=job.condition,
         skin_tone=job.skin_tone,
@@ -56,10 +104,7 @@ def job_out(job: Job, running: list[JobChunk] | None = None) -> JobOut:
         progress=Progress(
             done=job.done,
             total=job.count,
-            running=[
-                ChunkStep(chunk=c.index, done=c.done, step=c.step, steps=c.steps)
-                for c in running or []
-            ],
+            running=steps,
         ),
         timings=Timings(
             created_at=job.created_at,
@@ -72,6 +117,8 @@ def job_out(job: Job, running: list[JobChunk] | None = None) -> JobOut:
         error=job.error,
         result=job.result,
         idempotency_key=job.idempotency_key,
+        webhook=job.webhook_url,
+        webhook_events=job.webhook_events,
     )
 
 
@@ -87,6 +134,7 @@ def dataset_out(
     image_count: int,
     counts: list[CountRow] | None = None,
     splits: list[SplitCountRow] | None = None,
+    status: DatasetStatus = DatasetStatus.READY,
 ) -> DatasetOut:
     """The public view of a dataset row (with its counts when given)."""
     return DatasetOut(
@@ -96,6 +144,7 @@ def dataset_out(
         description=dataset.description,
         created_at=dataset.created_at,
         image_count=image_count,
+        status=status,
         counts=counts,
         splits=splits,
     )
@@ -151,6 +200,8 @@ def experiment_out(
         report=report,
         plots=[f"/experiments/{job.id}/plots/{name}.png" for name in plots.plot_names(job.params)],
         runs=[run_out(r) for r in runs] if detail and runs is not None else None,
+        webhook=job.webhook_url,
+        webhook_events=job.webhook_events,
     )
 
 
@@ -161,4 +212,23 @@ def experiment_with_report(session: Session, job: Job, detail: bool = False) -> 
         run_service.runs_of(session=session, experiment_id=job.id),
         detail=detail,
         dataset_names=run_service.synthetic_dataset_names(session=session, job=job),
+    )
+
+
+def delivery_out(row: WebhookDelivery) -> DeliveryOut:
+    """One entry of a job's webhook delivery log."""
+    return DeliveryOut(
+        id=row.id,
+        job_id=row.job_id,
+        event=row.event,
+        url=row.url,
+        status=row.status,
+        attempts=row.attempts,
+        response_code=row.response_code,
+        error=row.error,
+        payload=json.loads(row.payload),
+        created_at=row.created_at,
+        last_attempt_at=row.last_attempt_at,
+        next_attempt_at=row.next_attempt_at if row.status == "pending" else None,
+        delivered_at=row.delivered_at,
     )

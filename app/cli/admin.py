@@ -52,14 +52,33 @@ def _session_scope(settings: Settings) -> AbstractContextManager[Session]:
 
 @keys_cli.command("create")
 def keys_create(name: Annotated[str, typer.Option(help="Who the key is for.")]) -> None:
-    """Create an API key and print it once (only its hash is stored)."""
+    """Create an API key and print it once (only its hash is stored; stdout holds the key
+    alone), and the secret that signs its webhooks, once, on stderr."""
     from app.keys import create_key
 
     with _session_scope(get_settings()) as session:
         row, raw = create_key(session=session, name=name)
-        key_id = row.id
+        key_id, secret = row.id, row.webhook_secret
     console.print(f"created key {key_id} for {name!r}; it is shown only now:")
     typer.echo(raw)
+    console.print(f"webhook signing secret (shown only now): {secret}", soft_wrap=True)
+
+
+@keys_cli.command("rotate-webhook-secret")
+def keys_rotate_webhook_secret(
+    key_id: Annotated[str, typer.Argument(help="Key id or prefix.")],
+) -> None:
+    """Give a key a new webhook signing secret and print it once; deliveries attempted from
+    now on are signed with it."""
+    from app.keys import rotate_webhook_secret
+
+    with _session_scope(get_settings()) as session:
+        secret = rotate_webhook_secret(session=session, key_id=key_id)
+    if secret is None:
+        console.print(f"[red]no key {key_id!r}[/red]")
+        raise typer.Exit(1)
+    console.print(f"new webhook signing secret of {key_id}; it is shown only now:")
+    typer.echo(secret)
 
 
 @keys_cli.command("list")

@@ -30,19 +30,21 @@ def datasets_list(
         int, typer.Option(min=1, max=1000, help="Datasets per request to the API.")
     ] = 1000,
 ) -> None:
-    """Your datasets with their image counts, newest first (every page of the listing)."""
+    """Your datasets with their status and image counts, newest first (every page of the
+    listing)."""
     items = api_client().paged("/datasets", page_size=min(limit or page_size, page_size), kind=kind)
     rows = [
         [
             item["id"],
             item["kind"],
             item["name"],
+            item.get("status", "ready"),
             str(item["image_count"]),
             item["created_at"][:19],
         ]
         for item in itertools.islice(items, limit)
     ]
-    print_listing(["id", "kind", "name", "images", "created"], rows)
+    print_listing(["id", "kind", "name", "status", "images", "created"], rows)
 
 
 @datasets_cli.command("show")
@@ -56,7 +58,8 @@ def datasets_show(dataset_id: str) -> None:
         "skin tone",
         "strategy",
         "images",
-        title=f"{body['name']} ({body['kind']}, {body['image_count']} images)",
+        title=f"{body['name']} ({body['kind']}, {body.get('status', 'ready')}, "
+        f"{body['image_count']} images)",
     )
     for row in body["counts"]:
         table.add_row(

@@ -1,5 +1,5 @@
 """`synthderm jobs ...`: generation jobs through the REST API (submit, show, follow, list,
-cancel).
+cancel) and the conditions they may name.
 
 A REST client only: no database, no torch. An API error reaches `main()`, which prints its
 sentence and exits 1.
@@ -94,6 +94,17 @@ def jobs_list(status: Annotated[str | None, typer.Option()] = None) -> None:
     ]
     columns = ["id", "kind", "status", "condition", "tone", "strategy", "done", "total"]
     print_listing(columns, rows)
+
+
+@jobs_cli.command("conditions")
+def jobs_conditions() -> None:
+    """The conditions your jobs may name: the shared (seeded) ones and the labels you uploaded
+    (no other key sees yours)."""
+    rows = [
+        [c["slug"], c["name"], "shared" if c["shared"] else "yours"]
+        for c in api_client().get("/conditions")["items"]
+    ]
+    print_listing(["condition", "name (in prompts)", "whose"], rows)
 
 
 @jobs_cli.command("cancel")

@@ -11,6 +11,7 @@ outlive it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -34,7 +35,7 @@ def serve() -> None:
     uvicorn.run("app.main:app", host=settings.api_host, port=settings.api_port)
 
 
-def _child_setup() -> None:
+def _child_setup(supervisor_pid: int) -> None:
     """In the child, before exec: its own process group (so a terminal's Ctrl-C reaches only
     the supervisor, which stops the children in order), and on Linux a SIGTERM when the
     supervisor dies, even by SIGKILL, so no child outlives it."""
@@ -44,6 +45,8 @@ def _child_setup() -> None:
 
         pr_set_pdeathsig = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != supervisor_pid:  # it died before the prctl: no signal will come
+            os._exit(1)
 
 
 class Supervisor:
@@ -84,7 +87,8 @@ class Supervisor:
         self._spawn(name)
 
     def _spawn(self, name: str) -> None:
-        child = subprocess.Popen(self.argvs[name], cwd=ROOT, preexec_fn=_child_setup)
+        setup = functools.partial(_child_setup, os.getpid())
+        child = subprocess.Popen(self.argvs[name], cwd=ROOT, preexec_fn=setup)
         self.children[name] = child
         console.print(f"started {name} (pid {child.pid}): {' '.join(self.argvs[name])}")
 
@@ -172,7 +176,9 @@ class Supervisor:
 
 
 def run(
-    with_worker: Annotated[bool, typer.Option(help="Also run a Celery worker.")] = True,
+    with_worker: Annotated[
+        bool, typer.Option(help="Also run the Celery workers (jobs, and webhook deliveries).")
+    ] = True,
     build_tiny: Annotated[bool, typer.Option(help="Build the tiny generators if missing.")] = True,
     max_worker_crashes: Annotated[
         int,
@@ -218,6 +224,8 @@ def run(
         ],
     )
     if with_worker:
+        from app.broker import WEBHOOK_QUEUE  # here: the client commands load no SQLAlchemy
+
         supervisor.start(
             "worker",
             [
@@ -240,6 +248,15 @@ def run(
             ],
             restart=True,
         )
+        # webhook deliveries on their own small worker: a job's last event never waits
+        # behind a generation chunk, and a receiver that never answers holds one thread
+        supervisor.start(
+            "webhooks",
+            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+             "-Q", WEBHOOK_QUEUE, "--pool", "threads", "--concurrency", "4",
+             "-n", "webhooks@%h", "--loglevel", "INFO"],
+            restart=True,
+        )  # fmt: skip
     console.print(f"synthderm is up: {settings.public_base_url} (Ctrl-C stops it)")
     code = supervisor.wait()
     raise typer.Exit(code)

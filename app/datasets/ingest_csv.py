@@ -216,13 +216,16 @@ def _row(
     record: dict[Any, Any], number: int, csv_format: str, roles: _Roles, mapping: Mapping
 ) -> Row:
     """One data row, read; ValueError saying what is wrong with it."""
+    # checked before stripping: str.strip() takes NEL (U+0085) and U+001C-U+001F for
+    # whitespace, and a control character at an end is refused as one anywhere else is
+    for column in (roles.file, roles.label):
+        value = record.get(column) or ""
+        if code := control_character(value):
+            raise ValueError(f"{column} {value!r} has a control character ({code})")
     raw_file = (record.get(roles.file) or "").strip()
     if not raw_file:
         raise ValueError(f"empty {roles.file}")
     label = (record.get(roles.label) or "").strip()
-    for column, value in ((roles.file, raw_file), (roles.label, label)):
-        if code := control_character(value):
-            raise ValueError(f"{column} {value!r} has a control character ({code})")
     file = f"{raw_file}.jpg" if csv_format == "fitzpatrick17k" else raw_file
     condition = slugify(label)
     if not condition:

@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session
 
 from app.db.owned import get_owned
 from app.db.paging import newest_first
-from app.db.tables import ApiKey, Dataset, Image
+from app.db.tables import ApiKey, Dataset, Image, Job
+from app.schemas import ACTIVE_JOB_STATUSES, DatasetStatus, JobStatus
 
 
 def get_dataset(*, session: Session, dataset_id: str, owner: ApiKey) -> Dataset:
@@ -48,6 +49,37 @@ def list_datasets(
             )
         }
     return [(d, counts.get(d.id, 0)) for d in page], next_cursor
+
+
+# The job kinds that write a dataset's images, and its status while one of them is active.
+_WRITERS = {"ingest": DatasetStatus.INGESTING, "generate": DatasetStatus.GENERATING}
+
+
+def dataset_statuses(*, session: Session, dataset_ids: list[str]) -> dict[str, DatasetStatus]:
+    """Each dataset's status, from the jobs writing into it (no column: an upload's dataset is
+    made with its ingest job, and a synthetic one grows with every job appended to it).
+    Datasets no job writes (combined ones) are ready."""
+    found: dict[str | None, set[tuple[str, str]]] = {}
+    if dataset_ids:
+        rows = session.execute(
+            select(Job.dataset_id, Job.kind, Job.status)
+            .where(Job.dataset_id.in_(dataset_ids), Job.kind.in_(list(_WRITERS)))
+            .distinct()
+        )
+        for dataset_id, kind, status in rows:
+            found.setdefault(dataset_id, set()).add((kind, status))
+    active = {s.value for s in ACTIVE_JOB_STATUSES}
+    statuses: dict[str, DatasetStatus] = {}
+    for dataset_id in dataset_ids:
+        jobs = found.get(dataset_id, set())
+        writing = [_WRITERS[kind] for kind, status in jobs if status in active]
+        if writing:
+            statuses[dataset_id] = writing[0]
+        elif jobs and all(status == JobStatus.FAILED for _, status in jobs):
+            statuses[dataset_id] = DatasetStatus.FAILED
+        else:
+            statuses[dataset_id] = DatasetStatus.READY
+    return statuses
 
 
 def dataset_counts(*, session: Session, dataset_id: str) -> list[dict[str, Any]]:

@@ -6,6 +6,8 @@ broker only delivers). Types are portable between PostgreSQL and SQLite.
 
 from __future__ import annotations
 
+import base64
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +39,11 @@ NAMING = {
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks signing secret: "whsec_" and the base64 of 24 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -71,6 +78,8 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(200))
     prefix: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # Standard Webhooks signing secret ("whsec_" + base64): kept as is, the HMAC needs it
+    webhook_secret: Mapped[str] = mapped_column(String(100), default=new_webhook_secret)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
@@ -81,6 +90,20 @@ class Condition(Base):
     __tablename__ = "conditions"
 
     slug: Mapped[str] = mapped_column(String(120), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ConditionOwner(Base):
+    """Whose a condition is (issue 21): a seeded condition has no row and is everyone's; a
+    label a key uploads is that key's, named in its own words (two keys may own one slug)."""
+
+    __tablename__ = "condition_owners"
+
+    slug: Mapped[str] = mapped_column(
+        ForeignKey("conditions.slug", ondelete="CASCADE"), primary_key=True
+    )
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True, index=True)
     name: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -149,6 +172,9 @@ class Job(Base):
     # sha256 of the request the key was first used with (engine.request_hash): the same key
     # with another request is refused
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # where the job's events are delivered (app.engine.webhooks), and which of them
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -200,6 +226,35 @@ class JobChunk(Base):
     steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class WebhookDelivery(Base):
+    """One event of a job sent to its webhook: the exact body signed, and every attempt's
+    outcome (the delivery log)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_job_id_created_at", "job_id", "created_at"),
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # the webhook-id header
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    event: Mapped[str] = mapped_column(String(32))  # job.started | job.progress | job.completed
+    # what makes an event once only: "started:<started_at>", "progress:<done>", ...
+    event_key: Mapped[str] = mapped_column(String(120))
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)  # the JSON body, byte for byte on every attempt
+    # pending -> delivered | failed
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    response_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class JobParent(Base):

@@ -9,6 +9,10 @@ delivers ids. The engine imports no domain (datasets, generation, experiments): 
 Commit rule: functions a worker calls (claims, progress, finish, recovery) commit, and say so;
 functions a service calls inside its own unit of work (insert, cancel, lookups) never do, and
 the API request that called the service commits once.
+
+Webhooks (app.engine.webhooks, app.engine.deliveries) come with every kind: a job inserted with
+`**engine.subscription(...)` gets its started, progress and completed events from the claims
+and finishes here, delivered by the `webhooks` queue's worker.
 """
 
 from app.engine.claims import (
@@ -21,6 +25,7 @@ from app.engine.claims import (
     record_step,
     release_for_retry,
 )
+from app.engine.deliveries import deliver, resend_lost_deliveries, sign
 from app.engine.dispatch import (
     dispatch_after_commit,
     enqueue_after_commit,
@@ -40,6 +45,7 @@ from app.engine.jobs import (
     get_job,
     insert_job,
     job_for_request,
+    jobs_with_running_chunks,
     list_jobs,
     request_hash,
     running_chunks,
@@ -48,10 +54,12 @@ from app.engine.jobs import (
 )
 from app.engine.recovery import (
     LostChunk,
+    close_abandoned_chunks,
     find_lost_chunks,
     has_active_chunks,
     requeue_chunk,
 )
+from app.engine.webhooks import emit_job_events, list_deliveries, subscription, url_refusal
 
 __all__ = [
     "ACTIVE_STATUS_VALUES",
@@ -62,9 +70,12 @@ __all__ = [
     "cancel_job",
     "chunk_count",
     "claim_chunk",
+    "close_abandoned_chunks",
     "count_job_images",
+    "deliver",
     "detach_dataset",
     "dispatch_after_commit",
+    "emit_job_events",
     "enqueue_after_commit",
     "fill_window",
     "find_lost_chunks",
@@ -74,6 +85,8 @@ __all__ = [
     "insert_job",
     "job_for_request",
     "job_status",
+    "jobs_with_running_chunks",
+    "list_deliveries",
     "list_jobs",
     "next_chunk",
     "record_heartbeat",
@@ -83,8 +96,12 @@ __all__ = [
     "release_for_retry",
     "request_hash",
     "requeue_chunk",
+    "resend_lost_deliveries",
     "running_chunks",
     "set_job_count",
     "set_job_result",
+    "sign",
+    "subscription",
+    "url_refusal",
     "waiting_count",
 ]

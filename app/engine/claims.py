@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.tables import Job, JobChunk, utcnow
 from app.engine.jobs import UNFINISHED_CHUNKS, ChunkStatus, count_job_images
+from app.engine.webhooks import emit_job_events
 from app.schemas import ACTIVE_JOB_STATUSES, JobStatus
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,20 @@ class ChunkClaim:
     params: dict[str, Any]
 
 
+def lock_job(session: Session, job_id: str) -> Job | None:
+    """The job's row, locked for this transaction (FOR NO KEY UPDATE on PostgreSQL; SQLite has
+    one writer anyway). Every transaction that changes a job and its chunks takes the job
+    first (claim, finish, cancel), so two of them never wait on each other in a cycle: a cancel
+    committed while a worker claimed a chunk was a deadlock on PostgreSQL."""
+    return session.get(Job, job_id, with_for_update={"key_share": True}, populate_existing=True)
+
+
 def claim_chunk(
     *, session: Session, settings: Settings, job_id: str, index: int, worker: str
 ) -> ChunkClaim | None:
     """Mark a chunk running for `worker`; None when it must not run (job over, chunk done,
     or held by another live worker). Commits."""
-    job = session.get(Job, job_id)
+    job = lock_job(session, job_id)
     chunk = session.get(JobChunk, (job_id, index))
     if job is None or chunk is None:
         log.warning("chunk %s/%s does not exist; dropping its message", job_id, index)
@@ -96,6 +105,7 @@ def claim_chunk(
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
         .values(status=JobStatus.RUNNING.value, started_at=now)
     )
+    emit_job_events(session=session, job_id=job_id, settings=settings)  # job.started
     session.commit()
     return ChunkClaim(
         job_id=job.id,
@@ -203,6 +213,7 @@ def finish_chunk(
     the job at once; without (an experiment's runs), the job settles when no chunk is left and
     fails if any did. Commits."""
     now = utcnow()
+    lock_job(session, job_id)
     chunk = session.get(JobChunk, (job_id, index))
     if chunk is None:
         raise LookupError(f"no chunk {job_id}/{index}")
@@ -249,6 +260,7 @@ def finish_chunk(
                 .where(Job.id == job_id, Job.status.in_(active))
                 .values(status=JobStatus.SUCCEEDED.value, finished_at=now)
             )
+    emit_job_events(session=session, job_id=job_id)  # job.progress, or job.completed if settled
     session.commit()
     return job_status(session=session, job_id=job_id) or "unknown"
 

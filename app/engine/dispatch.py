@@ -118,6 +118,9 @@ def fill_window(
     """Send chunks of `kind` until `window` of them wait in the broker or none is left;
     returns how many were sent. Commits each pick before its message goes out (a fast worker
     must find the row marked), and unmarks a chunk whose message the broker refused."""
+    with session_factory() as session:
+        if waiting_count(session=session, kind=kind) >= window:
+            return 0  # full: no lock taken (under load, most refills end here)
     sent = 0
     while True:
         with session_factory() as session, session.begin():

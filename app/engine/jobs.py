@@ -74,13 +74,16 @@ def insert_job(
     strategy: str | None = None,
     model_id: str | None = None,
     created_at: datetime | None = None,
+    webhook: str | None = None,
+    webhook_events: list[str] | None = None,
 ) -> Job:
     """A queued job of `kind` and its chunks: [start, stop) ranges of `chunk_size` over
     max(count, 1) images (or runs, or rows). Flushed, not committed.
 
     With an idempotency key another request may insert the same (owner, kind, key) at once:
     the database lets one win, and the loser's whole session is rolled back and KeyRace
-    carries the winner's job (Conflict if the winner was made by a different request)."""
+    carries the winner's job (Conflict if the winner was made by a different request).
+    `webhook` and `webhook_events` come from `engine.subscription` (the URL checked)."""
     owner_id = owner.id
     job = Job(
         id=new_id(),
@@ -99,6 +102,8 @@ def insert_job(
         done=0,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        webhook_url=webhook,
+        webhook_events=webhook_events,
         created_at=created_at or utcnow(),
     )
     session.add(job)
@@ -225,10 +230,34 @@ def running_chunks(*, session: Session, job_id: str) -> list[JobChunk]:
     )
 
 
+def jobs_with_running_chunks(
+    *, session: Session, job_ids: list[str], heartbeat_since: datetime
+) -> set[str]:
+    """Which of these jobs have a chunk running with a heartbeat since `heartbeat_since` (a
+    canceled one among them is still finishing its batch; a dead worker's chunk is not)."""
+    if not job_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(JobChunk.job_id)
+            .where(
+                JobChunk.job_id.in_(job_ids),
+                JobChunk.status == ChunkStatus.RUNNING.value,
+                JobChunk.heartbeat_at >= heartbeat_since,
+            )
+            .distinct()
+        )
+    )
+
+
 def cancel_job(*, session: Session, job_id: str, owner: ApiKey) -> Job:
-    """Cancel a queued or running job: pending chunks never run, a running one stops at its
-    next batch. What was already written stays."""
+    """Cancel a queued or running job: pending chunks never run; a running chunk is told at
+    its next sampler step, and the images of its batch already sampled are still
+    written and counted (so `done` may grow a little after the cancel: the API shows the job
+    `canceling` until no chunk runs; `running_chunks` says which). What was written stays."""
     job = get_job(session=session, job_id=job_id, owner=owner)
+    # the job's row first, as a claim or a finish takes it (app.engine.claims.lock_job)
+    session.refresh(job, with_for_update={"key_share": True})
     if job.status not in ACTIVE_JOB_STATUSES:
         raise Conflict(f"job {job.id} is already {job.status}; only queued or running jobs cancel")
     now = utcnow()

@@ -22,7 +22,8 @@ def jobs_by_kind_and_status(*, session: Session) -> dict[tuple[str, str], int]:
     rows = session.execute(
         select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
     )
-    counts = {(kind, s.value): 0 for kind in JOB_KINDS for s in JobStatus}
+    stored = [s for s in JobStatus if s is not JobStatus.CANCELING]  # canceling is only shown
+    counts = {(kind, s.value): 0 for kind in JOB_KINDS for s in stored}
     counts.update({(kind, status): n for kind, status, n in rows})
     return counts
 

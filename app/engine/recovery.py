@@ -98,6 +98,24 @@ def requeue_chunk(*, session: Session, settings: Settings, chunk: LostChunk) -> 
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def close_abandoned_chunks(*, session: Session, settings: Settings, kind: str) -> int:
+    """Chunks left `running` by a dead worker after their job ended (canceled, or failed by
+    another chunk): nobody will run or finish them, so they are closed as canceled. Returns how
+    many. Not committed: the recovery loop commits."""
+    ended = select(Job.id).where(Job.kind == kind, Job.status.not_in(ACTIVE_STATUS_VALUES))
+    stale = utcnow() - timedelta(seconds=settings.stale_after_s)
+    result = session.execute(
+        update(JobChunk)
+        .where(
+            JobChunk.status == RUNNING,
+            JobChunk.heartbeat_at < stale,
+            JobChunk.job_id.in_(ended),
+        )
+        .values(status=ChunkStatus.CANCELED.value, finished_at=utcnow(), worker=None)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def has_active_chunks(*, session: Session, kind: str) -> bool:
     """Whether any active job of `kind` has a chunk that is not finished."""
     active = select(Job.id).where(Job.status.in_(ACTIVE_STATUS_VALUES), Job.kind == kind)

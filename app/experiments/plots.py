@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from app.db.tables import Run
 from app.errors import InvalidField, NotFound
@@ -85,15 +86,23 @@ def accuracy_vs_n_real(report: dict[str, Any]) -> Figure:
     """Top-1 accuracy (mean +- sd over seeds) against real images per class, a line per k."""
     figure, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    ticks: dict[float, set[str]] = defaultdict(set)
     for entry in report["settings"]:
         mean = entry["top1"]["mean"]
         if mean is None:
             continue
         label = _series_label(report, entry["setting"], "n_real_per_class")
         entry = {**entry, "classes": report.get("classes")}
-        series[label].append((_n_real_x(entry), mean, entry["top1"]["sd"] or 0.0))
+        x = _n_real_x(entry)
+        n = entry["setting"]["n_real_per_class"]
+        ticks[x].add(f"{n:g}" if n is not None else f"all\n(~{x:.0f})")
+        series[label].append((x, mean, entry["top1"]["sd"] or 0.0))
     _errorbar_lines(ax, series)
     ax.set_xscale("log", base=2)
+    # a tick at every n_real drawn, in numbers (not powers of 2), and `all` named at its mean:
+    # on a log axis alone it would read as the nearest power of 2
+    ax.set_xticks(sorted(ticks), ["\n".join(sorted(ticks[x])) for x in sorted(ticks)])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("real training images per class (n_real)")
     ax.set_ylabel("test top-1 accuracy (mean ± sd over seeds)")
     ax.set_title("Accuracy against real data, per synthetic:real ratio k")

@@ -27,6 +27,8 @@ from app.ids import new_id
 from app.schemas import ExperimentCreate, JobStatus, RunCreate
 
 EXPERIMENT_KIND = "experiment"
+# kept on the job's own columns, not in its params
+WEBHOOK_FIELDS = ("webhook", "webhook_events")
 
 
 def _check_classes(*, session: Session, shared: dict[str, Any]) -> list[str]:
@@ -110,6 +112,7 @@ def create_experiment(
     )
 
     # 3. the job, one chunk and one run per grid point
+    webhook = engine.subscription(settings=settings, params=params)
     now = utcnow()
     try:
         job = engine.insert_job(
@@ -121,7 +124,7 @@ def create_experiment(
             chunk_size=1,
             seed=params.seeds[0],
             params={
-                **params.model_dump(mode="json", exclude={"idempotency_key"}),
+                **params.model_dump(mode="json", exclude={"idempotency_key", *WEBHOOK_FIELDS}),
                 **shared,
                 "name": name or params.name or f"experiment on {params.dataset}",
                 "classes": classes,
@@ -129,6 +132,7 @@ def create_experiment(
             idempotency_key=params.idempotency_key,
             request_hash=digest,
             created_at=now,
+            **webhook,
         )
     except engine.KeyRace as race:  # a concurrent request with this key made it first
         return race.job, False

@@ -131,7 +131,7 @@ def create_job(
         return existing, False
 
     # 2. vocabulary, model, parents
-    if get_condition(session=session, slug=params.condition) is None:
+    if get_condition(session=session, slug=params.condition, owner_id=owner.id) is None:
         raise InvalidField(
             f"condition: unknown condition {params.condition!r} (GET /conditions lists them)",
             field="condition",
@@ -139,6 +139,7 @@ def create_job(
     model_id = _check_model(session=session, settings=settings, params=params)
     seed = params.seed if params.seed is not None else secrets.randbits(62)
     parents, count = _select_parents(session=session, params=params, owner=owner, seed=seed)
+    webhook = engine.subscription(settings=settings, params=params)
 
     # 3. the synthetic dataset the images go to
     if params.dataset_id is not None:
@@ -174,6 +175,7 @@ def create_job(
             params=_job_params(params),
             idempotency_key=params.idempotency_key,
             request_hash=digest,
+            **webhook,
         )
     except engine.KeyRace as race:  # a concurrent request with this key made it first
         return race.job, False

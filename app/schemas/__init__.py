@@ -19,6 +19,7 @@ from app.schemas.datasets import (
     CsvFormat,
     DatasetList,
     DatasetOut,
+    DatasetStatus,
     ExportCreate,
     ManifestFormat,
     ManifestRow,
@@ -53,7 +54,9 @@ from app.schemas.jobs import (
     Strategy,
     Timings,
 )
+from app.schemas.problems import FieldError, Problem
 from app.schemas.text import FreeText, Name, has_control
+from app.schemas.webhooks import DeliveryList, DeliveryOut, WebhookEvent, WebhookSubscription
 
 __all__ = [
     "ACTIVE_JOB_STATUSES",
@@ -71,10 +74,14 @@ __all__ = [
     "DataOptions",
     "DatasetList",
     "DatasetOut",
+    "DatasetStatus",
+    "DeliveryList",
+    "DeliveryOut",
     "ExperimentCreate",
     "ExperimentList",
     "ExperimentOut",
     "ExportCreate",
+    "FieldError",
     "FreeText",
     "JobCreate",
     "JobList",
@@ -87,6 +94,7 @@ __all__ = [
     "Name",
     "OnError",
     "PartIn",
+    "Problem",
     "Progress",
     "Readiness",
     "RunCreate",
@@ -100,5 +108,7 @@ __all__ = [
     "Strategy",
     "Timings",
     "TrainingOptions",
+    "WebhookEvent",
+    "WebhookSubscription",
     "has_control",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class ModelOut(BaseModel):
@@ -20,7 +20,11 @@ class ModelList(BaseModel):
 
 class ConditionOut(BaseModel):
     slug: str
-    name: str
+    name: str  # the words of the prompt (for an uploaded label, the caller's own)
+    shared: bool = Field(
+        description="True for the seeded vocabulary every key sees; false for a label this "
+        "key uploaded (no other key sees it)."
+    )
 
 
 class ConditionList(BaseModel):

@@ -53,6 +53,15 @@ class OnError(StrEnum):
     SKIP = "skip"
 
 
+class DatasetStatus(StrEnum):
+    """A dataset's state, from the jobs that write into it (ingest, generate)."""
+
+    INGESTING = "ingesting"  # an upload's ingest job is queued or running: not complete yet
+    GENERATING = "generating"  # a generation job into it is queued or running
+    READY = "ready"  # nothing writes into it now
+    FAILED = "failed"  # every job that wrote into it failed
+
+
 class CountRow(BaseModel):
     condition: str
     skin_tone: int | None
@@ -73,6 +82,11 @@ class DatasetOut(BaseModel):
     description: str
     created_at: datetime
     image_count: int
+    status: DatasetStatus = Field(
+        DatasetStatus.READY,
+        description="ingesting or generating while a job writes into it (image_count still "
+        "grows), failed when every job that wrote into it failed, else ready.",
+    )
     counts: list[CountRow] | None = Field(
         None, description="Images by condition x skin tone x strategy (detail only)."
     )

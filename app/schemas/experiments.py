@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.schemas.jobs import JobStatus, Progress, Strategy, Timings
 from app.schemas.text import Name
+from app.schemas.webhooks import WebhookSubscription
 
 # --- classifier runs and experiments (PAPER.md sections 1 and 4) ---------------------------
 
@@ -18,6 +19,11 @@ from app.schemas.text import Name
 # tests/models/test_backbones.py checks that the two agree.
 BACKBONE_NAMES = ("efficientnet-lite0", "efficientnet-v2-m")
 TIMM_BACKBONE_PREFIX = "timm:"
+# What `TrainingOptions._known_backbone` accepts, as the OpenAPI document says it (no control
+# character in a timm model's name either, as for every Name)
+BACKBONE_PATTERN = (
+    f"^({'|'.join(BACKBONE_NAMES)}|{TIMM_BACKBONE_PREFIX}[^\\x00-\\x1f\\x7f-\\x9f]+)$"
+)
 # One value of a grid's axis, bounded as a run's own field is.
 NRealPerClass = Annotated[int, Field(ge=1, le=1_000_000)]
 SyntheticPerReal = Annotated[int, Field(ge=0, le=1000)]
@@ -32,6 +38,7 @@ class TrainingOptions(BaseModel):
     backbone: Name | None = Field(
         None,
         max_length=120,
+        json_schema_extra={"pattern": BACKBONE_PATTERN},
         description="Frozen ImageNet backbone (default: the setting): efficientnet-lite0, "
         "efficientnet-v2-m (torchvision on the worker) or timm:<model name> (timm and its "
         "cached weights on the worker).",
@@ -87,7 +94,7 @@ class DataOptions(BaseModel):
     )
 
 
-class RunCreate(DataOptions, TrainingOptions):
+class RunCreate(DataOptions, TrainingOptions, WebhookSubscription):
     """One classifier training and evaluation."""
 
     n_real_per_class: int | None = Field(
@@ -106,7 +113,7 @@ class RunCreate(DataOptions, TrainingOptions):
     idempotency_key: Name | None = Field(None, min_length=1, max_length=200)
 
 
-class ExperimentCreate(DataOptions, TrainingOptions):
+class ExperimentCreate(DataOptions, TrainingOptions, WebhookSubscription):
     """A grid of runs: n_real_per_class x k x strategy x synthetic dataset x augmentation x
     seeds. Real-only runs (k = 0) are made once per n_real, augmentation and seed."""
 
@@ -179,6 +186,8 @@ class ExperimentOut(BaseModel):
     )
     plots: list[str] = Field(default_factory=list, description="GET .../plots/{name}.png|svg")
     runs: list[RunOut] | None = None
+    webhook: str | None = Field(None, description="Where the experiment's events are delivered.")
+    webhook_events: list[str] | None = None
 
 
 class ExperimentList(BaseModel):

@@ -13,9 +13,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas.text import Name, no_control_but_whitespace
+from app.schemas.text import FreeText, Name
+from app.schemas.webhooks import WebhookSubscription
 
 
 class Strategy(StrEnum):
@@ -31,6 +32,9 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
+    # shown, never stored: a canceled job whose running chunks still finish their current
+    # batch (their images still count); it reads `canceled`, with the final count, once they stop
+    CANCELING = "canceling"
 
 
 ACTIVE_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -86,9 +90,7 @@ FramePx = Annotated[
     ),
 ]
 ImageSide = Annotated[int | None, Field(ge=8, le=2048, multiple_of=8)]
-NegativePrompt = Annotated[
-    str | None, Field(max_length=2000), AfterValidator(no_control_but_whitespace)
-]
+NegativePrompt = Annotated[FreeText | None, Field(max_length=2000)]
 
 
 class SamplerOptions(BaseModel):
@@ -140,7 +142,7 @@ class GenerationParams(SamplerOptions):
         return out
 
 
-class JobCreate(BaseModel):
+class JobCreate(WebhookSubscription):
     """A generation job: `count` images of `condition` on `skin_tone` skin."""
 
     model_config = ConfigDict(extra="forbid")
@@ -186,6 +188,14 @@ class ChunkStep(BaseModel):
     done: int = Field(description="Images of the chunk written so far.")
     step: int | None = Field(description="Sampler step of the batch in flight.")
     steps: int | None
+    heartbeat_age_s: float | None = Field(
+        None, description="Seconds since the chunk's worker last reported (its heartbeat)."
+    )
+    stalled: bool = Field(
+        False,
+        description="No heartbeat for three heartbeat intervals: its worker is likely gone, "
+        "and recovery re-queues the chunk once the heartbeat is stale_after_s old.",
+    )
 
 
 class Progress(BaseModel):
@@ -226,6 +236,8 @@ class JobOut(BaseModel):
         None, description="What an ingest or export made: its report, its files."
     )
     idempotency_key: str | None
+    webhook: str | None = Field(None, description="Where the job's events are delivered.")
+    webhook_events: list[str] | None = None
 
 
 class JobList(BaseModel):

@@ -9,9 +9,11 @@ keep tab, line feed and carriage return.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _TEXT_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # less \t \n \r
@@ -46,7 +48,29 @@ def no_control_but_whitespace(value: str | None) -> str | None:
     return value
 
 
+# The same rules as JSON Schema patterns, for the OpenAPI document.
+NAME_PATTERN = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+FREE_TEXT_PATTERN = "^[^\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f]*$"
+
+
+class DocumentedPattern:
+    """Says a validator's rule in the JSON schema as a `pattern`, without checking it a second
+    time: clients keep getting the validator's message."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema: dict[str, Any] = handler(core_schema)
+        schema["pattern"] = self.pattern
+        return schema
+
+
 # A name, key, id or label: no control character at all.
-Name = Annotated[str, AfterValidator(no_control)]
+Name = Annotated[str, AfterValidator(no_control), DocumentedPattern(NAME_PATTERN)]
 # Free text (a description, a negative prompt): tab, line feed and carriage return allowed.
-FreeText = Annotated[str, AfterValidator(no_control_but_whitespace)]
+FreeText = Annotated[
+    str, AfterValidator(no_control_but_whitespace), DocumentedPattern(FREE_TEXT_PATTERN)
+]

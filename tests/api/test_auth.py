@@ -32,6 +32,9 @@ PUBLIC = {
     ("GET", "/redoc"),
 }
 
+# For operators, not API keys: its own token, or loopback (tests/api/test_health.py).
+OPERATOR = {("GET", "/metrics")}
+
 # The protected endpoints the service must have (the route walk below covers any others).
 PROTECTED = {
     ("GET", "/jobs"),
@@ -43,7 +46,6 @@ PROTECTED = {
     ("GET", "/datasets/{dataset_id}/manifest"),
     ("GET", "/models"),
     ("GET", "/conditions"),
-    ("GET", "/metrics"),
     ("POST", "/experiments"),
     ("GET", "/experiments/{experiment_id}"),
     ("GET", "/experiments/{experiment_id}/plots/{filename}"),
@@ -111,10 +113,11 @@ def test_route_table_is_what_the_tests_cover(deployed: Stack) -> None:
     routes = app_routes(deployed)
     assert routes >= PROTECTED, PROTECTED - routes
     assert routes >= PUBLIC, PUBLIC - routes
+    assert routes >= OPERATOR, OPERATOR - routes
 
 
 def test_every_route_but_the_public_ones_needs_a_key(deployed: Stack) -> None:
-    routes = app_routes(deployed) - PUBLIC
+    routes = app_routes(deployed) - PUBLIC - OPERATOR
     assert routes  # never vacuous
     jobs_before = count_rows(deployed, "SELECT count(*) FROM jobs")
     wrong = "sdk_" + uuid.uuid4().hex
@@ -162,6 +165,10 @@ def test_signed_file_route_checks_its_signature(stack: Stack) -> None:
         assert bad.status_code == 404, bad.text
     assert bad.headers["content-type"].startswith("application/problem+json")
     assert bad.content != b""
+    # a signature with a non-ASCII character is as wrong as any other (it was a 500:
+    # hmac.compare_digest refuses such a str), found by tests/api/test_openapi_contract.py
+    odd = client.get(f"/files/{key}", params={"expires": 4102444800, "signature": "\u00bf"})
+    assert odd.status_code == bad.status_code, odd.text
 
 
 def test_signed_file_route_rejects_a_tampered_or_expired_url(embedded: Stack) -> None:
@@ -205,7 +212,7 @@ def test_revoked_key_is_refused(stack: Stack) -> None:
     assert client.get("/jobs").status_code == 200
     with stack.session() as session:
         assert revoke_key(session=session, key_id=key_id)
-    for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/metrics")):
+    for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/conditions")):
         assert_unauthorized(call(client, method, path))
     assert count_rows(stack, "SELECT count(*) FROM jobs WHERE owner_id = :o", o=key_id) == 0
 
@@ -249,7 +256,8 @@ def test_tenancy_other_keys_see_nothing(stack: Stack) -> None:
     active = submit(a, count=16)
     assert b.post(f"/jobs/{active['id']}/cancel").status_code == 404
     assert a.get(f"/jobs/{active['id']}").json()["status"] in ("queued", "running")
-    assert a.post(f"/jobs/{active['id']}/cancel").json()["status"] == "canceled"
+    # canceling while its running chunk finishes the batch it is sampling
+    assert a.post(f"/jobs/{active['id']}/cancel").json()["status"] in ("canceled", "canceling")
 
     assert b.get("/jobs").json() == {"items": [], "next_cursor": None}
     assert b.get("/jobs", params={"status": "succeeded"}).json()["items"] == []

@@ -100,3 +100,41 @@ def test_a_bad_cursor_or_limit_is_a_422(stack: Stack) -> None:
     assert_problem(client.get("/datasets", params={"cursor": theirs}), 422, "cursor")
     assert_problem(client.get("/datasets", params={"limit": 0}), 422, "limit")
     assert_problem(client.get("/datasets", params={"limit": 1001}), 422, "limit")
+
+
+def test_datasets_say_whether_a_job_still_writes_them(deployed: Stack) -> None:
+    """An upload's dataset is `ingesting` (not a finished one with 0 images) until its ingest
+    ends; a synthetic one `generating` while a job appends to it, `failed` when every job
+    into it failed, else `ready`."""
+    from sqlalchemy import update
+
+    from app.db.tables import Job
+    from tests.helpers import csv_text, make_zip, png, submit, upload
+
+    client = deployed.client(deployed.new_key())
+
+    def status(dataset_id: str) -> str:
+        listed = {d["id"]: d["status"] for d in client.get("/datasets").json()["items"]}
+        shown = client.get(f"/datasets/{dataset_id}").json()["status"]
+        assert listed[dataset_id] == shown
+        return shown
+
+    deployed.worker.stop()  # nothing runs: the jobs stay queued
+    try:
+        archive = make_zip({"a.png": png(7), "metadata.csv": csv_text(
+            ["file", "label", "fitzpatrick"], [["a.png", "psoriasis", 2]])})  # fmt: skip
+        ingest = upload(client, archive)
+        generate = submit(client, count=2, num_inference_steps=2)
+        assert status(ingest["dataset_id"]) == "ingesting"
+        assert status(generate["dataset_id"]) == "generating"
+    finally:
+        deployed.worker.start()
+    deployed.wait_job(client, ingest["id"])
+    deployed.wait_job(client, generate["id"])
+    assert status(ingest["dataset_id"]) == "ready"
+    assert status(generate["dataset_id"]) == "ready"
+
+    # a dataset whose every job failed says so
+    with deployed.session() as session:
+        session.execute(update(Job).where(Job.id == generate["id"]).values(status="failed"))
+    assert status(generate["dataset_id"]) == "failed"

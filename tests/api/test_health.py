@@ -5,14 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
+from app.api.health import check_metrics_access, is_loopback
 from app.db.tables import Job, JobChunk
+from app.errors import Forbidden, Unauthorized
 from app.main import create_app
 from tests.conftest import Stack, wait_for
-from tests.helpers import submit
+from tests.helpers import assert_problem, submit
 
 CLOSED_BROKER = "redis://127.0.0.1:1/0"
 
@@ -146,3 +149,93 @@ def test_readyz_fails_on_an_unmigrated_database(embedded: Stack, tmp_path: Path)
     assert checks["database"]["ok"] is False
     assert "alembic_version" in checks["database"]["detail"]
     assert checks["broker"]["ok"] is True
+
+
+# --- who may read /metrics (issue 21: operators, not every API key) ----------------------
+
+METRICS_TOKEN = "operator-token-0123456789abcdef"
+
+
+def test_metrics_with_a_token_answer_only_that_token(stack: Stack) -> None:
+    """With SYNTHDERM_METRICS_TOKEN set, only that bearer token reads /metrics: no header, a
+    wrong token and a valid API key are each a 401, even from loopback."""
+    settings = stack.settings.model_copy(update={"metrics_token": METRICS_TOKEN})
+    api_key = stack.new_key("not-an-operator")
+    with TestClient(create_app(settings), client=("127.0.0.1", 50000)) as client:
+        refused = {
+            "no header": client.get("/metrics"),
+            "wrong token": client.get("/metrics", headers={"Authorization": "Bearer nope"}),
+            "api key": client.get("/metrics", headers={"Authorization": f"Bearer {api_key}"}),
+            "api key header": client.get("/metrics", headers={"X-API-Key": api_key}),
+            "not bearer": client.get(
+                "/metrics", headers={"Authorization": f"Basic {METRICS_TOKEN}"}
+            ),
+        }
+        for what, response in refused.items():
+            body = assert_problem(response, 401)
+            assert response.headers.get("www-authenticate") == "Bearer", what
+            assert "metrics token" in body["detail"], (what, body)
+            assert "synthderm_jobs" not in response.text, what
+        ok = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        # the API key still works where it belongs
+        assert client.get("/conditions", headers={"X-API-Key": api_key}).status_code == 200
+    assert ok.status_code == 200, ok.text
+    assert ok.headers["content-type"].startswith("text/plain")
+    names = {family.name for family in text_string_to_metric_families(ok.text)}
+    assert {"synthderm_jobs", "synthderm_images_generated"} <= names
+
+
+def test_metrics_without_a_token_answer_loopback_only(stack: Stack) -> None:
+    """Unset, /metrics answers a client on loopback (the real API over a socket from this
+    host: no key needed) and refuses any other address, or a request through a proxy, with a
+    403."""
+    response = stack.client().get("/metrics")  # 127.0.0.1, no API key
+    assert response.status_code == 200, response.text
+    assert "synthderm_jobs" in response.text
+    assert stack.settings.metrics_token == ""
+    app = create_app(stack.settings)
+    api_key = stack.new_key()
+    for address in ("203.0.113.7", "10.0.0.2", "::ffff:192.0.2.1", "testclient"):
+        with TestClient(app, client=(address, 50000)) as client:
+            refused = client.get("/metrics", headers={"Authorization": f"Bearer {api_key}"})
+        body = assert_problem(refused, 403)
+        assert "SYNTHDERM_METRICS_TOKEN" in body["detail"], address
+        assert "synthderm_jobs" not in refused.text
+    with TestClient(app, client=("127.0.0.1", 50000)) as client:
+        assert client.get("/metrics").status_code == 200
+        proxied = client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.7"})
+        assert_problem(proxied, 403)
+    with TestClient(app, client=("::1", 50000)) as client:
+        assert client.get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.1", False),
+        ("192.168.1.5", False),
+        ("::ffff:10.0.0.1", False),
+        ("2001:db8::1", False),
+        ("localhost", False),  # a name is not an address: refused
+        ("", False),
+        (None, False),  # a Unix socket gives no address
+    ],
+)
+def test_loopback_rule(host: str | None, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+    access = {"token": "", "authorization": "", "client_host": host, "proxied": False}
+    if loopback:
+        check_metrics_access(**access)
+        with pytest.raises(Forbidden):
+            check_metrics_access(**{**access, "proxied": True})
+    else:
+        with pytest.raises(Forbidden):
+            check_metrics_access(**access)
+    # with a token the address does not matter: only the token does
+    with pytest.raises(Unauthorized):
+        check_metrics_access(**{**access, "token": "t"})
+    check_metrics_access(**{**access, "token": "t", "authorization": "Bearer t"})

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+from datetime import timedelta
 
 import httpx
 from PIL import Image
@@ -142,8 +143,11 @@ def test_cancel_running_job_keeps_written_images(stack: Stack) -> None:
     )
     canceled = client.post(f"/jobs/{job['id']}/cancel")
     assert canceled.status_code == 200, canceled.text
-    assert canceled.json()["status"] == "canceled"
-    assert canceled.json()["timings"]["canceled_at"]
+    # a chunk in flight finishes the batch in hand (its images still count): until it stops
+    # the job is canceling, and `done` is not final yet
+    body = canceled.json()
+    assert body["status"] == ("canceling" if body["progress"]["running"] else "canceled")
+    assert body["timings"]["canceled_at"]
 
     # the running chunk stops at its next batch; nothing more is written after that
     def settled() -> int | None:
@@ -169,11 +173,18 @@ def test_cancel_running_job_keeps_written_images(stack: Stack) -> None:
     assert again.headers["content-type"].startswith("application/problem+json")
 
 
+def dispatched(stack: Stack, job_id: str) -> int:
+    sql = "SELECT count(*) FROM job_chunks WHERE job_id = :j AND dispatched_at IS NOT NULL"
+    return count_rows(stack, sql, j=job_id)
+
+
 def test_cancel_queued_job(deployed: Stack) -> None:
     client = deployed.client(deployed.new_key())
     deployed.worker.stop()
     try:
         job = submit(client, count=30)
+        window = min(deployed.settings.dispatch_window, job["chunks"])
+        wait_for(lambda: dispatched(deployed, job["id"]) == window, timeout=20, what="dispatch")
         response = client.post(f"/jobs/{job['id']}/cancel")
         assert response.status_code == 200
         assert response.json()["status"] == "canceled"
@@ -181,8 +192,11 @@ def test_cancel_queued_job(deployed: Stack) -> None:
         deployed.worker.start()
     pending = "SELECT count(*) FROM job_chunks WHERE job_id = :j AND status <> 'canceled'"
     assert count_rows(deployed, pending, j=job["id"]) == 0
-    # the restarted worker takes every chunk's message and drops it without generating: wait
-    # for that evidence (one "skipped" result per chunk in its log), then look for images
+    # only the dispatch window's chunks were sent; the rest never leave the database
+    sent = dispatched(deployed, job["id"])
+    assert sent == window < job["chunks"]
+    # the restarted worker takes each sent chunk's message and drops it without generating:
+    # wait for that evidence (one "skipped" result per message in its log), then for images
     deployed.worker.wait_ready()
 
     def skipped() -> int:
@@ -191,7 +205,7 @@ def test_cancel_queued_job(deployed: Stack) -> None:
             for line in deployed.worker.log_since_start().splitlines()
         )
 
-    wait_for(lambda: skipped() == job["chunks"], timeout=60, what="every chunk skipped")
+    wait_for(lambda: skipped() == sent, timeout=60, what="every sent chunk skipped")
     assert count_rows(deployed, "SELECT count(*) FROM images WHERE job_id = :j", j=job["id"]) == 0
     assert client.get(f"/jobs/{job['id']}").json()["progress"]["done"] == 0
 
@@ -210,3 +224,48 @@ def test_idempotency_key_returns_the_same_job(deployed: Stack) -> None:
     listed = client.get("/jobs").json()["items"]
     assert [j["id"] for j in listed] == [first.json()["id"]]
     deployed.wait_job(client, first.json()["id"])
+
+
+def test_a_chunk_whose_heartbeat_stopped_shows_as_stalled(deployed: Stack) -> None:
+    """A running chunk that missed three heartbeats is `stalled` (its worker likely died) until
+    recovery re-queues it; a canceled job is `canceling` only while a live chunk finishes."""
+    from sqlalchemy import update
+
+    from app.db.tables import JobChunk, utcnow
+
+    client = deployed.client(deployed.new_key())
+    deployed.worker.stop()  # no worker: nothing claims, beats or recovers the chunks
+    try:
+        job = submit(client, count=16)  # two chunks of 8
+        assert job["chunks"] == 2
+        now = utcnow()
+        old = now - timedelta(seconds=30)  # stale_after_s is 4 here, the interval 0.5
+
+        def chunk(index: int, **values: object) -> None:
+            with deployed.session() as session:
+                session.execute(
+                    update(JobChunk)
+                    .where(JobChunk.job_id == job["id"], JobChunk.index == index)
+                    .values(**values)
+                )
+
+        chunk(0, status="running", started_at=old, heartbeat_at=old, step=3, steps=4)
+        chunk(1, status="running", started_at=now, heartbeat_at=now, step=1, steps=4)
+        running = {
+            c["chunk"]: c for c in client.get(f"/jobs/{job['id']}").json()["progress"]["running"]
+        }
+        assert running[0]["stalled"] is True and running[0]["heartbeat_age_s"] >= 30
+        assert running[1]["stalled"] is False and running[1]["heartbeat_age_s"] < 1.5
+
+        # canceled while chunk 1 (alive) finishes its batch: canceling, then canceled
+        canceled = client.post(f"/jobs/{job['id']}/cancel").json()
+        assert canceled["status"] == "canceling"
+        assert [c["chunk"] for c in canceled["progress"]["running"]] == [0, 1]
+        listed = client.get("/jobs", params={"status": "canceled"}).json()["items"]
+        assert [j["status"] for j in listed if j["id"] == job["id"]] == ["canceling"]
+        chunk(1, status="canceled", done=3, finished_at=utcnow())
+        final = client.get(f"/jobs/{job['id']}").json()
+        assert final["status"] == "canceled"  # chunk 0 is stalled: it holds nothing up
+        assert [c["chunk"] for c in final["progress"]["running"]] == [0]
+    finally:
+        deployed.worker.start()

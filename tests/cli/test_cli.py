@@ -92,6 +92,20 @@ def test_keys_create_list_revoke(migrated: Settings) -> None:
     assert raw not in listed.stdout + listed.stderr
     assert raw[len(raw) // 2 :] not in listed.stdout  # at most the prefix shows
 
+    # the webhook signing secret: printed once on stderr, the one stored; rotated on demand
+    with session_scope(migrated.database_url) as session:
+        secret = session.scalars(select(ApiKey.webhook_secret)).one()
+    assert secret.startswith("whsec_")
+    assert f"webhook signing secret (shown only now): {secret}" in created.stderr
+    assert secret not in listed.stdout + listed.stderr
+    rotated = ok(synthderm(migrated, "keys", "rotate-webhook-secret", key_id))
+    new_secret = rotated.stdout.strip()
+    assert new_secret.startswith("whsec_") and new_secret != secret
+    with session_scope(migrated.database_url) as session:
+        assert session.scalars(select(ApiKey.webhook_secret)).one() == new_secret
+    missing = synthderm(migrated, "keys", "rotate-webhook-secret", "no-such-key")
+    assert missing.returncode == 1 and "no key 'no-such-key'" in missing.stderr
+
     revoked = ok(synthderm(migrated, "keys", "revoke", key_id))
     assert key_id in revoked.stdout
     with session_scope(migrated.database_url) as session:

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from tests.conftest import ROOT, Stack
@@ -72,6 +73,7 @@ def test_upload_submit_download_verify(deployed: Stack, tmp_path: Path) -> None:
     assert datasets.returncode == 0, datasets.stdout + datasets.stderr
     assert real in datasets.stdout and job["dataset_id"] in datasets.stdout
     assert "psoriasis-variations" in datasets.stdout
+    assert "status" in datasets.stdout and "ready" in datasets.stdout  # nothing writes them now
     assert job["params"]["negative_prompt"] == "blurry", job
     assert "…" not in jobs.stdout + datasets.stdout
 
@@ -100,6 +102,26 @@ def test_upload_submit_download_verify(deployed: Stack, tmp_path: Path) -> None:
     export = last_json(exported.stdout)
     assert export["kind"] == "export" and export["status"] == "succeeded"
     assert [shard["samples"] for shard in export["result"]["shards"]] == [4, 2]
+
+
+def test_jobs_conditions_lists_the_keys_own_vocabulary(deployed: Stack, tmp_path: Path) -> None:
+    """`synthderm jobs conditions`: the shared conditions and the caller's uploaded labels,
+    never another key's (issue 21)."""
+    owner, other = deployed.new_key("owner"), deployed.new_key("other")
+    label = f"zz cli label {uuid.uuid4().hex[:8]}"
+    archive = tmp_path / "labels.zip"
+    archive.write_bytes(make_zip({"0.png": png(7), "metadata.csv": csv_text(
+        ["file", "label", "fitzpatrick"], [["0.png", label, 2]])}))  # fmt: skip
+    uploaded = run_cli(deployed, owner, tmp_path, "datasets", "upload", str(archive))
+    assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
+    slug = label.replace(" ", "-")
+    mine = run_cli(deployed, owner, tmp_path, "jobs", "conditions", columns=60)
+    theirs = run_cli(deployed, other, tmp_path, "jobs", "conditions", columns=60)
+    assert mine.returncode == 0 and theirs.returncode == 0, mine.stderr + theirs.stderr
+    assert re.search(rf"{re.escape(slug)}\s+│\s+{re.escape(label)}\s+│\s+yours", mine.stdout)
+    assert slug not in theirs.stdout and "yours" not in theirs.stdout
+    for listing in (mine.stdout, theirs.stdout):
+        assert re.search(r"basal-cell-carcinoma\s+│\s+basal cell carcinoma\s+│\s+shared", listing)
 
 
 def test_client_reports_api_errors(deployed: Stack, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.server
 import json
 import os
 import signal
@@ -74,7 +75,19 @@ def test_run_serves_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
         ).stdout.strip()  # fmt: skip
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert client.get("/models").json()["items"][0]["id"] == "tiny-random"
-        job = client.post("/jobs", json={"condition": "psoriasis", "skin_tone": 6, "count": 5})
+        # a webhook to localhost: the embedded default allows loopback, and `run` starts the
+        # worker of the webhooks queue
+        hook_url, received = webhook_receiver()
+        job = client.post(
+            "/jobs",
+            json={
+                "condition": "psoriasis",
+                "skin_tone": 6,
+                "count": 5,
+                "webhook": hook_url,
+                "webhook_events": ["completed"],
+            },
+        )
         assert job.status_code == 202, job.text
 
         def finished() -> dict | None:
@@ -92,6 +105,9 @@ def test_run_serves_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
             (tmp_path / "var" / "objects" / "datasets" / final["dataset_id"]).rglob("*.png")
         )
         assert len(objects) == 5
+        wait_for(lambda: received, timeout=60, interval=0.5, what="the webhook")
+        assert json.loads(received[0])["data"]["status"] == "succeeded"
+        assert len(workers_of(proc, "webhooks")) == 1
 
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 2  # the API and the worker
@@ -109,7 +125,8 @@ def test_run_serves_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
 
 
 def test_children_stop_when_the_runner_is_killed(tmp_path: Path) -> None:
-    """Even a SIGKILLed `synthderm run` leaves no API or worker behind."""
+    """Even a SIGKILLed `synthderm run` leaves no API or worker (nor the webhooks worker)
+    behind."""
     port = free_port()
     settings = Settings(
         data_dir=tmp_path / "var", api_port=port, public_base_url=f"http://127.0.0.1:{port}"
@@ -121,9 +138,9 @@ def test_children_stop_when_the_runner_is_killed(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         wait_for(
-            lambda: len(psutil.Process(proc.pid).children(recursive=True)) >= 2,
+            lambda: len(psutil.Process(proc.pid).children(recursive=True)) >= 3,
             timeout=60,
-            what="the API and the worker",
+            what="the API and the two workers",
         )
         children = psutil.Process(proc.pid).children(recursive=True)
     finally:
@@ -139,12 +156,33 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def workers_of(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    """The run's Celery worker processes (the children whose command line names celery)."""
+def webhook_receiver() -> tuple[str, list[bytes]]:
+    """A receiver on 127.0.0.1 (a daemon thread, gone with the test process) that answers 204
+    and keeps the bodies."""
+    received: list[bytes] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["content-length"])))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/hook", received
+
+
+def workers_of(proc: subprocess.Popen[bytes], queues: str = "gpu,train") -> list[psutil.Process]:
+    """The run's Celery worker processes of `queues` (the job worker by default; `webhooks`:
+    the webhook deliveries' worker)."""
     found = []
     for child in psutil.Process(proc.pid).children():
         with contextlib.suppress(psutil.Error):
-            if "celery" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+            command = child.cmdline()
+            if "celery" in command and queues in command and child.status() != psutil.STATUS_ZOMBIE:
                 found.append(child)
     return found
 

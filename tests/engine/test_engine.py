@@ -8,16 +8,17 @@ broker took, holds the rest, interleaves keys), and recovery's view of a chunk n
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app import engine
 from app.config import Settings
 from app.db.session import make_engine, session_factory
-from app.db.tables import ApiKey, Base, Job, JobChunk
+from app.db.tables import ApiKey, Base, Job, JobChunk, utcnow
 from app.errors import Conflict, NotFound
 
 
@@ -264,3 +265,22 @@ def test_window_holds_the_rest_and_interleaves_keys(session: Session, settings: 
     assert remaining == 97  # never sent: no message to drain after the cancel
     assert engine.has_active_chunks(session=session, kind="generate")
     assert not engine.has_active_chunks(session=session, kind="export")
+
+
+def test_recovery_closes_a_dead_workers_chunk_of_an_ended_job(
+    session: Session, settings: Settings
+) -> None:
+    """A worker died in the middle of a chunk, then the job was canceled: the chunk would stay
+    `running` forever (recovery only re-sends chunks of active jobs); it is closed instead."""
+    job = new_job(session, count=2, kind="generate")
+    claim(session, settings, job, 0)
+    engine.cancel_job(session=session, job_id=job.id, owner=owner(session))
+    session.commit()
+    assert engine.close_abandoned_chunks(session=session, settings=settings, kind="generate") == 0
+    session.commit()  # its heartbeat is fresh: the worker may still be stopping
+    old = utcnow() - timedelta(seconds=settings.stale_after_s + 1)
+    session.execute(update(JobChunk).where(JobChunk.job_id == job.id).values(heartbeat_at=old))
+    session.commit()
+    assert engine.close_abandoned_chunks(session=session, settings=settings, kind="generate") == 1
+    session.commit()
+    assert [c[3] for c in chunks(session, job)] == ["canceled", "canceled"]

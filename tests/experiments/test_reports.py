@@ -549,3 +549,31 @@ def test_datasets_that_share_a_name_get_labels_of_their_own() -> None:
     chosen = compare_settings(runs=runs, a="n=8 k=4 inpaint fitz-inpaint (44444444)",
                               b="n=8 k=0", classes=CLASSES, dataset_names=names)  # fmt: skip
     assert chosen["a"] == "n=8 k=4 inpaint fitz-inpaint (44444444)"
+
+
+def test_the_accuracy_plot_names_n_all_on_its_axis() -> None:
+    """n=all is drawn at the mean real images per class it had: its tick says `all`, and the
+    other ticks are the n_real values, not the log axis' powers of 2."""
+    runs, seed = [], 0
+    for n in (4, 8, None):
+        for k in (0, 2):
+            seed += 1
+            config = {
+                "n_real_per_class": n,
+                "synthetic_per_real": k,
+                "strategy": "inpaint" if k else None,
+                "synthetic_dataset": INPAINT_SET if k else None,
+                "augmentation": False,
+            }
+            run = finished_run(config, accuracy=0.6, seed=seed)
+            if n is None:  # every real training image: 40 + 30 + 20 of them
+                run.split = {"train_real": {"a": 40, "b": 30, "c": 20}}
+            runs.append(run)
+    figure = plots.accuracy_vs_n_real(build_report(runs=runs, classes=CLASSES))
+    axis = figure.axes[0].xaxis
+    ticks = dict(
+        zip(axis.get_ticklocs(), [t.get_text() for t in axis.get_ticklabels()], strict=True)
+    )
+    plots.plt.close(figure)
+    assert ticks == {4.0: "4", 8.0: "8", 30.0: "all\n(~30)"}
+    assert axis.get_minorticklocs().size == 0

@@ -411,28 +411,30 @@ def test_truncated_or_corrupt_archives_are_reported(
 
 def test_control_characters_in_the_csv_are_bad_rows(stack: Stack) -> None:
     client = stack.client(stack.new_key())
-    images = {f"{i}.png": png(40 + i) for i in range(5)}
+    images = {f"{i}.png": png(40 + i) for i in range(6)}
     rows = [
         ["0.png", "psoriasis", 2],
         ["1.png", "ecz\x00ema", 2],  # NUL: PostgreSQL cannot even store it
         ["2.png", "pso\x1briasis", 3],
-        ["3.png", "ac\x85ne", 3],  # C1 (at an end, strip() takes it as whitespace)
+        ["3.png", "ac\x85ne", 3],  # C1
         ["4\x01.png", "psoriasis", 3],
+        ["5.png", "acne\x85", 3],  # NEL at an end: refused too, though strip() takes it
     ]
     images["metadata.csv"] = csv_text(["file", "label", "fitzpatrick"], rows)
     job = upload(client, make_zip(images))
     done = stack.wait_job(client, job["id"], statuses=("failed",))
     errors = done["result"]["errors"]
-    assert [e["row"] for e in errors] == [3, 4, 5, 6]
+    assert [e["row"] for e in errors] == [3, 4, 5, 6, 7]
     assert all("control character" in e["reason"] for e in errors), errors
-    assert [e["file"] for e in errors] == ["1.png", "2.png", "3.png", "4\\x01.png"]
+    assert [e["file"] for e in errors] == ["1.png", "2.png", "3.png", "4\\x01.png", "5.png"]
     assert errors[0]["reason"] == "label 'ecz\\x00ema' has a control character (U+0000)"
+    assert errors[4]["reason"] == "label 'acne\\x85' has a control character (U+0085)"
     assert client.get(f"/datasets/{job['dataset_id']}").status_code == 404
     # with on_error=skip the good row is kept
     kept = upload(client, make_zip(images), on_error="skip")
     done = stack.wait_job(client, kept["id"])
     assert done["result"]["accepted"] == 1
-    assert [e["row"] for e in done["result"]["skipped"]] == [3, 4, 5, 6]
+    assert [e["row"] for e in done["result"]["skipped"]] == [3, 4, 5, 6, 7]
     assert counts(client, done["dataset_id"]) == {("psoriasis", 2): 1}
 
 
@@ -484,3 +486,19 @@ def test_labels_in_any_script_end_to_end(stack: Stack) -> None:
     assert generate.status_code == 202, generate.text
     assert generate.json()["condition"] == "湿疹"
     client.post(f"/jobs/{generate.json()['id']}/cancel")
+
+
+def test_a_failed_upload_leaves_no_empty_folder(embedded: Stack) -> None:
+    """The local store prunes the folders a delete empties: a refused upload leaves no
+    `uploads/{job}/` (nor `datasets/{id}/...`) folder behind."""
+    client = embedded.client(embedded.new_key())
+    images = {"a.png": png(61), "b.png": png(62)}
+    images["metadata.csv"] = csv_text(
+        ["file", "label", "fitzpatrick"], [["a.png", "psoriasis", 2], ["b.png", "eczema", 9]]
+    )  # b's skin type is bad: the job fails once a.png is stored, and keeps nothing
+    job = upload(client, make_zip(images))
+    done = embedded.wait_job(client, job["id"], statuses=("failed",))
+    assert [e["row"] for e in done["result"]["errors"]] == [3]
+    root = embedded.store.root
+    assert not (root / "uploads" / job["id"]).exists()
+    assert not (root / "datasets" / job["dataset_id"]).exists()
