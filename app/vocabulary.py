@@ -17,9 +17,9 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import exists, select
+from sqlalchemy import bindparam, exists, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from app.db.tables import Condition, ConditionOwner, GeneratorModel, Job, utcnow
 
@@ -90,13 +90,34 @@ class KnownCondition:
 _OWNERLESS = ~exists().where(ConditionOwner.slug == Condition.slug)
 
 
+_anyone = aliased(ConditionOwner)
+# (shared name, the key's own name, whether nobody owns it) of one slug; built once, since
+# building the aliased join costs more than running it
+_CONDITION_AS_SEEN = (
+    select(
+        Condition.name,
+        ConditionOwner.name,
+        ~exists().where(_anyone.slug == Condition.slug).correlate(Condition),
+    )
+    .outerjoin(
+        ConditionOwner,
+        (ConditionOwner.slug == Condition.slug)
+        & (ConditionOwner.owner_id == bindparam("owner_id")),
+    )
+    .where(Condition.slug == bindparam("slug"))
+)
+
+
 def get_condition(*, session: Session, slug: str, owner_id: str) -> KnownCondition | None:
-    """The condition `slug` as key `owner_id` sees it; None if that key may not use it."""
-    own = session.get(ConditionOwner, (slug, owner_id))
-    if own is not None:
-        return KnownCondition(slug=slug, name=own.name, shared=False)
-    shared = session.scalar(select(Condition).where(Condition.slug == slug, _OWNERLESS))
-    return KnownCondition(slug=slug, name=shared.name, shared=True) if shared else None
+    """The condition `slug` as key `owner_id` sees it; None if that key may not use it. One
+    query (POST /jobs asks it on every request)."""
+    row = session.execute(_CONDITION_AS_SEEN, {"slug": slug, "owner_id": owner_id}).first()
+    if row is None:
+        return None
+    shared_name, own_name, ownerless = row
+    if own_name is not None:
+        return KnownCondition(slug=slug, name=own_name, shared=False)
+    return KnownCondition(slug=slug, name=shared_name, shared=True) if ownerless else None
 
 
 def job_condition(*, session: Session, job_id: str) -> KnownCondition | None:

@@ -3,6 +3,7 @@ endpoint that parses the same body (the baseline), measured in the same run.
 
     python -m bench.api_load                          # 16 connections, 15 s, every stack
     python -m bench.api_load --seconds 5 --stacks embedded
+    python -m bench.api_load --api-workers 2        # uvicorn --workers 2 for the service
 
 Stacks, each the API alone on a fresh data folder, started as `synthderm run --no-with-worker`
 starts it (migrations, tiny generators, uvicorn with the service's settings):
@@ -15,7 +16,7 @@ loop for `--seconds`, after a 2 s warm-up that is not counted. Printed per stack
 failures (any status but 202), req/s, p50, p99 and max latency, and the ratio of req/s to the
 bare endpoint's. Then, for the service stacks, whether every job was dispatched at most once
 and the broker holds exactly the chunks marked dispatched (the window: the database holds the
-rest until a worker takes them).
+rest until a worker takes them), and the server's CPU time per request (psutil).
 
 The load generator shares the machine's cores with the API: on a 2-core machine it takes
 about one of them, so the numbers are the API's on the core that is left.
@@ -71,6 +72,7 @@ class Result:
     seconds: float
     latencies_ms: list[float]
     statuses: dict[int, int]
+    server_cpu_s: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -103,8 +105,20 @@ def wait_serving(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: fl
     raise SystemExit(f"the server did not start in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children so far (uvicorn's workers are its children)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = sum(proc.cpu_times()[:2])
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += sum(child.cpu_times()[:2])
+    return total
+
+
 @contextlib.contextmanager
-def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[None]:
+def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[int]:
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", *command], cwd=ROOT, env=env, stdout=out,
@@ -112,7 +126,7 @@ def server(command: list[str], env: dict[str, str], url: str, log: Path) -> Iter
         )  # fmt: skip
     try:
         wait_serving(url, proc, log)
-        yield
+        yield proc.pid
     finally:
         proc.terminate()
         try:
@@ -210,11 +224,19 @@ def dispatch_check(settings: Any, created: int) -> str:
             select(func.count()).select_from(JobChunk).where(JobChunk.dispatched_at.is_not(None))
         )
     depth = queue_depth(settings, GPU_QUEUE)
-    ok = jobs >= created and twice == 0 and depth == marked
+    ok = created > 0 and jobs >= created and twice == 0 and depth == marked
     return (
         f"jobs stored {jobs} (202s counted {created}, plus warm-up), chunks sent twice {twice}, "
         f"marked dispatched {marked}, in the broker {depth}: {'ok' if ok else 'MISMATCH'}"
     )
+
+
+def measured(pid: int, url: str, key: str | None, args: argparse.Namespace, name: str) -> Result:
+    """The load, with the server's CPU seconds over the whole run (warm-up included)."""
+    before = cpu_seconds(pid)
+    result = asyncio.run(load(url, key, args.connections, args.seconds, name))
+    result.server_cpu_s = cpu_seconds(pid) - before
+    return result
 
 
 def run_stack(name: str, args: argparse.Namespace, tmp: Path) -> tuple[Result, str]:
@@ -227,8 +249,8 @@ def run_stack(name: str, args: argparse.Namespace, tmp: Path) -> tuple[Result, s
         env = dict(os.environ)
         command = ["uvicorn", "bench.api_load:bare_app", "--host", "127.0.0.1", "--port",
                    str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
-        with server(command, env, url, log):
-            return asyncio.run(load(url, None, args.connections, args.seconds, name)), ""
+        with server(command, env, url, log) as pid:
+            return measured(pid, url, None, args, name), ""
     with contextlib.ExitStack() as stack:
         extra: dict[str, Any] = {}
         if name == "postgres+redis":
@@ -243,9 +265,10 @@ def run_stack(name: str, args: argparse.Namespace, tmp: Path) -> tuple[Result, s
         )  # fmt: skip
         key = prepare(settings)
         command = ["uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-                   "--log-level", "warning", "--no-access-log"]  # fmt: skip
-        with server(command, service_env(settings), url, log):
-            result = asyncio.run(load(url, key, args.connections, args.seconds, name))
+                   "--log-level", "warning", "--no-access-log",
+                   "--workers", str(args.api_workers)]  # fmt: skip
+        with server(command, service_env(settings), url, log) as pid:
+            result = measured(pid, url, key, args, name)
             time.sleep(1.0)  # the last responses' background dispatches
             check = dispatch_check(settings, result.statuses.get(202, 0))
         return result, check
@@ -256,12 +279,16 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument(
+        "--api-workers", type=int, default=1, help="uvicorn worker processes of the service"
+    )
+    parser.add_argument(
         "--stacks", default="bare,embedded,postgres+redis", help="comma-separated, bare first"
     )
     args = parser.parse_args()
     machine = platform.processor() or platform.machine()
     print(f"# bench.api_load on {machine}, {os.cpu_count()} CPUs; "
-          f"{args.connections} connections, {args.seconds:g} s each")  # fmt: skip
+          f"{args.connections} connections, {args.seconds:g} s each, "
+          f"{args.api_workers} API process(es)")  # fmt: skip
     results: dict[str, Result] = {}
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         for name in args.stacks.split(","):
@@ -275,6 +302,9 @@ def main() -> None:
                 f"p50 {result.quantile(0.5):6.1f} ms, p99 {result.quantile(0.99):6.1f} ms, "
                 f"max {max(result.latencies_ms, default=float('nan')):6.1f} ms{ratio}"
             )
+            total = result.requests * (1 + WARMUP_S / args.seconds)  # about, warm-up included
+            print(f"{'':15s} server CPU {result.server_cpu_s:.1f} s, about "
+                  f"{result.server_cpu_s / max(total, 1) * 1000:.1f} ms per request")  # fmt: skip
             if check:
                 print(f"{'':15s} {check}")
             sys.stdout.flush()

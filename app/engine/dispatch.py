@@ -13,7 +13,10 @@ unmarks it and leaves it to the next refill or to the recovery step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import time
 import zlib
 from collections.abc import Callable
 from functools import partial
@@ -99,10 +102,14 @@ def next_chunk(*, session: Session, kind: str) -> tuple[str, int] | None:
     return None if job_id is None or index is None else (job_id, index)
 
 
+# On SQLite, one refill at a time within a process (the API's threads); see _lock_window.
+_sqlite_refill = threading.Lock()
+
+
 def _lock_window(session: Session, kind: str) -> None:
     """One refill of `kind` at a time on PostgreSQL (a transaction-scoped advisory lock), so
-    concurrent refills do not overfill the window. SQLite has one writer at a time anyway; two
-    refills there can overshoot by the few chunks they pick at the same moment."""
+    concurrent refills do not overfill the window. On SQLite, fill_window holds a process lock
+    instead; refills of two processes (the API and a worker) can still overshoot by a chunk."""
     if session.get_bind().dialect.name == "postgresql":
         key = zlib.crc32(f"synthderm-dispatch:{kind}".encode()) & 0x7FFFFFFF
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
@@ -121,6 +128,19 @@ def fill_window(
     with session_factory() as session:
         if waiting_count(session=session, kind=kind) >= window:
             return 0  # full: no lock taken (under load, most refills end here)
+        sqlite = session.get_bind().dialect.name == "sqlite"
+    with _sqlite_refill if sqlite else contextlib.nullcontext():
+        return _fill(session_factory=session_factory, kind=kind, window=window, send=send)
+
+
+def _fill(
+    *,
+    session_factory: Callable[[], Session],
+    kind: str,
+    window: int,
+    send: Callable[[str, int], None],
+) -> int:
+    """fill_window's loop: one pick, mark and send per transaction, under the window's lock."""
     sent = 0
     while True:
         with session_factory() as session, session.begin():
@@ -163,11 +183,24 @@ def refill(settings: Settings, kind: str) -> int:
     )
 
 
+# (database, kind) -> until when this process takes the window as full (time.monotonic())
+_full_until: dict[tuple[str, str], float] = {}
+FULL_MEMO_S = 0.25
+
+
 def dispatch_after_commit(settings: Settings, job_id: str, kind: str) -> None:
     """A job was committed: fill its kind's window (its chunks go when it is their turn). On a
-    broker failure the recovery step fills it later."""
+    broker failure the recovery step fills it later.
+
+    A refill that found the window full is not repeated by this process for FULL_MEMO_S: under
+    load that saves every request a connection and a query, and the workers refill the window
+    on each claim and finish (and the recovery step every recovery_interval_s) anyway."""
+    memo = (settings.database_url, kind)
+    if time.monotonic() < _full_until.get(memo, 0.0):
+        return
     try:
-        refill(settings, kind)
+        if refill(settings, kind) == 0:
+            _full_until[memo] = time.monotonic() + FULL_MEMO_S
     except Exception:
         log.exception(
             "dispatch after job %s failed; the worker's recovery step will send it", job_id
