@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run test install lint format typecheck deploy-check tiny-model serve worker keys clean \
-	bench-generation bench-backbone bench-classifier bench-report bench-features bench-broker
+	bench-generation bench-backbone bench-classifier bench-report bench-features bench-broker \
+	bench-api-load
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,6 +75,10 @@ bench-features: $(STAMP)
 ## The embedded broker after N messages: file size, empty poll, idle worker CPU vs kombu's stock.
 bench-broker: $(STAMP)
 	$(BIN)/python -m bench.broker $(ARGS)
+
+## POST /jobs under load on the embedded default and PostgreSQL + Redis vs a bare FastAPI endpoint.
+bench-api-load: $(STAMP)
+	$(BIN)/python -m bench.api_load $(ARGS)
 
 ## Create an API key: make keys NAME=alice
 keys: $(STAMP)

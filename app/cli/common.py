@@ -20,6 +20,24 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: alembic.ini, migrati
 console = Console(stderr=True)
 
 
+WebhookOption = Annotated[
+    str | None,
+    typer.Option(help="URL that gets the job's signed events (README: Webhooks)."),
+]
+WebhookEventsOption = Annotated[
+    str | None,
+    typer.Option(help="Comma-separated events: started,progress,completed (default: all)."),
+]
+
+
+def webhook_fields(webhook: str | None, events: str | None) -> dict[str, Any]:
+    """The request's `webhook` and `webhook_events` from the two options (None: left out)."""
+    if events is not None and webhook is None:
+        raise typer.BadParameter("needs --webhook", param_hint="--webhook-events")
+    wanted = [e.strip() for e in events.split(",") if e.strip()] if events is not None else None
+    return {"webhook": webhook, "webhook_events": wanted}
+
+
 def api_client() -> Client:
     """A REST client on the URL and key from the environment or the saved config."""
     return Client.from_environment()

@@ -13,7 +13,14 @@ from rich.console import Console
 from rich.table import Table
 
 from app.cli.client import ApiError, Client
-from app.cli.common import api_client, finish, wait_with_bar
+from app.cli.common import (
+    WebhookEventsOption,
+    WebhookOption,
+    api_client,
+    finish,
+    wait_with_bar,
+    webhook_fields,
+)
 
 console = Console()
 experiments_cli = typer.Typer(
@@ -119,6 +126,8 @@ def submit(
         typer.Option(help="efficientnet-lite0, efficientnet-v2-m or timm:<model name>."),
     ] = None,
     name: Annotated[str | None, typer.Option()] = None,
+    webhook: WebhookOption = None,
+    webhook_events: WebhookEventsOption = None,
     wait: Annotated[bool, typer.Option(help="Follow it with a progress bar.")] = False,
 ) -> None:
     """Submit a grid of classifier runs."""
@@ -145,6 +154,7 @@ def submit(
         "cache_features": cache_features,
         "backbone": backbone,
         "name": name,
+        **webhook_fields(webhook, webhook_events),
     }
     if preset is not None:
         if preset not in PRESETS:

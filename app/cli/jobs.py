@@ -12,7 +12,15 @@ from typing import Annotated
 
 import typer
 
-from app.cli.common import api_client, finish, print_listing, wait_with_bar
+from app.cli.common import (
+    WebhookEventsOption,
+    WebhookOption,
+    api_client,
+    finish,
+    print_listing,
+    wait_with_bar,
+    webhook_fields,
+)
 
 jobs_cli = typer.Typer(help="Generation jobs (through the REST API).", no_args_is_help=True)
 
@@ -37,6 +45,8 @@ def jobs_submit(
     dataset_name: Annotated[
         str | None, typer.Option(help="Name of the new synthetic dataset.")
     ] = None,
+    webhook: WebhookOption = None,
+    webhook_events: WebhookEventsOption = None,
     wait: Annotated[bool, typer.Option(help="Follow it with a progress bar.")] = False,
 ) -> None:
     """Submit a generation job."""
@@ -56,6 +66,7 @@ def jobs_submit(
         "negative_prompt": negative_prompt,
         "dataset_id": dataset_id,
         "dataset_name": dataset_name,
+        **webhook_fields(webhook, webhook_events),
     }
     job = client.submit_job(body)
     if wait:

@@ -124,6 +124,25 @@ def test_jobs_conditions_lists_the_keys_own_vocabulary(deployed: Stack, tmp_path
         assert re.search(r"basal-cell-carcinoma\s+│\s+basal cell carcinoma\s+│\s+shared", listing)
 
 
+def test_submit_subscribes_a_webhook(deployed: Stack, tmp_path: Path) -> None:
+    """`--webhook` and `--webhook-events` on `jobs submit` reach the job (issue 21); events
+    without a URL are refused before any request."""
+    key = deployed.new_key()
+    url = "http://127.0.0.1:9/hooks/synthderm"
+    submitted = run_cli(deployed, key, tmp_path, "jobs", "submit", "--condition", "psoriasis",
+                        "--count", "1", "--webhook", url, "--webhook-events",
+                        "started, completed")  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job = last_json(submitted.stdout)
+    assert (job["webhook"], job["webhook_events"]) == (url, ["started", "completed"])
+    refused = run_cli(deployed, key, tmp_path, "jobs", "submit", "--condition", "psoriasis",
+                      "--webhook-events", "completed")  # fmt: skip
+    assert refused.returncode == 2 and "--webhook" in refused.stderr
+    bad = run_cli(deployed, key, tmp_path, "experiments", "submit", "--dataset", "x",
+                  "--webhook", "ftp://example.org/hook")  # fmt: skip
+    assert bad.returncode == 1 and "webhook" in bad.stderr
+
+
 def test_client_reports_api_errors(deployed: Stack, tmp_path: Path) -> None:
     key = deployed.new_key()
     bad = run_cli(deployed, key, tmp_path, "jobs", "submit", "--condition", "nope", "--count", "1")
