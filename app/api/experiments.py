@@ -12,7 +12,7 @@ from app import engine
 from app.api.accepted import accept
 from app.api.deps import CallerDep, CursorQuery, SessionDep, SettingsDep, StoreDep
 from app.api.problems import problem_responses
-from app.api.views import delivery_out, experiment_out, experiment_with_report, run_out
+from app.api.views import delivery_page, experiment_out, experiment_with_report, run_out
 from app.errors import NotFound
 from app.experiments import plots, predictions
 from app.experiments import runs as service
@@ -129,8 +129,7 @@ def experiment_deliveries(
 ) -> DeliveryList:
     """The experiment's webhook delivery log, newest first."""
     job = service.get_experiment(session=session, experiment_id=experiment_id, owner=caller)
-    rows, next_cursor = engine.list_deliveries(session=session, job=job, limit=limit, cursor=cursor)
-    return DeliveryList(items=[delivery_out(r) for r in rows], next_cursor=next_cursor)
+    return delivery_page(session=session, job=job, limit=limit, cursor=cursor)
 
 
 @router.post(

@@ -8,7 +8,7 @@ from app import engine
 from app.api.accepted import accept
 from app.api.deps import CallerDep, CursorQuery, SessionDep, SettingsDep, StoreDep
 from app.api.problems import problem_responses
-from app.api.views import delivery_out, job_out, stalled_since
+from app.api.views import delivery_page, job_out, stalled_since
 from app.datasets import uploads as upload_service
 from app.experiments import runs as run_service
 from app.generation import service as generation_service
@@ -102,5 +102,4 @@ def list_deliveries(
 ) -> DeliveryList:
     """The job's webhook delivery log, newest first: each event, its attempts and outcome."""
     job = engine.get_job(session=session, job_id=job_id, owner=caller)
-    rows, next_cursor = engine.list_deliveries(session=session, job=job, limit=limit, cursor=cursor)
-    return DeliveryList(items=[delivery_out(r) for r in rows], next_cursor=next_cursor)
+    return delivery_page(session=session, job=job, limit=limit, cursor=cursor)

@@ -23,6 +23,7 @@ from app.schemas import (
     CountRow,
     DatasetOut,
     DatasetStatus,
+    DeliveryList,
     DeliveryOut,
     ExperimentOut,
     JobOut,
@@ -232,3 +233,9 @@ def delivery_out(row: WebhookDelivery) -> DeliveryOut:
         next_attempt_at=row.next_attempt_at if row.status == "pending" else None,
         delivered_at=row.delivered_at,
     )
+
+
+def delivery_page(*, session: Session, job: Job, limit: int, cursor: str | None) -> DeliveryList:
+    """One page of a job's webhook delivery log, newest first (/jobs and /experiments)."""
+    rows, next_cursor = engine.list_deliveries(session=session, job=job, limit=limit, cursor=cursor)
+    return DeliveryList(items=[delivery_out(r) for r in rows], next_cursor=next_cursor)

@@ -11,19 +11,9 @@ import httpx
 
 from tests.conftest import Stack
 from tests.helpers import assert_problem, csv_text, make_zip, png, submit, upload
+from tests.test_migrations import PAPER_SLUGS
 
-SEEDED = {
-    "allergic-contact-dermatitis",
-    "basal-cell-carcinoma",
-    "folliculitis",
-    "lichen-planus",
-    "lupus-erythematosus",
-    "neutrophilic-dermatoses",
-    "photodermatoses",
-    "psoriasis",
-    "sarcoidosis",
-    "squamous-cell-carcinoma",
-}
+SEEDED = set(PAPER_SLUGS)
 
 
 def conditions(client: httpx.Client) -> dict[str, dict[str, object]]:
