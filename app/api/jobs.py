@@ -68,7 +68,7 @@ def get_job(job_id: str, session: SessionDep, settings: SettingsDep, caller: Cal
     timings, error."""
     job = engine.get_job(session=session, job_id=job_id, owner=caller)
     running = engine.running_chunks(session=session, job_id=job.id)
-    return job_out(job, running, heartbeat_interval_s=settings.heartbeat_interval_s)
+    return job_out(job, running, stalled_before=stalled_since(settings))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=problem_responses(404, 409))
@@ -89,7 +89,7 @@ def cancel_job(
     engine.emit_job_events(session=session, job_id=job.id, settings=settings)  # job.completed
     session.commit()
     running = engine.running_chunks(session=session, job_id=job.id)
-    return job_out(job, running, heartbeat_interval_s=settings.heartbeat_interval_s)
+    return job_out(job, running, stalled_before=stalled_since(settings))
 
 
 @router.get("/{job_id}/deliveries", response_model=DeliveryList, responses=problem_responses(404))

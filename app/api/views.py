@@ -41,16 +41,17 @@ from app.schemas import (
 STALLED_AFTER_BEATS = 3
 
 
-def chunk_step(chunk: JobChunk, *, now: datetime, heartbeat_interval_s: float) -> ChunkStep:
-    """A running chunk's progress, and whether its heartbeat stopped."""
-    age = (now - chunk.heartbeat_at).total_seconds() if chunk.heartbeat_at else None
+def chunk_step(chunk: JobChunk, *, now: datetime, stalled_before: datetime | None) -> ChunkStep:
+    """A running chunk's progress, and whether its heartbeat stopped (last beat before
+    `stalled_before`, from `stalled_since`)."""
+    beat = chunk.heartbeat_at
     return ChunkStep(
         chunk=chunk.index,
         done=chunk.done,
         step=chunk.step,
         steps=chunk.steps,
-        heartbeat_age_s=None if age is None else round(max(age, 0.0), 1),
-        stalled=age is not None and age > STALLED_AFTER_BEATS * heartbeat_interval_s,
+        heartbeat_age_s=None if beat is None else round(max((now - beat).total_seconds(), 0.0), 1),
+        stalled=beat is not None and stalled_before is not None and beat < stalled_before,
     )
 
 
@@ -73,15 +74,14 @@ def job_out(
     job: Job,
     running: list[JobChunk] | None = None,
     *,
-    heartbeat_interval_s: float = 5.0,
+    stalled_before: datetime | None = None,
     still_running: bool = False,
 ) -> JobOut:
-    """The public view of a job row (with its running chunks' steps when given; a canceled job
-    with a running chunk that is not stalled, given or `still_running`, shows as canceling)."""
+    """The public view of a job row (with its running chunks' steps when given, each stalled
+    if its last beat is before `stalled_before`; a canceled job with a running chunk that is
+    not stalled, given or `still_running`, shows as canceling)."""
     now = datetime.now(UTC)
-    steps = [
-        chunk_step(c, now=now, heartbeat_interval_s=heartbeat_interval_s) for c in running or []
-    ]
+    steps = [chunk_step(c, now=now, stalled_before=stalled_before) for c in running or []]
     queued_s = running_s = None
     if job.started_at is not None:
         queued_s = (job.started_at - job.created_at).total_seconds()
