@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test install lint format typecheck deploy-check tiny-model serve worker keys clean \
 	bench-generation bench-backbone bench-classifier bench-report bench-features bench-broker \
-	bench-api-load
+	bench-api-load bench-finetune
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ worker: $(STAMP)
 ## Generation throughput: plain pipeline vs the worker path (see bench/RESULTS.md).
 bench-generation: $(STAMP)
 	$(BIN)/python -m bench.generation $(ARGS)
+
+## Fine-tuning throughput: the plain DreamBooth loop vs models.finetune.train (bench/RESULTS.md).
+bench-finetune: $(STAMP)
+	$(BIN)/python -m bench.finetune $(ARGS)
 
 bench-backbone: $(STAMP)
 	$(BIN)/python -m bench.backbone $(ARGS)

@@ -31,6 +31,7 @@ GENERATE_TASK = "synthderm.generate_chunk"
 INGEST_TASK = "synthderm.ingest_dataset"
 EXPORT_TASK = "synthderm.export_dataset"
 TRAIN_TASK = "synthderm.train_run"
+FINETUNE_TASK = "synthderm.finetune_member"
 GPU_QUEUE = "gpu"
 # CPU work (ingest, export, classifier training) goes to the `train` queue's workers.
 TRAIN_QUEUE = "train"
@@ -40,6 +41,7 @@ JOB_TASKS = {
     "ingest": (INGEST_TASK, TRAIN_QUEUE),
     "export": (EXPORT_TASK, TRAIN_QUEUE),
     "experiment": (TRAIN_TASK, TRAIN_QUEUE),
+    "finetune": (FINETUNE_TASK, GPU_QUEUE),
 }
 # Webhook deliveries have a queue of their own, so a job's last event never waits behind a
 # generation chunk (`synthderm run` and compose start a small worker for it).

@@ -13,6 +13,7 @@ from app.api import (
     experiments,
     exports,
     files,
+    finetunes,
     health,
     jobs,
     problems,
@@ -33,7 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = make_store(settings)
     problems.install(app)
-    for module in (health, jobs, datasets, uploads, exports, experiments, catalog, files):
+    routers = (health, jobs, datasets, uploads, exports, experiments, finetunes, catalog, files)
+    for module in routers:
         app.include_router(module.router)
     return app
 

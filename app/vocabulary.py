@@ -16,6 +16,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, exists, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -184,8 +185,48 @@ def get_model(*, session: Session, model_id: str) -> GeneratorModel | None:
     return session.get(GeneratorModel, model_id)
 
 
-def list_models(*, session: Session) -> list[GeneratorModel]:
-    return list(session.scalars(select(GeneratorModel).order_by(GeneratorModel.id)))
+def list_models(*, session: Session, owner_id: str | None = None) -> list[GeneratorModel]:
+    """The models key `owner_id` may name: the base models and its own fine-tuned ones
+    (every model when None)."""
+    query = select(GeneratorModel).order_by(GeneratorModel.id)
+    if owner_id is not None:
+        query = query.where(
+            (GeneratorModel.owner_id.is_(None)) | (GeneratorModel.owner_id == owner_id)
+        )
+    return list(session.scalars(query))
+
+
+class ModelChoice(NamedTuple):
+    """What a job's `model` resolved to: the model, or why it names none (a message)."""
+
+    model: GeneratorModel | None
+    problem: str | None
+
+
+def resolve_model(*, session: Session, model_id: str, owner_id: str, condition: str) -> ModelChoice:
+    """The model a job of `condition` uses when it names `model_id`: a model the key may use,
+    or a fine-tune family, whose member of that condition (or whose joint model) it is."""
+    model = session.get(GeneratorModel, model_id)
+    if model is not None and model.owner_id in (None, owner_id):
+        return ModelChoice(model, None)
+    members = list(
+        session.scalars(
+            select(GeneratorModel).where(
+                GeneratorModel.family_id == model_id, GeneratorModel.owner_id == owner_id
+            )
+        )
+    )
+    if not members:
+        return ModelChoice(None, f"unknown model {model_id!r} (GET /models lists them)")
+    for member in members:
+        if member.condition == condition:
+            return ModelChoice(member, None)
+    have = sorted(m.condition for m in members if m.condition)
+    return ModelChoice(
+        None,
+        f"fine-tune family {model_id!r} has no model of {condition!r} "
+        f"(it has: {', '.join(have) or 'none yet'})",
+    )
 
 
 def read_pipeline_class(path: Path) -> str:

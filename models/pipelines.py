@@ -65,6 +65,9 @@ class LoadedPipeline:
     # Schedulers keep state between steps: a pipeline must never sample in two threads.
     lock: threading.Lock = field(default_factory=threading.Lock)
     variants: dict[str, Any] = field(default_factory=dict)
+    # LoRA adapters loaded into this pipeline (model id -> adapter name); sample with one of
+    # them active, or none (the base), by naming it under the lock (models/finetune.use_lora)
+    adapters: dict[str, str] = field(default_factory=dict)
 
     def variant(self, name: str, build: Callable[[Any], Any]) -> Any:
         """A pipeline sharing this one's modules (e.g. img2img), built once."""

@@ -164,3 +164,33 @@ def make_classification_data(
                         source="synthetic", strategy="inpaint", parent_image_id=parent,
                     )  # fmt: skip
         return real.id, synthetic.id
+
+
+def make_split_dataset(
+    stack, raw_key: str, *, splits: dict[str, dict[str, int]], name: str = "real-splits"
+) -> tuple[str, dict[str, dict[str, list[str]]]]:
+    """One real dataset holding, per condition, n images of each split ({condition: {split:
+    n}}: the condition's first photos in path order, split by split); returns (id,
+    {condition: {split: [image ids]}})."""
+    ids: dict[str, dict[str, list[str]]] = {}
+    with stack.session() as session:
+        owner = authenticate(session=session, raw_key=raw_key)
+        assert owner is not None
+        dataset = Dataset(id=new_id(), owner_id=owner.id, name=name, kind="real")
+        session.add(dataset)
+        session.flush()
+        for condition, counts in splits.items():
+            photos = iter(real_photos(condition, sum(counts.values())))
+            ids[condition] = {}
+            for split, n in counts.items():
+                ids[condition][split] = []
+                for _ in range(n):
+                    data, tone = next(photos)
+                    width, height = Image.open(io.BytesIO(data)).size
+                    image_id = _add_image(stack, session, dataset_id=dataset.id,
+                                          condition=condition, data=data, source="real",
+                                          skin_tone=tone, split=split, width=width,
+                                          height=height)  # fmt: skip
+                    ids[condition][split].append(image_id)
+        dataset_id = dataset.id
+    return dataset_id, ids

@@ -81,6 +81,7 @@ GROUPS = (
     ("datasets", ("app.datasets",), 3),
     ("generation", ("app.generation",), 4),
     ("experiments", ("app.experiments",), 4),
+    ("finetunes", ("app.finetunes",), 4),
     ("api", ("app.api",), 5),
     ("cli", ("app.cli",), 5),
     ("main", ("app.main",), 6),

@@ -28,6 +28,7 @@ app.conf.include = [
     "workers.ingest",
     "workers.export",
     "workers.train",
+    "workers.finetune",
     "workers.webhooks",
 ]
 

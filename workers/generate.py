@@ -34,14 +34,13 @@ from app.storage import ObjectStore, image_key
 from app.vocabulary import get_model, job_condition
 from workers.celery_app import app
 from workers.chunk_task import Canceled, claim_task_chunk, heartbeat, job_stopped, object_store
+from workers.generators import load_generator
 from workers.sampling import (
     BatchLimit,
     ParentImages,
     batch_limit,
     encode_png,
     fixed_batches,
-    model_path,
-    pipeline_cache,
     sample_batch,
     sample_params,
 )
@@ -215,6 +214,12 @@ def _common_provenance(
         "model_id": model.id,
         "model_path": str(path),
         "weights_sha256": model.weights_sha256,
+        # a fine-tuned model's base and fine-tune (its lineage: GET /finetunes/{id})
+        **(
+            {"base_model_id": model.base_model_id, "finetune_id": model.finetune_id}
+            if model.finetune_id
+            else {}
+        ),
         "pipeline_class": type(loaded.pipeline).__name__,
         "scheduler": type(loaded.pipeline.scheduler).__name__,
         "device": str(loaded.device),
@@ -267,8 +272,8 @@ def run_chunk(settings: Settings, claim: engine.ChunkClaim, worker: str) -> Chun
         return ChunkOutcome("succeeded", len(done))
 
     # 2. the pipeline (kept loaded between tasks), the parameters and the parents
-    path = model_path(settings, model)
-    loaded = pipeline_cache(settings).get(model.id, path)
+    generator = load_generator(settings, model)
+    loaded, path = generator.loaded, generator.path
     job = GenerationParams.model_validate(claim.params)
     params = sample_params(
         settings,
@@ -300,7 +305,13 @@ def run_chunk(settings: Settings, claim: engine.ChunkClaim, worker: str) -> Chun
         if settings.fault_oom_above_batch and len(indices) > settings.fault_oom_above_batch:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by settings)")
         return sample_batch(
-            loaded, params, job_seed=claim.seed, indices=indices, parents=parents, on_step=control
+            loaded,
+            params,
+            job_seed=claim.seed,
+            indices=indices,
+            parents=parents,
+            on_step=control,
+            adapter=generator.adapter,
         )
 
     # 3. sample batch by batch; encode and upload overlap the next batch

@@ -17,7 +17,8 @@ from pathlib import Path
 from app.config import Settings, get_settings
 from app.db.session import session_factory
 from app.generation.service import made_from
-from workers.sampling import ParentImages, encode_png, model_path, pipeline_cache, sample_batch
+from workers.generators import load_generator
+from workers.sampling import ParentImages, encode_png, sample_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,8 @@ def regenerate(settings: Settings, image_id: str) -> Regenerated:
     with session_factory(settings.database_url)() as session:
         source = made_from(session=session, image_id=image_id)
     model, provenance = source.model, source.provenance
-    loaded = pipeline_cache(settings).get(model.id, model_path(settings, model))
+    generator = load_generator(settings, model)
+    loaded = generator.loaded
 
     # 2. what differs from when it was made (the bytes may then differ too)
     notes = []
@@ -64,7 +66,14 @@ def regenerate(settings: Settings, image_id: str) -> Regenerated:
     parents = ParentImages(settings, job_id=source.job_id, k=k, size=params.width)
     if params.strategy in strategies.EDITS_PARENT:
         parents.load_rows(batch)
-    images = sample_batch(loaded, params, job_seed=source.job_seed, indices=batch, parents=parents)
+    images = sample_batch(
+        loaded,
+        params,
+        job_seed=source.job_seed,
+        indices=batch,
+        parents=parents,
+        adapter=generator.adapter,
+    )
     data = encode_png(images[batch.index(source.index)])
     return Regenerated(image_id, source.sha256, hashlib.sha256(data).hexdigest(), data, notes)
 

@@ -137,8 +137,10 @@ def sample_batch(
     indices: list[int],
     parents: ParentImages,
     on_step: Any = None,
+    adapter: str | None = None,
 ) -> list[PILImage.Image]:
-    """One sampler call for images `indices` of a job (generation and regeneration alike)."""
+    """One sampler call for images `indices` of a job (generation and regeneration alike),
+    with LoRA `adapter` active (None: the pipeline's own weights)."""
     from models import strategies
 
     edits = params.strategy in strategies.EDITS_PARENT
@@ -148,6 +150,10 @@ def sample_batch(
         else None
     )
     with loaded.lock:  # one sampler call at a time per pipeline
+        if loaded.adapters:  # a base with LoRAs loaded samples with the job's one, or none
+            from models.finetune import use_lora
+
+            use_lora(loaded.pipeline, adapter)
         images: list[PILImage.Image] = strategies.generate(
             loaded.pipeline,
             params=params,

@@ -6,26 +6,19 @@ from fastapi import APIRouter
 
 from app.api.deps import CallerDep, SessionDep
 from app.api.problems import problem_responses
-from app.schemas import ConditionList, ConditionOut, ModelList, ModelOut
+from app.finetunes.views import models_out
+from app.schemas import ConditionList, ConditionOut, ModelList
 from app.vocabulary import list_conditions, list_models
 
 router = APIRouter(tags=["catalog"], responses=problem_responses(401, 422))
 
 
 @router.get("/models", response_model=ModelList)
-def get_models(session: SessionDep, _caller: CallerDep) -> ModelList:
-    """Generators the workers can load."""
-    return ModelList(
-        items=[
-            ModelOut(
-                id=m.id,
-                pipeline_class=m.pipeline_class,
-                description=m.description,
-                created_at=m.created_at,
-            )
-            for m in list_models(session=session)
-        ]
-    )
+def get_models(session: SessionDep, caller: CallerDep) -> ModelList:
+    """Generators a job may name: the base models and the caller's fine-tuned ones (with
+    their base, condition, fine-tune, hyperparameters, training images, final loss and
+    weights sha256)."""
+    return ModelList(items=models_out(list_models(session=session, owner_id=caller.id)))
 
 
 @router.get("/conditions", response_model=ConditionList)

@@ -190,6 +190,8 @@ def experiment_out(
         report = build_report(
             runs=runs, classes=list(job.params.get("classes", [])), dataset_names=dataset_names
         )
+        if job.params.get("generator_leakage"):  # allowed, and said (app.experiments.leakage)
+            report["generator_leakage"] = job.params["generator_leakage"]
     return ExperimentOut(
         id=job.id,
         name=str(job.params.get("name", "")),

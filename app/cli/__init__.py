@@ -24,6 +24,7 @@ from app.cli.client import ApiError
 from app.cli.common import ROOT, console, login
 from app.cli.datasets import datasets_cli
 from app.cli.experiments import experiments_cli
+from app.cli.finetunes import finetunes_cli
 from app.cli.jobs import jobs_cli
 from app.cli.serve import run, serve
 
@@ -40,6 +41,7 @@ cli.add_typer(datasets_cli, name="datasets")
 cli.add_typer(models_cli, name="models")
 cli.add_typer(images_cli, name="images")
 cli.add_typer(experiments_cli, name="experiments")
+cli.add_typer(finetunes_cli, name="finetunes")
 
 
 def main() -> None:

@@ -121,6 +121,20 @@ class GeneratorModel(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # A fine-tuned model (issue 22) belongs to the key that trained it (a base model, NULL, is
+    # everyone's); its weights live in the object store under `weights_key`, and it came from
+    # member `finetune_index` of the fine-tune job `finetune_id`. A per-condition fine-tune's
+    # members share a `family_id`, which POST /jobs may name: the job's condition picks one.
+    owner_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    finetune_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    finetune_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    family_id: Mapped[str | None] = mapped_column(String(120), nullable=True, index=True)
+    base_model_id: Mapped[str | None] = mapped_column(String(120), nullable=True)
+    # the condition of a per-condition member; NULL for a joint model and for base models
+    condition: Mapped[str | None] = mapped_column(String(120), nullable=True)
+    weights_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # method, variant, conditions, hyperparameters, training images, steps, final loss, files
+    training: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Dataset(Base):
@@ -355,3 +369,55 @@ class FeatureCache(Base):
     # float16, little-endian (float32 in rows of earlier versions): app.features.decode_vector
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class FinetuneMember(Base):
+    """One model a fine-tune job trains: chunk `index` of the job (a per-condition fine-tune
+    has one per condition, a joint one a single member), its live state and checkpoints."""
+
+    __tablename__ = "finetune_members"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(120))  # the id it is registered under
+    conditions: Mapped[list[str]] = mapped_column(JSON)
+    train_images: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(nullable=True)  # the last step's
+    images_per_s: Mapped[float | None] = mapped_column(nullable=True)
+    # the latest complete checkpoint (object key) and its step: a restarted task resumes there
+    checkpoint_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # validation images: [{step, prompt, seed, key}]
+    samples: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    final_loss: Mapped[float | None] = mapped_column(nullable=True)
+    weights_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class FinetuneImage(Base):
+    """Lineage: the exact real images a fine-tune member trains on, chosen and recorded when
+    the fine-tune is submitted. Kept by sha256 as well, so a copy of a photo uploaded again
+    under another id is still recognised (the experiments' leakage check)."""
+
+    __tablename__ = "finetune_images"
+    __table_args__ = (Index("ix_finetune_images_sha256", "sha256"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # where the worker reads it and what it is captioned with
+    storage_key: Mapped[str] = mapped_column(Text)
+    condition: Mapped[str] = mapped_column(String(120))
+    skin_tone: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class FinetuneLoss(Base):
+    """A member's training loss per step (the loss plot). A resumed task first deletes the
+    steps after its checkpoint, which it trains again."""
+
+    __tablename__ = "finetune_losses"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    loss: Mapped[float] = mapped_column()

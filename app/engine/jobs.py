@@ -24,7 +24,7 @@ from app.schemas import ACTIVE_JOB_STATUSES, JobStatus
 
 ACTIVE_STATUS_VALUES = tuple(s.value for s in ACTIVE_JOB_STATUSES)
 # Kinds whose count is split into chunks of chunk_size; every other kind is one chunk.
-CHUNKED_KINDS = ("generate", "experiment")
+CHUNKED_KINDS = ("generate", "experiment", "finetune")
 
 
 class ChunkStatus(StrEnum):

@@ -22,6 +22,7 @@ from app.db.tables import ApiKey, Dataset, Job, JobChunk, Run, utcnow
 from app.engine import ChunkStatus
 from app.errors import Conflict, InvalidField
 from app.experiments.grid import SHARED_FIELDS, config_key, expand_grid
+from app.experiments.leakage import check_generator_leakage
 from app.experiments.mixtures import check_datasets, choose_classes, data_fingerprint, pool_counts
 from app.ids import new_id
 from app.schemas import ExperimentCreate, JobStatus, RunCreate
@@ -105,6 +106,7 @@ def create_experiment(
     shared["backbone"] = shared["backbone"] or settings.classifier_backbone
     classes = _check_classes(session=session, shared=shared)
     configs = expand_grid(params)
+    leakage = check_generator_leakage(session=session, params=params, classes=classes)
     fingerprint = data_fingerprint(
         session=session,
         dataset_ids=[params.dataset, *params.synthetic_datasets]
@@ -128,6 +130,7 @@ def create_experiment(
                 **shared,
                 "name": name or params.name or f"experiment on {params.dataset}",
                 "classes": classes,
+                **({"generator_leakage": leakage} if leakage else {}),
             },
             idempotency_key=params.idempotency_key,
             request_hash=digest,

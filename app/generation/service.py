@@ -22,7 +22,7 @@ from app.db.tables import ApiKey, Dataset, GeneratorModel, Image, Job, JobParent
 from app.errors import InvalidField
 from app.ids import new_id
 from app.schemas import JobCreate, Strategy
-from app.vocabulary import get_condition, get_model
+from app.vocabulary import get_condition, get_model, resolve_model
 
 # Strategies that edit a real parent image, and those that need an inpainting pipeline.
 EDIT_STRATEGIES = (Strategy.INPAINT, Strategy.INPAINT_OUTPAINT, Strategy.IMAGE_TO_IMAGE)
@@ -36,17 +36,19 @@ def _job_params(params: JobCreate) -> dict[str, Any]:
     return params.generation_params().stored()
 
 
-def _check_model(*, session: Session, settings: Settings, params: JobCreate) -> str:
-    """The generator the job uses, checked against its strategy."""
+def _check_model(*, session: Session, settings: Settings, params: JobCreate, owner: ApiKey) -> str:
+    """The generator the job uses (a fine-tune family names its member of the job's
+    condition), checked against its strategy."""
     inpaint = params.strategy in INPAINT_STRATEGIES
     model_id = params.model or (
         settings.default_inpaint_model if inpaint else settings.default_model
     )
-    model = get_model(session=session, model_id=model_id)
+    model, problem = resolve_model(
+        session=session, model_id=model_id, owner_id=owner.id, condition=params.condition
+    )
     if model is None:
-        raise InvalidField(
-            f"model: unknown model {model_id!r} (GET /models lists them)", field="model"
-        )
+        raise InvalidField(f"model: {problem}", field="model")
+    model_id = model.id
     is_inpaint_model = "Inpaint" in model.pipeline_class
     if inpaint and not is_inpaint_model:
         raise InvalidField(
@@ -136,7 +138,7 @@ def create_job(
             f"condition: unknown condition {params.condition!r} (GET /conditions lists them)",
             field="condition",
         )
-    model_id = _check_model(session=session, settings=settings, params=params)
+    model_id = _check_model(session=session, settings=settings, params=params, owner=owner)
     seed = params.seed if params.seed is not None else secrets.randbits(62)
     parents, count = _select_parents(session=session, params=params, owner=owner, seed=seed)
     webhook = engine.subscription(settings=settings, params=params)

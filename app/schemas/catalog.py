@@ -6,12 +6,22 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from app.schemas.finetunes import ModelTraining
+
 
 class ModelOut(BaseModel):
     id: str
     pipeline_class: str
     description: str
     created_at: datetime
+    base_model: str | None = Field(None, description="A fine-tuned model's base model.")
+    condition: str | None = Field(
+        None, description="A per-condition fine-tuned model's condition (null when joint)."
+    )
+    weights_sha256: str | None = None
+    training: ModelTraining | None = Field(
+        None, description="How a fine-tuned model was trained (null for a base model)."
+    )
 
 
 class ModelList(BaseModel):

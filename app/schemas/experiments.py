@@ -92,6 +92,12 @@ class DataOptions(BaseModel):
     top_n_classes: int | None = Field(
         None, ge=2, le=1000, description="Keep the N commonest classes (the paper used 9)."
     )
+    allow_generator_leakage: bool = Field(
+        False,
+        description="Run even when the synthetic images come from a fine-tuned model that "
+        "trained on this experiment's validation or test images (refused otherwise); the "
+        "report says so (report.generator_leakage).",
+    )
 
 
 class RunCreate(DataOptions, TrainingOptions, WebhookSubscription):

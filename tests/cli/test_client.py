@@ -321,3 +321,48 @@ def test_datasets_list_follows_every_page(deployed: Stack, tmp_path: Path) -> No
     assert listed("--page-size", "20") == newest_first  # four requests, every row once
     assert listed("--page-size", "20", "--kind", "real") == newest_first[1::2]  # the odd ones
     assert listed("--limit", "30", "--page-size", "7") == newest_first[:30]
+
+
+def test_finetunes_submit_wait_show_list_samples_cancel(deployed: Stack, tmp_path: Path) -> None:
+    from tests.factories import make_split_dataset
+
+    key = deployed.new_key()
+    dataset_id, _ids = make_split_dataset(deployed, key, splits={"folliculitis": {"train": 4}})
+    submitted = run_cli(
+        deployed, key, tmp_path, "finetunes", "submit", "--dataset", dataset_id,
+        "--base-model", "tiny-random", "--name", "cli tune", "--seed", "3",
+        "--set", "max_train_steps=4", "--set", "train_batch_size=2",
+        "--set", "validation_every_steps=2", "--set", "validation_images=1",
+        "--set", "validation_inference_steps=2", "--set", "learning_rate=1e-3", "--wait",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    finished = last_json(submitted.stdout)
+    assert finished["status"] == "succeeded"
+    assert finished["hyperparameters"]["max_train_steps"] == 4
+    # the live bar showed the steps, the loss and the models
+    assert "steps" in submitted.stderr and "models" in submitted.stderr
+    finetune_id, family = finished["id"], finished["family_id"]
+
+    shown = last_json(run_cli(deployed, key, tmp_path, "finetunes", "show", finetune_id).stdout)
+    assert shown["members"][0]["model_id"] == f"{family}-folliculitis"
+    listed = run_cli(deployed, key, tmp_path, "finetunes", "list")
+    assert finetune_id in listed.stdout and family in listed.stdout
+    out = tmp_path / "samples"
+    samples = run_cli(deployed, key, tmp_path, "finetunes", "samples", finetune_id, "--out",
+                      str(out))  # fmt: skip
+    assert samples.returncode == 0, samples.stderr
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    model = f"{family}-folliculitis"
+    assert files == [f"{model}/step-00000002-00.png", f"{model}/step-00000004-00.png"]
+    assert (out / files[0]).read_bytes().startswith(b"\x89PNG")
+
+    bad = run_cli(deployed, key, tmp_path, "finetunes", "submit", "--dataset", dataset_id,
+                  "--base-model", "tiny-random", "--set", "lora_rank=0",
+                  "--method", "lora")  # fmt: skip
+    assert bad.returncode == 1 and "lora_rank" in bad.stderr
+    queued = last_json(run_cli(
+        deployed, key, tmp_path, "finetunes", "submit", "--dataset", dataset_id,
+        "--base-model", "tiny-random", "--set", "max_train_steps=100000",
+    ).stdout)  # fmt: skip
+    canceled = run_cli(deployed, key, tmp_path, "finetunes", "cancel", queued["id"])
+    assert last_json(canceled.stdout)["status"] == "canceled"

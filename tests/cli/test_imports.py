@@ -29,7 +29,8 @@ def loaded_heavy(*modules: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "module", ["app.cli.common", "app.cli.jobs", "app.cli.datasets", "app.cli.client"]
+    "module",
+    ["app.cli.common", "app.cli.jobs", "app.cli.datasets", "app.cli.client", "app.cli.finetunes"],
 )
 def test_client_modules_load_no_database_or_torch(module: str) -> None:
     """A REST client command's module imports neither SQLAlchemy nor torch."""
