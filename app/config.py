@@ -57,6 +57,20 @@ class Settings(BaseSettings):
     signing_secret: str = Field(
         "", description="HMAC secret signing local-store URLs; empty: kept in {data_dir}."
     )
+    auth_cache_ttl_s: float = Field(
+        5.0,
+        ge=0,
+        description="How long an API process trusts a key it has checked before reading it "
+        "again: a key revoked by another process (`synthderm keys revoke`) is refused by every "
+        "API process at most this many seconds later. 0: read the key on every request.",
+    )
+    gc_freeze_after_requests: int = Field(
+        1000,
+        ge=0,
+        description="After this many requests an API process is warm: it collects garbage once "
+        "and freezes what is left (gc.freeze), so later full collections skip its long-lived "
+        "objects instead of pausing every request in flight for 20-260 ms. 0: never.",
+    )
     metrics_token: str = Field(
         "",
         description="Bearer token /metrics requires (an operator's, not an API key); empty: "

@@ -4,6 +4,7 @@ endpoint that parses the same body (the baseline), measured in the same run.
     python -m bench.api_load                          # 16 connections, 15 s, every stack
     python -m bench.api_load --seconds 5 --stacks embedded
     python -m bench.api_load --api-workers 2        # uvicorn --workers 2 for the service
+    python -m bench.api_load --generator wrk        # wrk (C) as the load generator
 
 Stacks, each the API alone on a fresh data folder, started as `synthderm run --no-with-worker`
 starts it (migrations, tiny generators, uvicorn with the service's settings):
@@ -18,8 +19,13 @@ bare endpoint's. Then, for the service stacks, whether every job was dispatched 
 and the broker holds exactly the chunks marked dispatched (the window: the database holds the
 rest until a worker takes them), and the server's CPU time per request (psutil).
 
-The load generator shares the machine's cores with the API: on a 2-core machine it takes
-about one of them, so the numbers are the API's on the core that is left.
+The load generator shares the machine's cores with the API: on a 2-core machine the httpx
+one takes about one of them, so the numbers are the API's on the core that is left.
+`--generator wrk` runs wrk (`apt-get install wrk`; one thread, the same connections, body
+and warm-up, statuses counted by a Lua script), which needs a few percent of a core for the
+same load: the numbers are then the API's on (nearly) the whole machine. Compare a stack only
+with the bare endpoint of the same run, which uses the same generator. With wrk, the server's
+CPU is counted over the measured seconds only (with httpx, warm-up included, estimated).
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,12 +81,17 @@ class Result:
     latencies_ms: list[float]
     statuses: dict[int, int]
     server_cpu_s: float = 0.0
+    # for wrk, which reports percentiles itself (ms) instead of every latency
+    percentiles: dict[float, float] | None = None
+    cpu_requests: int | None = None  # requests the server CPU was counted over
 
     @property
     def rate(self) -> float:
         return self.requests / self.seconds
 
     def quantile(self, q: float) -> float:
+        if self.percentiles is not None:
+            return self.percentiles[q]
         ordered = sorted(self.latencies_ms)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
@@ -183,6 +196,73 @@ async def load(url: str, key: str | None, connections: int, seconds: float, name
     return Result(name, len(latencies), failures, seconds, latencies, statuses)
 
 
+# wrk's script: POST /jobs with the body and key, each status counted per thread and
+# everything printed as one JSON line at the end (latencies in microseconds).
+WRK_SCRIPT = r"""
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args)
+  wrk.method = "POST"
+  wrk.body = os.getenv("BENCH_BODY")
+  wrk.headers["Content-Type"] = "application/json"
+  local key = os.getenv("BENCH_KEY")
+  if key ~= nil and key ~= "" then wrk.headers["Authorization"] = "Bearer " .. key end
+  statuses = {}
+end
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  local counts = {}
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do
+      counts[tostring(status)] = (counts[tostring(status)] or 0) + n
+    end
+  end
+  local parts = {}
+  for status, n in pairs(counts) do table.insert(parts, string.format('"%s": %d', status, n)) end
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {"requests": %d, "duration_us": %d, "socket_errors": %d, "p50": %d, "p99": %d, '
+    .. '"max": %d, "statuses": {%s}}\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max, table.concat(parts, ", ")))
+end
+"""
+
+
+def run_wrk(
+    url: str, key: str | None, connections: int, seconds: float, script: Path
+) -> dict[str, Any]:
+    env = {**os.environ, "BENCH_BODY": json.dumps(BODY), "BENCH_KEY": key or ""}
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+         "-s", str(script), f"{url}/jobs"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    line = next(x for x in out.stdout.splitlines() if x.startswith("BENCH "))
+    report: dict[str, Any] = json.loads(line.removeprefix("BENCH "))
+    return report
+
+
+def load_wrk(pid: int, url: str, key: str | None, args: argparse.Namespace, name: str) -> Result:
+    """The same load with wrk: a warm-up run, then the measured run (server CPU over it)."""
+    script = Path(tempfile.mkdtemp(prefix="bench-wrk-")) / "post_jobs.lua"
+    script.write_text(WRK_SCRIPT)
+    run_wrk(url, key, args.connections, WARMUP_S, script)
+    before = cpu_seconds(pid)
+    report = run_wrk(url, key, args.connections, args.seconds, script)
+    cpu = cpu_seconds(pid) - before
+    statuses = {int(k): v for k, v in report["statuses"].items()}
+    if report["socket_errors"]:
+        statuses[0] = report["socket_errors"]
+    requests = report["requests"]
+    return Result(
+        name, requests, requests - statuses.get(202, 0), report["duration_us"] / 1e6, [],
+        statuses, server_cpu_s=cpu, cpu_requests=requests,
+        percentiles={0.5: report["p50"] / 1000, 0.99: report["p99"] / 1000,
+                     1.0: report["max"] / 1000},
+    )  # fmt: skip
+
+
 def service_env(settings: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHDERM_")}
     for field, value in settings.model_dump().items():
@@ -233,6 +313,8 @@ def dispatch_check(settings: Any, created: int) -> str:
 
 def measured(pid: int, url: str, key: str | None, args: argparse.Namespace, name: str) -> Result:
     """The load, with the server's CPU seconds over the whole run (warm-up included)."""
+    if args.generator == "wrk":
+        return load_wrk(pid, url, key, args, name)
     before = cpu_seconds(pid)
     result = asyncio.run(load(url, key, args.connections, args.seconds, name))
     result.server_cpu_s = cpu_seconds(pid) - before
@@ -284,11 +366,17 @@ def main() -> None:
     parser.add_argument(
         "--stacks", default="bare,embedded,postgres+redis", help="comma-separated, bare first"
     )
+    parser.add_argument(
+        "--generator", choices=("httpx", "wrk"), default="httpx",
+        help="the load generator: httpx (Python, about a core) or wrk (C, apt-get install wrk)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.generator == "wrk" and shutil.which("wrk") is None:
+        raise SystemExit("--generator wrk needs wrk on PATH (apt-get install wrk)")
     machine = platform.processor() or platform.machine()
     print(f"# bench.api_load on {machine}, {os.cpu_count()} CPUs; "
           f"{args.connections} connections, {args.seconds:g} s each, "
-          f"{args.api_workers} API process(es)")  # fmt: skip
+          f"{args.api_workers} API process(es), load generator {args.generator}")  # fmt: skip
     results: dict[str, Result] = {}
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         for name in args.stacks.split(","):
@@ -300,9 +388,10 @@ def main() -> None:
                 f"{name:15s} {result.requests:6d} requests, {result.failures} failures "
                 f"{dict(sorted(result.statuses.items()))}: {result.rate:6.1f} req/s, "
                 f"p50 {result.quantile(0.5):6.1f} ms, p99 {result.quantile(0.99):6.1f} ms, "
-                f"max {max(result.latencies_ms, default=float('nan')):6.1f} ms{ratio}"
+                f"max {result.quantile(1.0):6.1f} ms{ratio}"
             )
-            total = result.requests * (1 + WARMUP_S / args.seconds)  # about, warm-up included
+            # about, warm-up included (httpx); exactly the measured requests (wrk)
+            total = result.cpu_requests or result.requests * (1 + WARMUP_S / args.seconds)
             print(f"{'':15s} server CPU {result.server_cpu_s:.1f} s, about "
                   f"{result.server_cpu_s / max(total, 1) * 1000:.1f} ms per request")  # fmt: skip
             if check:

@@ -205,7 +205,12 @@ def train_member(settings: Settings, claim: engine.ChunkClaim) -> Trained:
     hyper["lora_alpha"] = hyper["lora_alpha"] or float(hyper["lora_rank"])  # null: the rank
     hyper["lora_target_modules"] = tuple(hyper["lora_target_modules"])
     config = FinetuneConfig(
-        method=params["method"], variant=params["variant"], seed=claim.seed, **hyper
+        # each model its own random streams (noise, augmentation, masks), reproducible from the
+        # fine-tune's seed
+        method=params["method"],
+        variant=params["variant"],
+        seed=claim.seed + claim.index,
+        **hyper,
     )
     progress = MemberProgress(settings, plan)
     captions = sorted({image.caption for image in images})
@@ -282,8 +287,16 @@ def finetune_member(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]
     if trained is not None:  # registered (or closed canceled) in its finishing transaction
         return {"job_id": job_id, "model": trained.model_id, "status": trained.job_status}
     with session_factory(settings.database_url)() as session:
+        # one model failing leaves the others training (their models are registered); the
+        # fine-tune settles failed once none is left
         job_status = engine.finish_chunk(
-            session=session, job_id=job_id, index=chunk_index, status=status, done=0, error=error
+            session=session,
+            job_id=job_id,
+            index=chunk_index,
+            status=status,
+            done=0,
+            error=error,
+            fail_fast=False,
         )
     log.info("fine-tune %s member %s %s", job_id, chunk_index, status)
     return {"job_id": job_id, "status": job_status}

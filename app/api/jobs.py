@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 
 from app import engine
-from app.api.accepted import accept
+from app.api.accepted import accept, accepted_response
 from app.api.deps import CallerDep, CursorQuery, SessionDep, SettingsDep, StoreDep
 from app.api.problems import problem_responses
 from app.api.views import delivery_page, job_out, stalled_since
@@ -30,14 +30,14 @@ def create_job(
     caller: CallerDep,
     background: BackgroundTasks,
     response: Response,
-) -> JobOut:
+) -> Response:
     """Queue a generation job; its images land in a synthetic dataset."""
     job, created = generation_service.create_job(
         session=session, settings=settings, params=body, owner=caller
     )
     accept(session=session, settings=settings, background=background, response=response,
            job=job, location=f"/jobs/{job.id}", created=created)  # fmt: skip
-    return job_out(job)
+    return accepted_response(response, job_out(job))
 
 
 @router.get("", response_model=JobList)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
+import anyio.to_thread
 from sqlalchemy import ColumnElement, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
@@ -56,12 +57,15 @@ def _active(kind: str) -> Any:
 
 
 def waiting_count(*, session: Session, kind: str) -> int:
-    """Chunks of active `kind` jobs sent to the broker and not yet claimed."""
+    """Chunks of active `kind` jobs sent to the broker and not yet claimed. A join, not
+    `job_id IN (active jobs)`: SQLite built that list of every queued job first (9 ms with 5,000
+    queued jobs, against 1.2 ms; the API asks this after its requests)."""
     return (
         session.scalar(
             select(func.count())
             .select_from(JobChunk)
-            .where(JobChunk.job_id.in_(_active(kind)), WAITING)
+            .join(Job, Job.id == JobChunk.job_id)
+            .where(IN_FLIGHT, WAITING, Job.kind == kind, Job.status.in_(ACTIVE_STATUS_VALUES))
         )
         or 0
     )
@@ -188,6 +192,10 @@ _full_until: dict[tuple[str, str], float] = {}
 FULL_MEMO_S = 0.25
 
 
+def _taken_as_full(settings: Settings, kind: str) -> bool:
+    return time.monotonic() < _full_until.get((settings.database_url, kind), 0.0)
+
+
 def dispatch_after_commit(settings: Settings, job_id: str, kind: str) -> None:
     """A job was committed: fill its kind's window (its chunks go when it is their turn). On a
     broker failure the recovery step fills it later.
@@ -195,19 +203,25 @@ def dispatch_after_commit(settings: Settings, job_id: str, kind: str) -> None:
     A refill that found the window full is not repeated by this process for FULL_MEMO_S: under
     load that saves every request a connection and a query, and the workers refill the window
     on each claim and finish (and the recovery step every recovery_interval_s) anyway."""
-    memo = (settings.database_url, kind)
-    if time.monotonic() < _full_until.get(memo, 0.0):
+    if _taken_as_full(settings, kind):
         return
     try:
         if refill(settings, kind) == 0:
-            _full_until[memo] = time.monotonic() + FULL_MEMO_S
+            _full_until[(settings.database_url, kind)] = time.monotonic() + FULL_MEMO_S
     except Exception:
         log.exception(
             "dispatch after job %s failed; the worker's recovery step will send it", job_id
         )
 
 
+async def _dispatch_after_response(settings: Settings, job_id: str, kind: str) -> None:
+    """dispatch_after_commit in a worker thread, unless the window is taken as full: then
+    nothing leaves the event loop (a thread hop costs more than the check)."""
+    if not _taken_as_full(settings, kind):
+        await anyio.to_thread.run_sync(dispatch_after_commit, settings, job_id, kind)
+
+
 def enqueue_after_commit(background: Background, settings: Settings, job: Job) -> None:
     """Dispatch `job` once the response is sent, i.e. after the request's commit: a fast worker
     must find the rows its message names."""
-    background.add_task(partial(dispatch_after_commit, settings, job.id, job.kind))
+    background.add_task(partial(_dispatch_after_response, settings, job.id, job.kind))

@@ -141,7 +141,12 @@ def register_model(
         raise LookupError(f"no fine-tune member {job_id}/{index}")
     if job.status != JobStatus.RUNNING:
         return engine.finish_chunk(
-            session=session, job_id=job_id, index=index, status="canceled", done=0
+            session=session,
+            job_id=job_id,
+            index=index,
+            status="canceled",
+            done=0,
+            fail_fast=False,
         )
     params = job.params
     joint = bool(params.get("joint"))
@@ -181,8 +186,14 @@ def register_model(
     )
     member.final_loss = final_loss
     member.weights_sha256 = weights_sha256
+    # a member that failed leaves the others going: the job settles when none is left
     return engine.finish_chunk(
-        session=session, job_id=job_id, index=index, status="succeeded", done=1
+        session=session,
+        job_id=job_id,
+        index=index,
+        status="succeeded",
+        done=1,
+        fail_fast=False,
     )
 
 

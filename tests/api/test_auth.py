@@ -16,9 +16,9 @@ from fastapi.routing import APIRoute
 from sqlalchemy import text
 from starlette.routing import BaseRoute, Mount, Route
 
-from app.keys import revoke_key
+from app.keys import authenticate, cached_key, revoke_key
 from app.main import create_app
-from tests.conftest import Stack, count_rows
+from tests.conftest import Stack, count_rows, wait_for
 from tests.helpers import submit
 
 # Routes that answer without a key, on purpose.
@@ -209,12 +209,30 @@ def test_revoked_key_is_refused(stack: Stack) -> None:
     raw = stack.new_key("soon-revoked")
     key_id = stack.owners[-1]
     client = stack.client(raw)
-    assert client.get("/jobs").status_code == 200
+    assert client.get("/jobs").status_code == 200  # the API now remembers the key
     with stack.session() as session:
         assert revoke_key(session=session, key_id=key_id)
+    # revoked by another process (as `synthderm keys revoke` does): the API refuses the key
+    # once it has remembered it for auth_cache_ttl_s (README: the revocation delay)
+    ttl = stack.settings.auth_cache_ttl_s
+    wait_for(lambda: client.get("/jobs").status_code == 401, timeout=ttl + 10, what="401")
     for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/conditions")):
         assert_unauthorized(call(client, method, path))
     assert count_rows(stack, "SELECT count(*) FROM jobs WHERE owner_id = :o", o=key_id) == 0
+
+
+def test_revoking_forgets_the_key_in_its_own_process(embedded: Stack) -> None:
+    raw = embedded.new_key("revoked-here")
+    with embedded.session() as session:
+        key = authenticate(session=session, raw_key=raw, remember=True)
+        assert key is not None
+    assert cached_key(raw, max_age_s=60) is key  # remembered: no query for a minute
+    assert cached_key(raw, max_age_s=0) is None  # a TTL of 0 remembers nothing
+    with embedded.session() as session:
+        assert revoke_key(session=session, key_id=key.id)
+    assert cached_key(raw, max_age_s=60) is None  # forgotten at once, in this process
+    with embedded.session() as session:
+        assert authenticate(session=session, raw_key=raw, remember=True) is None
 
 
 def test_x_api_key_header_works(stack: Stack) -> None:

@@ -387,3 +387,29 @@ def test_broker_flushed_mid_run_still_trains_every_model(deployed: Stack) -> Non
     done = wait_finetune(stack, client, finetune["id"])
     assert done["status"] == "succeeded", done
     assert [m["registered"] for m in done["members"]] == [True, True]
+
+
+def test_a_failing_model_leaves_the_others_registered(embedded: Stack) -> None:
+    """One condition's photo vanished from the store: its model fails with the reason, the
+    other condition's model still trains and is registered, and the fine-tune ends failed."""
+    stack = embedded
+    key = stack.new_key("lab")
+    client = stack.client(key)
+    dataset_id, ids = make_split_dataset(stack, key, splits={C1: {"train": 4}, C2: {"train": 4}})
+    with stack.session() as session:
+        lost = session.execute(
+            text("SELECT storage_key FROM images WHERE id = :i"), {"i": ids[C2]["train"][0]}
+        ).scalar_one()
+    stack.store.delete(lost)
+    finetune = client.post(
+        "/finetunes", json={"dataset": dataset_id, "base_model": "tiny-random", **FAST}
+    ).json()
+    body = wait_finetune(stack, client, finetune["id"])
+    assert body["status"] == "failed", body
+    members = {m["conditions"][0]: m for m in body["members"]}
+    assert members[C1]["status"] == "succeeded" and members[C1]["registered"]
+    assert members[C2]["status"] == "failed" and not members[C2]["registered"]
+    assert lost in members[C2]["error"] or "NotFound" in members[C2]["error"]
+    assert body["error"]
+    models = [m["id"] for m in client.get("/models").json()["items"]]
+    assert members[C1]["model_id"] in models and members[C2]["model_id"] not in models
