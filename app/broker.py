@@ -32,8 +32,9 @@ INGEST_TASK = "synthderm.ingest_dataset"
 EXPORT_TASK = "synthderm.export_dataset"
 TRAIN_TASK = "synthderm.train_run"
 FINETUNE_TASK = "synthderm.finetune_member"
+EVALUATE_TASK = "synthderm.evaluate_dataset"
 GPU_QUEUE = "gpu"
-# CPU work (ingest, export, classifier training) goes to the `train` queue's workers.
+# CPU work (ingest, export, classifier training, evaluations) goes to the `train` queue's workers.
 TRAIN_QUEUE = "train"
 # job kind -> (task name, queue)
 JOB_TASKS = {
@@ -42,6 +43,7 @@ JOB_TASKS = {
     "export": (EXPORT_TASK, TRAIN_QUEUE),
     "experiment": (TRAIN_TASK, TRAIN_QUEUE),
     "finetune": (FINETUNE_TASK, GPU_QUEUE),
+    "evaluation": (EVALUATE_TASK, TRAIN_QUEUE),
 }
 # Webhook deliveries have a queue of their own, so a job's last event never waits behind a
 # generation chunk (`synthderm run` and compose start a small worker for it).

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.api import (
     catalog,
     datasets,
+    evaluations,
     experiments,
     exports,
     files,
@@ -37,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = make_store(settings)
     problems.install(app)
     routers = (
-        health, jobs, datasets, uploads, exports, experiments, finetunes, catalog,
+        health, jobs, datasets, uploads, exports, experiments, finetunes, evaluations, catalog,
         files,
     )  # fmt: skip
     for module in routers:

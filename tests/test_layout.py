@@ -82,6 +82,7 @@ GROUPS = (
     ("generation", ("app.generation",), 4),
     ("experiments", ("app.experiments",), 4),
     ("finetunes", ("app.finetunes",), 4),
+    ("evaluations", ("app.evaluations",), 4),
     ("api", ("app.api",), 5),
     ("cli", ("app.cli",), 5),
     ("main", ("app.main",), 6),

@@ -28,6 +28,7 @@ TABLES = {
     "finetune_members",
     "finetune_images",
     "finetune_losses",
+    "evaluation_pairs",
     "datasets",
     "jobs",
     "job_chunks",

@@ -29,6 +29,7 @@ app.conf.include = [
     "workers.export",
     "workers.train",
     "workers.finetune",
+    "workers.evaluate",
     "workers.webhooks",
 ]
 

@@ -25,6 +25,7 @@ from celery import Task
 from app import engine
 from app.broker import TRAIN_TASK
 from app.config import Settings
+from app.datasets import copies
 from app.db.session import session_factory
 from app.experiments import metrics, runs
 from app.experiments.mixtures import (
@@ -128,6 +129,10 @@ def run_training(
             dataset_ids=[config["synthetic_dataset"]] if k and config["synthetic_dataset"] else [],
             strategy=config["strategy"],
         )
+        audit = (config.get("copy_audits") or {}).get(config["synthetic_dataset"] or "")
+        flagged = copies.flagged_ids(session=session, evaluation_id=audit) if audit else set()
+    copies_excluded = sum(c.id in flagged for c in children)
+    children = [c for c in children if c.id not in flagged]  # exclude_copies (issue 23)
     classes = list(chunk.params["classes"])
     split = build_split(
         pool=pool,
@@ -141,6 +146,9 @@ def run_training(
         seed=int(config["seed"]),
         test_per_class=config.get("test_per_class"),
     )
+    if audit:
+        split.summary["copies_excluded"] = copies_excluded
+        split.summary["copies_evaluation"] = audit
     data_s = time.perf_counter() - clock
 
     def on_epoch(epoch: int, history: list[dict[str, Any]]) -> None:

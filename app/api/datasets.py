@@ -18,7 +18,7 @@ from app.api.views import dataset_out
 from app.datasets import repository as service
 from app.datasets.combine import Part, combine
 from app.datasets.manifest import ManifestFilter, next_page_start
-from app.datasets.manifest_stream import stream_manifest
+from app.datasets.manifest_stream import stream_manifest, without_copies
 from app.schemas import (
     CombineIn,
     CountRow,
@@ -94,6 +94,14 @@ def _manifest_responses() -> dict[int | str, dict[str, Any]]:
     headers = {
         "X-Next-Cursor": {"description": "With `limit`: the next page's cursor.", "schema": string},
         "Link": {"description": 'With `limit`: the next URL (rel="next").', "schema": string},
+        "X-Copies-Excluded": {
+            "description": "With `exclude_copies`: how many flagged images were left out.",
+            "schema": string,
+        },
+        "X-Evaluation-Id": {
+            "description": "With `exclude_copies`: the evaluation whose flags were used.",
+            "schema": string,
+        },
     }
     ok = {"description": "One ManifestRow per image.", "content": content, "headers": headers}
     return {200: ok, **problem_responses(404)}
@@ -126,6 +134,11 @@ def get_manifest(
         None, pattern=ID_PATTERN, description="Page start: X-Next-Cursor of the last page."
     ),
     limit: int | None = Query(None, ge=1, le=1_000_000, description="Rows per page; all if unset."),
+    exclude_copies: bool = Query(
+        False,
+        description="Leave out the images the dataset's latest evaluation flagged as copies of "
+        "real training images (X-Copies-Excluded says how many); 422 without an evaluation.",
+    ),
 ) -> StreamingResponse:
     """Every image of the dataset that the filters select, one row each, in image-id order,
     streamed as JSON lines, CSV or Parquet."""
@@ -141,6 +154,12 @@ def get_manifest(
         split=split.value if split else None,
     )
     headers: dict[str, str] = {}
+    if exclude_copies:
+        filters, excluded = without_copies(
+            session=session, owner_id=caller.id, dataset_id=dataset.id, filters=filters
+        )
+        headers["X-Copies-Excluded"] = str(excluded)
+        headers["X-Evaluation-Id"] = filters.exclude_copies_of or ""
     if limit is not None:
         next_start = next_page_start(
             session=session, dataset_id=dataset.id, filters=filters, start_at=cursor, limit=limit

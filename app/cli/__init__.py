@@ -23,6 +23,7 @@ from app.cli.admin import (
 from app.cli.client import ApiError
 from app.cli.common import ROOT, console, login
 from app.cli.datasets import datasets_cli
+from app.cli.evaluations import evaluations_cli
 from app.cli.experiments import experiments_cli
 from app.cli.finetunes import finetunes_cli
 from app.cli.jobs import jobs_cli
@@ -42,6 +43,7 @@ cli.add_typer(models_cli, name="models")
 cli.add_typer(images_cli, name="images")
 cli.add_typer(experiments_cli, name="experiments")
 cli.add_typer(finetunes_cli, name="finetunes")
+cli.add_typer(evaluations_cli, name="evaluations")
 
 
 def main() -> None:

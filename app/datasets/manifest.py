@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from app.datasets.copies import flagged_query
 from app.db.tables import Image
 from app.fitzpatrick import GROUP_OF_TONE, SKIN_TONE_GROUPS, UNKNOWN_GROUP
 from app.schemas import MANIFEST_COLUMNS
@@ -60,6 +61,8 @@ class ManifestFilter:
     skin_tone_group: str | None = None  # one of FITZPATRICK_GROUPS
     parent_image_id: str | None = None
     split: str | None = None
+    # an evaluation whose flagged copies are left out (exclude_copies, issue 23)
+    exclude_copies_of: str | None = None
 
 
 # A select of any columns (a manifest query, an export's, a count).
@@ -86,6 +89,8 @@ def filtered_images(query: AnySelect, dataset_id: str, filters: ManifestFilter) 
             query = query.where(group.is_(None))
         else:
             query = query.where(group == filters.skin_tone_group)
+    if filters.exclude_copies_of is not None:
+        query = query.where(Image.id.not_in(flagged_query(filters.exclude_copies_of)))
     return query
 
 

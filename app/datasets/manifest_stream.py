@@ -13,19 +13,24 @@ import queue
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.datasets import copies
 from app.datasets.manifest import (
     MANIFEST_REQUIRED,
     Columns,
     IdRange,
     ManifestFilter,
     ManifestReader,
+    filtered_images,
 )
 from app.db.session import session_factory
+from app.db.tables import Image
 from app.schemas import MANIFEST_COLUMNS, ManifestFormat
 from app.storage import ObjectStore
 from app.storage_urls import UrlSigner, url_signer
@@ -282,3 +287,16 @@ def stream_manifest(
         yield from _parquet_chunks(batches, sign)
     else:
         yield from _text_chunks(batches, sign, fmt)
+
+
+def without_copies(
+    *, session: Session, owner_id: str, dataset_id: str, filters: ManifestFilter
+) -> tuple[ManifestFilter, int]:
+    """`exclude_copies`: the filters that leave out what the dataset's latest evaluation
+    flagged, and how many of the selected images that drops (a 422 without an evaluation)."""
+    audit = copies.require_evaluation(session=session, owner_id=owner_id, dataset_id=dataset_id)
+    selected = filtered_images(select(Image.id), dataset_id, filters).whereclause
+    excluded = copies.count_flagged(
+        session=session, evaluation_id=audit, dataset_id=dataset_id, where=selected
+    )
+    return replace(filters, exclude_copies_of=audit), excluded

@@ -421,3 +421,26 @@ class FinetuneLoss(Base):
     index: Mapped[int] = mapped_column(Integer, primary_key=True)
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     loss: Mapped[float] = mapped_column()
+
+
+class EvaluationPair(Base):
+    """An evaluation's memorisation audit (issue 23): each synthetic image, its nearest real
+    training image (feature cosine, SSIM at 64 px) and, for a child, its own parent; flagged
+    rows are what `exclude_copies` leaves out."""
+
+    __tablename__ = "evaluation_pairs"
+    __table_args__ = (Index("ix_evaluation_pairs_dataset_flagged", "dataset_id", "flagged"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    dataset_id: Mapped[str] = mapped_column(String(36))
+    condition: Mapped[str] = mapped_column(String(120))
+    skin_tone: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    strategy: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    nearest_image_id: Mapped[str] = mapped_column(String(36))
+    cosine: Mapped[float] = mapped_column()
+    ssim: Mapped[float | None] = mapped_column(nullable=True)
+    parent_image_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    parent_cosine: Mapped[float | None] = mapped_column(nullable=True)
+    parent_ssim: Mapped[float | None] = mapped_column(nullable=True)
+    flagged: Mapped[bool] = mapped_column(default=False)

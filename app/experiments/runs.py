@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from app import engine
 from app.config import Settings
+from app.datasets import copies
 from app.db.owned import get_owned
 from app.db.paging import newest_first
 from app.db.tables import ApiKey, Dataset, Job, JobChunk, Run, utcnow
@@ -104,6 +105,12 @@ def create_experiment(
     )
     shared = {name: getattr(params, name) for name in SHARED_FIELDS}
     shared["backbone"] = shared["backbone"] or settings.classifier_backbone
+    if params.exclude_copies:  # the evaluation each synthetic dataset's flags come from (only
+        # when asked, so the config keys of earlier runs stay as they were)
+        shared["copy_audits"] = {
+            d: copies.require_evaluation(session=session, owner_id=owner.id, dataset_id=d)
+            for d in params.synthetic_datasets
+        }
     classes = _check_classes(session=session, shared=shared)
     configs = expand_grid(params)
     leakage = check_generator_leakage(session=session, params=params, classes=classes)

@@ -98,6 +98,12 @@ class DataOptions(BaseModel):
         "trained on this experiment's validation or test images (refused otherwise); the "
         "report says so (report.generator_leakage).",
     )
+    exclude_copies: bool = Field(
+        False,
+        description="Never train on synthetic images that the latest evaluation of their "
+        "dataset flagged as copies of real training images (POST /evaluations first; 422 "
+        "without one); each run's split says how many were left out (copies_excluded).",
+    )
 
 
 class RunCreate(DataOptions, TrainingOptions, WebhookSubscription):

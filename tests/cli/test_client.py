@@ -366,3 +366,54 @@ def test_finetunes_submit_wait_show_list_samples_cancel(deployed: Stack, tmp_pat
     ).stdout)  # fmt: skip
     canceled = run_cli(deployed, key, tmp_path, "finetunes", "cancel", queued["id"])
     assert last_json(canceled.stdout)["status"] == "canceled"
+
+
+def test_evaluations_submit_wait_report_list_cancel(deployed: Stack, tmp_path: Path) -> None:
+    from tests.factories import make_split_dataset
+
+    key = deployed.new_key()
+    conditions = ("folliculitis", "basal-cell-carcinoma")
+    real, _ids = make_split_dataset(
+        deployed, key, splits={c: {"train": 3, "test": 1} for c in conditions}
+    )
+    client = deployed.client(key)
+    first = client.post("/jobs", json={"condition": conditions[0], "count": 2, "seed": 1}).json()
+    synthetic = first["dataset_id"]
+    second = client.post("/jobs", json={"condition": conditions[1], "count": 2, "seed": 2,
+                                        "dataset_id": synthetic}).json()  # fmt: skip
+    for job in (first, second):
+        assert deployed.wait_job(client, job["id"])["status"] == "succeeded"
+    submitted = run_cli(
+        deployed, key, tmp_path, "evaluations", "submit", "--synthetic-dataset", synthetic,
+        "--real-dataset", real, "--seed", "2", "--wait",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    finished = last_json(submitted.stdout)
+    assert finished["status"] == "succeeded" and finished["result"]["memorisation"]["audited"] == 4
+
+    out = tmp_path / "report"
+    report = run_cli(deployed, key, tmp_path, "evaluations", "report", finished["id"], "--out",
+                     str(out))  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert "FD (lite0)" in report.stdout and "Copy threshold" in report.stdout
+    text = (out / "report.md").read_text()
+    assert "## Memorisation audit" in text and "![pca](pca.png)" in text
+    assert (out / "pca.png").read_bytes().startswith(b"\x89PNG")
+    assert b"<svg" in (out / "contact-sheet.svg").read_bytes()
+    assert (out / "pairs.csv").read_text().splitlines()[0].startswith("image_id,")
+
+    listed = run_cli(deployed, key, tmp_path, "evaluations", "list")
+    assert finished["id"] in listed.stdout
+    shown = last_json(
+        run_cli(deployed, key, tmp_path, "evaluations", "show", finished["id"]).stdout
+    )
+    assert shown["id"] == finished["id"]
+    bad = run_cli(deployed, key, tmp_path, "evaluations", "submit", "--synthetic-dataset", real,
+                  "--real-dataset", real)  # fmt: skip
+    assert bad.returncode == 1 and "synthetic_dataset" in bad.stderr
+    queued = last_json(
+        run_cli(deployed, key, tmp_path, "evaluations", "submit", "--synthetic-dataset",
+                synthetic, "--real-dataset", real).stdout
+    )  # fmt: skip
+    canceled = run_cli(deployed, key, tmp_path, "evaluations", "cancel", queued["id"])
+    assert last_json(canceled.stdout)["status"] in ("canceled", "canceling")
