@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from app.api.health import check_metrics_access, is_loopback
+from app.broker import JOB_TASKS
 from app.db.tables import Job, JobChunk
 from app.errors import Forbidden, Unauthorized
 from app.main import create_app
@@ -80,7 +81,7 @@ def test_metrics_text_format(stack: Stack) -> None:
         if name == "synthderm_jobs"
     }
     statuses = {"queued", "running", "succeeded", "failed", "canceled"}
-    kinds = {"generate", "ingest", "export", "experiment"}
+    kinds = set(JOB_TASKS)  # every job kind, the fine-tunes and evaluations included
     assert pairs == {(k, s) for k in kinds for s in statuses}
     for kind in kinds:
         buckets = sorted(
