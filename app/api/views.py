@@ -33,7 +33,6 @@ from app.schemas import (
     RunProgress,
     SplitCountRow,
     Strategy,
-    Timings,
 )
 
 # A worker beats every heartbeat_interval_s; a running chunk that missed this many beats is
@@ -82,10 +81,6 @@ def job_out(
     not stalled, given or `still_running`, shows as canceling)."""
     now = datetime.now(UTC)
     steps = [chunk_step(c, now=now, stalled_before=stalled_before) for c in running or []]
-    queued_s = running_s = None
-    if job.started_at is not None:
-        queued_s = (job.started_at - job.created_at).total_seconds()
-        running_s = ((job.finished_at or now) - job.started_at).total_seconds()
     return JobOut(
         id=job.id,
         kind=job.kind,
@@ -107,14 +102,7 @@ def job_out(
             total=job.count,
             running=steps,
         ),
-        timings=Timings(
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            canceled_at=job.canceled_at,
-            queued_s=queued_s,
-            running_s=running_s,
-        ),
+        timings=engine.job_timings(job),
         error=job.error,
         result=job.result,
         idempotency_key=job.idempotency_key,

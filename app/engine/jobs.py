@@ -20,7 +20,7 @@ from app.db.paging import newest_first
 from app.db.tables import ApiKey, Image, Job, JobChunk, utcnow
 from app.errors import Conflict
 from app.ids import new_id
-from app.schemas import ACTIVE_JOB_STATUSES, JobStatus
+from app.schemas import ACTIVE_JOB_STATUSES, JobStatus, Timings
 
 ACTIVE_STATUS_VALUES = tuple(s.value for s in ACTIVE_JOB_STATUSES)
 # Kinds whose count is split into chunks of chunk_size; every other kind is one chunk.
@@ -178,6 +178,22 @@ def chunk_count(job: Job) -> int:
     if job.kind not in CHUNKED_KINDS:
         return 1
     return -(-job.count // job.chunk_size)
+
+
+def job_timings(job: Job) -> Timings:
+    """When a job (of any kind) was made, started, ended; its time queued and running."""
+    queued_s = running_s = None
+    if job.started_at is not None:
+        queued_s = (job.started_at - job.created_at).total_seconds()
+        running_s = ((job.finished_at or utcnow()) - job.started_at).total_seconds()
+    return Timings(
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        canceled_at=job.canceled_at,
+        queued_s=queued_s,
+        running_s=running_s,
+    )
 
 
 def count_job_images(*, session: Session, job_id: str, start: int, stop: int) -> int:

@@ -7,16 +7,16 @@ import csv
 import io
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import engine
 from app.datasets.copies import PAIR_COLUMNS, iter_pairs
 from app.db.session import session_factory
 from app.db.tables import Job, JobChunk
 from app.evaluations import STAGES
-from app.schemas import JobStatus, Timings
+from app.schemas import JobStatus
 from app.schemas.evaluations import EvaluationOut, EvaluationProgress, PairsFormat
 
 
@@ -28,11 +28,6 @@ def evaluation_out(session: Session, job: Job) -> EvaluationOut:
     if status is JobStatus.SUCCEEDED:
         step = len(STAGES)
     running = status is JobStatus.RUNNING and chunk is not None and chunk.status == "running"
-    now = datetime.now(UTC)
-    queued_s = running_s = None
-    if job.started_at is not None:
-        queued_s = (job.started_at - job.created_at).total_seconds()
-        running_s = ((job.finished_at or now) - job.started_at).total_seconds()
     result = job.result if status is JobStatus.SUCCEEDED else None
     return EvaluationOut(
         id=job.id,
@@ -49,14 +44,7 @@ def evaluation_out(session: Session, job: Job) -> EvaluationOut:
             steps=len(STAGES),
             stage=STAGES[min(step, len(STAGES) - 1)] if running else None,
         ),
-        timings=Timings(
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            canceled_at=job.canceled_at,
-            queued_s=queued_s,
-            running_s=running_s,
-        ),
+        timings=engine.job_timings(job),
         result=result,
         plots=list((result or {}).get("figures", [])),
         error=job.error,

@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import engine
 from app.db.tables import FinetuneLoss, FinetuneMember, GeneratorModel, Job, JobChunk
 from app.finetunes.service import members_of
-from app.schemas import JobStatus, Timings
+from app.schemas import JobStatus
 from app.schemas.catalog import ModelOut
 from app.schemas.finetunes import (
     FinetuneMemberOut,
@@ -99,10 +100,6 @@ def finetune_out(session: Session, job: Job) -> FinetuneOut:
         for m in members_of(session=session, job_id=job.id)
     ]
     all_started = all(m.steps is not None for m in members)
-    queued_s = running_s = None
-    if job.started_at is not None:
-        queued_s = (job.started_at - job.created_at).total_seconds()
-        running_s = ((job.finished_at or now) - job.started_at).total_seconds()
     return FinetuneOut(
         id=job.id,
         name=params.get("name"),
@@ -125,14 +122,7 @@ def finetune_out(session: Session, job: Job) -> FinetuneOut:
             models=len(members),
         ),
         members=members,
-        timings=Timings(
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            canceled_at=job.canceled_at,
-            queued_s=queued_s,
-            running_s=running_s,
-        ),
+        timings=engine.job_timings(job),
         error=job.error,
         idempotency_key=job.idempotency_key,
         webhook=job.webhook_url,
