@@ -62,8 +62,8 @@ def plant_copy(stack: Stack, *, synthetic: str, copied: str, parent: str) -> str
                           parent_image_id=parent)  # fmt: skip
 
 
-def test_evaluation_end_to_end_flags_a_planted_copy(deployed: Stack) -> None:
-    stack = deployed
+def test_evaluation_end_to_end_flags_a_planted_copy(stack: Stack) -> None:
+    """On PostgreSQL + Redis + S3 and on the embedded default (SQLite, local store)."""
     key = stack.new_key("evaluator")
     client = stack.client(key)
     real, ids = make_split_dataset(
@@ -214,3 +214,63 @@ def test_evaluation_refuses_bad_input_and_cancels(embedded: Stack) -> None:
     assert body["status"] == "canceled" and body["result"] is None
     assert_problem(client.get(f"/evaluations/{created['id']}/pairs"), 404)
     assert_problem(strangers.get(f"/evaluations/{created['id']}"), 404)
+
+
+def test_reference_defaults_to_the_generators_lineage_and_a_running_evaluation_cancels(
+    embedded: Stack,
+) -> None:
+    """Images of a fine-tuned family are measured against the photos that trained it (not the
+    whole train split); a running evaluation stops on cancel and keeps no result."""
+    stack = embedded
+    key = stack.new_key("lab")
+    client = stack.client(key)
+    dataset_id, ids = make_split_dataset(
+        stack, key, splits={C1: {"train": 6, "test": 2}, C2: {"train": 6, "test": 2}}
+    )
+    # the fine-tune leaves out C1's first 2 photos (their bytes are in `held`): its lineage is
+    # 10 of the 12 training photos
+    held, _ = make_split_dataset(stack, key, splits={C1: {"train": 2}}, name="held")
+    tune = {"max_train_steps": 2, "train_batch_size": 2, "learning_rate": 1e-3,
+            "validation_images": 0, "seed": 5}  # fmt: skip
+    finetune = client.post(
+        "/finetunes",
+        json={"dataset": dataset_id, "base_model": "tiny-random", "exclude_datasets": [held],
+              **tune},
+    )  # fmt: skip
+    assert finetune.status_code == 202, finetune.text
+    family = finetune.json()["family_id"]
+    wait_for(
+        lambda: (
+            client.get(f"/finetunes/{finetune.json()['id']}").json()["status"]
+            in ("succeeded", "failed")
+        ),
+        timeout=240,
+        what="fine-tune",
+    )
+    synthetic = None
+    for condition in (C1, C2):
+        body = {"condition": condition, "count": 3, "seed": 1, "model": family}
+        body |= {"dataset_id": synthetic} if synthetic else {"dataset_name": "tuned"}
+        job = client.post("/jobs", json=body).json()
+        assert stack.wait_job(client, job["id"])["status"] == "succeeded"
+        synthetic = job["dataset_id"]
+    request = {"synthetic_dataset": synthetic, "real_dataset": dataset_id, "seed": 1}
+    created = client.post("/evaluations", json=request)
+    assert created.status_code == 202, created.text
+    result = wait_evaluation(stack, client, created.json()["id"])
+    assert result["status"] == "succeeded", result
+    reference = result["result"]["reference"]
+    assert reference["source"] == "lineage", reference
+    assert reference["images"] == len(ids[C1]["train"]) + len(ids[C2]["train"]) - 2
+
+    # the same evaluation again, canceled while it runs
+    again = client.post("/evaluations", json={**request, "seed": 2}).json()
+    wait_for(
+        lambda: client.get(f"/evaluations/{again['id']}").json()["status"] == "running",
+        timeout=120,
+        interval=0.05,
+        what="the evaluation running",
+    )
+    assert client.post(f"/evaluations/{again['id']}/cancel").status_code == 200
+    ended = wait_evaluation(stack, client, again["id"])
+    assert ended["status"] == "canceled" and ended["result"] is None
