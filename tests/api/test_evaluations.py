@@ -19,6 +19,7 @@ from tests.helpers import assert_problem
 
 C1, C2 = "folliculitis", "basal-cell-carcinoma"
 SPACE = "lite0"
+EVALUATIONS = "SELECT count(*) FROM jobs WHERE kind = 'evaluation'"
 
 
 def wait_evaluation(stack: Stack, client: httpx.Client, evaluation_id: str) -> dict[str, Any]:
@@ -186,6 +187,8 @@ def test_evaluation_refuses_bad_input_and_cancels(embedded: Stack) -> None:
     strangers = stack.client(stack.new_key("stranger"))
     their_real, _ = make_split_dataset(stack, stack.new_key("x"), splits={C1: {"train": 1}})
 
+    evaluations_before = count_rows(stack, EVALUATIONS)
+
     def post(**body: Any) -> httpx.Response:
         return client.post("/evaluations", json={"synthetic_dataset": synthetic,
                                                  "real_dataset": real, **body})  # fmt: skip
@@ -198,7 +201,7 @@ def test_evaluation_refuses_bad_input_and_cancels(embedded: Stack) -> None:
     assert_problem(post(real_dataset=synthetic), 422, "real_dataset")  # synthetic as real
     assert_problem(post(conditions=[C2]), 422, "conditions")
     assert_problem(post(backbone="resnet"), 422, "backbone")
-    assert count_rows(stack, "SELECT count(*) FROM jobs WHERE kind = 'evaluation'") == 0
+    assert count_rows(stack, EVALUATIONS) == evaluations_before  # nothing was created
     assert_problem(client.post("/runs", json={
         "dataset": real, "synthetic_datasets": [synthetic], "synthetic_per_real": 1,
         "exclude_copies": True,
