@@ -4,21 +4,19 @@ and a memorisation audit; progress, cancel, figures and the audit table."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from app import engine
 from app.api.accepted import accept
 from app.api.deps import CallerDep, CursorQuery, SessionDep, SettingsDep, StoreDep
-from app.api.problems import problem_responses
+from app.api.problems import file_responses, problem_responses
 from app.datasets.copies import EVALUATION_KIND
 from app.errors import NotFound
 from app.evaluations import plot_key
 from app.evaluations import service as evaluations
 from app.evaluations.views import evaluation_out, pair_lines
-from app.schemas import JobStatus
+from app.schemas import FIGURE_FORMATS, JobStatus
 from app.schemas.evaluations import (
     EVALUATION_PLOTS,
     EvaluationCreate,
@@ -29,13 +27,7 @@ from app.schemas.evaluations import (
 
 router = APIRouter(tags=["evaluations"], responses=problem_responses(401, 422))
 
-FORMATS = {"png": "image/png", "svg": "image/svg+xml"}
 PAIR_MEDIA_TYPES = {PairsFormat.CSV: "text/csv", PairsFormat.JSONL: "application/x-ndjson"}
-
-
-def _files(description: str, media_types: list[str]) -> dict[int | str, dict[str, Any]]:
-    content = {media_type: {"schema": {"type": "string"}} for media_type in media_types}
-    return {200: {"description": description, "content": content}, **problem_responses(404)}
 
 
 @router.post(
@@ -105,7 +97,7 @@ def cancel_evaluation(
 @router.get(
     "/evaluations/{evaluation_id}/plots/{filename}",
     response_class=Response,
-    responses=_files("The figure.", list(FORMATS.values())),
+    responses=file_responses("The figure.", FIGURE_FORMATS.values()),
 )
 def evaluation_plot(
     evaluation_id: str, filename: str, session: SessionDep, store: StoreDep, caller: CallerDep
@@ -113,20 +105,20 @@ def evaluation_plot(
     """A figure drawn by the worker: contact-sheet, closest-pairs, ita, pca or prdc, as .png or
     .svg."""
     name, _, fmt = filename.rpartition(".")
-    if name not in EVALUATION_PLOTS or fmt not in FORMATS:
+    if name not in EVALUATION_PLOTS or fmt not in FIGURE_FORMATS:
         raise NotFound(
             f"no plot {filename!r}; evaluations have {', '.join(EVALUATION_PLOTS)} (.png or .svg)"
         )
     job = evaluations.get_evaluation(session=session, evaluation_id=evaluation_id, owner=caller)
     if job.status != JobStatus.SUCCEEDED.value or name not in (job.result or {}).get("figures", []):
         raise NotFound(f"evaluation {job.id} has no {name} figure (it is {job.status})")
-    return Response(store.get_bytes(plot_key(job.id, name, fmt)), media_type=FORMATS[fmt])
+    return Response(store.get_bytes(plot_key(job.id, name, fmt)), media_type=FIGURE_FORMATS[fmt])
 
 
 @router.get(
     "/evaluations/{evaluation_id}/pairs",
     response_class=StreamingResponse,
-    responses=_files("The memorisation audit table.", list(PAIR_MEDIA_TYPES.values())),
+    responses=file_responses("The memorisation audit table.", PAIR_MEDIA_TYPES.values()),
 )
 def evaluation_pairs(
     evaluation_id: str,

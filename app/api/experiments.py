@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from app import engine
 from app.api.accepted import accept
 from app.api.deps import CallerDep, CursorQuery, SessionDep, SettingsDep, StoreDep
-from app.api.problems import problem_responses
+from app.api.problems import file_responses, problem_responses
 from app.api.views import delivery_page, experiment_out, experiment_with_report, run_out
 from app.errors import NotFound
 from app.experiments import plots, predictions
@@ -33,14 +33,8 @@ from app.schemas import (
 router = APIRouter(tags=["experiments"], responses=problem_responses(401, 422))
 
 
-def _files(description: str, media_types: list[str]) -> dict[int | str, dict[str, Any]]:
-    """The document's word on a route that answers a file (a figure, a table), or a 404."""
-    content = {media_type: {"schema": {"type": "string"}} for media_type in media_types}
-    return {200: {"description": description, "content": content}, **problem_responses(404)}
-
-
-_PLOT = _files("The figure.", list(plots.FORMATS.values()))
-_PREDICTIONS = _files("The predictions table.", list(predictions.MEDIA_TYPES.values()))
+_PLOT = file_responses("The figure.", plots.FORMATS.values())
+_PREDICTIONS = file_responses("The predictions table.", predictions.MEDIA_TYPES.values())
 
 
 @router.post(

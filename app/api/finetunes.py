@@ -3,14 +3,12 @@ joint, its inpainting variant, LoRA); progress, validation images, loss curves, 
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, BackgroundTasks, Query, Response, status
 
 from app import engine
 from app.api.accepted import accept
 from app.api.deps import CallerDep, CursorQuery, SessionDep, SettingsDep, StoreDep
-from app.api.problems import problem_responses
+from app.api.problems import file_responses, problem_responses
 from app.errors import NotFound
 from app.finetunes import plots
 from app.finetunes import service as finetunes
@@ -20,13 +18,7 @@ from app.schemas.finetunes import FinetuneCreate, FinetuneList, FinetuneOut, Fin
 
 router = APIRouter(tags=["finetunes"], responses=problem_responses(401, 422))
 
-_PLOT: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The figure.",
-        "content": {t: {"schema": {"type": "string"}} for t in plots.FORMATS.values()},
-    },
-    **problem_responses(404),
-}
+_PLOT = file_responses("The figure.", plots.FORMATS.values())
 
 
 @router.post(

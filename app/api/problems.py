@@ -3,7 +3,7 @@ the OpenAPI document: routers name the statuses they can answer with `problem_re
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +28,12 @@ ERROR_DESCRIPTIONS = {
     413: "The upload is over the size limit.",
     422: "Invalid input: `errors` names each field (parameter, body field or form part).",
 }
+
+
+def file_responses(description: str, media_types: Iterable[str]) -> dict[int | str, Any]:
+    """The OpenAPI `responses` of a route that answers a file (a figure, a table) or a 404."""
+    content = {media_type: {"schema": {"type": "string"}} for media_type in media_types}
+    return {200: {"description": description, "content": content}, **problem_responses(404)}
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

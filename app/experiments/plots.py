@@ -30,6 +30,7 @@ from app.experiments.report_text import (
 )
 from app.experiments.reports import build_report
 from app.fitzpatrick import FITZPATRICK_GROUPS
+from app.schemas import FIGURE_FORMATS
 
 EXPERIMENT_PLOTS = (
     "accuracy-vs-n-real",
@@ -38,7 +39,7 @@ EXPERIMENT_PLOTS = (
     "skin-tone-difference",
     "training-curves",
 )
-FORMATS = {"png": "image/png", "svg": "image/svg+xml"}
+FORMATS = FIGURE_FORMATS
 LEGEND_INSIDE = 8  # more entries than this go beside the axes
 # pyplot keeps global state: one figure at a time per process
 _lock = threading.Lock()

@@ -11,7 +11,9 @@ import io
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-FORMATS = {"png": "image/png", "svg": "image/svg+xml"}
+from app.schemas import FIGURE_FORMATS
+
+FORMATS = FIGURE_FORMATS
 PLOTS = ("loss",)
 
 

@@ -4,6 +4,7 @@ One module per resource; import from `app.schemas` (this package re-exports them
 """
 
 from app.schemas.catalog import (
+    FIGURE_FORMATS,
     CheckResult,
     ConditionList,
     ConditionOut,
@@ -61,6 +62,7 @@ from app.schemas.webhooks import DeliveryList, DeliveryOut, WebhookEvent, Webhoo
 __all__ = [
     "ACTIVE_JOB_STATUSES",
     "BACKBONE_NAMES",
+    "FIGURE_FORMATS",
     "MANIFEST_COLUMNS",
     "MAX_SHARD_SIZE",
     "TIMM_BACKBONE_PREFIX",

@@ -8,6 +8,9 @@ from pydantic import BaseModel, Field
 
 from app.schemas.finetunes import ModelTraining
 
+# The formats every figure the API serves comes in (experiments, fine-tunes, evaluations).
+FIGURE_FORMATS = {"png": "image/png", "svg": "image/svg+xml"}
+
 
 class ModelOut(BaseModel):
     id: str
