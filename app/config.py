@@ -81,10 +81,12 @@ class Settings(BaseSettings):
         None, description="Folder of generator model directories; empty: {data_dir}/models."
     )
     default_model: str = Field(
-        "tiny-random", description="Generator of text-to-image and image-to-image jobs naming none."
+        "synthderm-fitz64",
+        description="Generator of text-to-image and image-to-image jobs naming none (the "
+        "project's own, models/synthderm-fitz64; tiny-random is the fastest).",
     )
     default_inpaint_model: str = Field(
-        "tiny-random-inpaint", description="Generator of inpaint jobs naming none."
+        "synthderm-fitz64-inpaint", description="Generator of inpaint jobs naming none."
     )
     device: str = Field("auto", description="Torch device of the worker: auto, cpu, cuda, cuda:1.")
 

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -203,30 +204,48 @@ class ModelChoice(NamedTuple):
     problem: str | None
 
 
-def resolve_model(*, session: Session, model_id: str, owner_id: str, condition: str) -> ModelChoice:
+def resolve_model(
+    *, session: Session, model_id: str, owner_id: str, condition: str, inpaint: bool | None = None
+) -> ModelChoice:
     """The model a job of `condition` uses when it names `model_id`: a model the key may use,
-    or a fine-tune family, whose member of that condition (or whose joint model) it is."""
+    or a fine-tune family, whose member of that condition (or whose joint model) it is. With
+    `inpaint` set, a family id gives its model of that kind (a scratch family's id is its
+    text-to-image model's, and `{id}-inpaint` its inpainting model)."""
     model = session.get(GeneratorModel, model_id)
-    if model is not None and model.owner_id in (None, owner_id):
-        return ModelChoice(model, None)
+    if model is not None and model.owner_id not in (None, owner_id):
+        model = None  # another key's model is an unknown one
+    if model is not None:
+        # a model named by its own id is that model, unless the id is also its family's
+        if model.family_id != model.id or inpaint is None or _is_inpaint(model) == inpaint:
+            return ModelChoice(model, None)
+        family_id = model.family_id
+    else:
+        family_id = model_id
     members = list(
         session.scalars(
-            select(GeneratorModel).where(
-                GeneratorModel.family_id == model_id, GeneratorModel.owner_id == owner_id
-            )
+            select(GeneratorModel)
+            .where(GeneratorModel.family_id == family_id, GeneratorModel.owner_id == owner_id)
+            .order_by(GeneratorModel.id)
         )
     )
     if not members:
         return ModelChoice(None, f"unknown model {model_id!r} (GET /models lists them)")
-    for member in members:
-        if member.condition == condition:
+    fitting = [m for m in members if m.condition in (condition, None)]
+    for member in fitting:
+        if inpaint is None or _is_inpaint(member) == inpaint:
             return ModelChoice(member, None)
+    if fitting:  # the right condition, the wrong kind: the caller's check says so
+        return ModelChoice(model or fitting[0], None)
     have = sorted(m.condition for m in members if m.condition)
     return ModelChoice(
         None,
         f"fine-tune family {model_id!r} has no model of {condition!r} "
         f"(it has: {', '.join(have) or 'none yet'})",
     )
+
+
+def _is_inpaint(model: GeneratorModel) -> bool:
+    return "Inpaint" in model.pipeline_class
 
 
 def read_pipeline_class(path: Path) -> str:
@@ -299,4 +318,30 @@ def register_models_in(*, session: Session, models_dir: Path) -> list[str]:
         if (child / "model_index.json").is_file():
             register_model(session=session, model_id=child.name, path=child.resolve())
             found.append(child.name)
+    return found
+
+
+# The project's own generator (issue 24), committed under models/ (relative to the checkout):
+# every `db upgrade` registers it beside the models in models_dir, which win on a shared id.
+BUILTIN_MODELS = {
+    "synthderm-fitz64": Path("models/synthderm-fitz64/text-to-image"),
+    "synthderm-fitz64-inpaint": Path("models/synthderm-fitz64/inpaint"),
+}
+BUILTIN_DESCRIPTION = (
+    "the project's own 64-px latent diffusion model, trained on the Fitzpatrick17k train split "
+    "(models/synthderm-fitz64/MODEL_CARD.md); research and non-commercial use only"
+)
+
+
+def register_builtin_models(*, session: Session, root: Path, skip: Iterable[str] = ()) -> list[str]:
+    """Register the committed generators found under the checkout `root`; returns their ids."""
+    found = []
+    for model_id, relative in BUILTIN_MODELS.items():
+        path = root / relative
+        if model_id not in skip and (path / "model_index.json").is_file():
+            register_model(
+                session=session, model_id=model_id, path=path.resolve(),
+                description=BUILTIN_DESCRIPTION,
+            )  # fmt: skip
+            found.append(model_id)
     return found

@@ -28,6 +28,7 @@ from models.finetune_config import (
     TrainingImage,
     TrainResult,
     ValidationImage,
+    learning_rate_at,
 )
 from models.finetune_data import (
     center_view,
@@ -37,6 +38,7 @@ from models.finetune_data import (
 from models.finetune_steps import (
     Context,
     cached_batch,
+    caption_states,
     diffusion_loss,
     encode_pixels,
     fresh_batch,
@@ -103,7 +105,15 @@ def _freeze(context: Context) -> dict[str, torch.nn.Parameter]:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    return {name: param for name, param in unet.named_parameters() if param.requires_grad}
+    trainable = {name: param for name, param in unet.named_parameters() if param.requires_grad}
+    if config.train_text_encoder:
+        if config.method != "dreambooth":
+            raise ValueError("train_text_encoder: only a full (dreambooth) fine-tune trains it")
+        text_encoder = pipeline.text_encoder.to(dtype=torch.float32)
+        text_encoder.requires_grad_(True).train()
+        for name, param in text_encoder.named_parameters():
+            trainable[f"text_encoder.{name}"] = param
+    return trainable
 
 
 def _explain_oom(function: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
@@ -191,9 +201,19 @@ def train(
             mean, std, conditioning = fresh_batch(context, indices, generators)
         eps = torch.randn(mean.shape, generator=generators["noise"]).to(device)
         latents = mean + std * eps  # a sample of the VAE posterior
-        embeddings = context.embeddings[[context.caption_index[index] for index in indices]]
+        rows = [context.caption_index[index] for index in indices]
+        if config.caption_dropout > 0:  # drawn only then: other runs' streams are unchanged
+            draws = torch.rand(len(rows), generator=generators["augment"]).tolist()
+            empty = context.captions.index("")
+            rows = [
+                empty if u < config.caption_dropout else row
+                for row, u in zip(rows, draws, strict=True)
+            ]
+        embeddings = caption_states(context, rows)
         # 8. noise, predict, MSE; backward, clip, step
         loss = diffusion_loss(context, latents, conditioning, embeddings, generators["noise"])
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(config, step, total_steps)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
@@ -248,6 +268,7 @@ def train(
         ):
             on_validation(step, _validate(context, prompts))
     pipeline.unet.eval()
+    pipeline.text_encoder.requires_grad_(False).eval()
     return TrainResult(
         steps=step,
         final_loss=losses[-1] if losses else float("nan"),

@@ -4,6 +4,7 @@ with `FinetuneConfig(...)` and maps the ValueError (field name first) to a 422."
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -12,6 +13,7 @@ from PIL import Image
 METHODS = ("dreambooth", "lora")
 VARIANTS = ("text-to-image", "inpaint")
 MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")
+LR_SCHEDULERS = ("constant", "cosine")
 # The UNet's input channels per variant: latents, or latents + mask + masked-image latents.
 UNET_IN_CHANNELS = {"text-to-image": 4, "inpaint": 9}
 # The adapter name a LoRA fine-tune trains under (and saves from).
@@ -27,6 +29,8 @@ class FinetuneConfig:
     resolution: int | None = None  # None: the base pipeline's size (512 for SD 2.1-base)
     train_batch_size: int = 4
     learning_rate: float = 5e-6  # constant, no warmup
+    lr_scheduler: str = "constant"  # or "cosine": from learning_rate down to a tenth of it
+    lr_warmup_steps: int = 0  # linear from 0 over these steps, then the scheduler
     num_train_epochs: int = 4
     max_train_steps: int | None = None  # overrides the epochs when set
     adam_beta1: float = 0.9
@@ -46,6 +50,11 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     cache_latents: bool = False  # VAE latents of latent_views augmented views per image, once
     latent_views: int = 4
+    # set by the scratch method's stages (models/scratch.py), not by a request: the text
+    # encoder trains with the UNet, and a caption is replaced by the empty one this often (so
+    # classifier-free guidance has an unconditional model to push away from)
+    train_text_encoder: bool = False
+    caption_dropout: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,14 +73,21 @@ def _errors(config: FinetuneConfig) -> list[str]:
     check(config.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
     check(config.variant in VARIANTS, "variant", f"must be one of {', '.join(VARIANTS)}")
     check(
-        # multiples of 8 so the latents have whole pixels; the tiny models are 64 px
+        # multiples of 8 so the latents have whole pixels; the tiny models are 64 px, the
+        # scratch method's test configs 32
         config.resolution is None
-        or (64 <= config.resolution <= 2048 and config.resolution % 8 == 0),
+        or (16 <= config.resolution <= 2048 and config.resolution % 8 == 0),
         "resolution",
-        "must be a multiple of 8 in 64..2048",
+        "must be a multiple of 8 in 16..2048",
     )
     check(1 <= config.train_batch_size <= 256, "train_batch_size", "must be 1..256")
     check(0 < config.learning_rate <= 1, "learning_rate", "must be in (0, 1]")
+    check(
+        config.lr_scheduler in LR_SCHEDULERS,
+        "lr_scheduler",
+        f"must be one of {', '.join(LR_SCHEDULERS)}",
+    )
+    check(0 <= config.lr_warmup_steps <= 1_000_000, "lr_warmup_steps", "must be 0..1000000")
     check(1 <= config.num_train_epochs <= 10_000, "num_train_epochs", "must be 1..10000")
     check(
         config.max_train_steps is None or 1 <= config.max_train_steps <= 10_000_000,
@@ -110,6 +126,7 @@ def _errors(config: FinetuneConfig) -> list[str]:
         f"must be one of {', '.join(MIXED_PRECISIONS)}",
     )
     check(1 <= config.latent_views <= 64, "latent_views", "must be 1..64")
+    check(0 <= config.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
     check(0 <= config.seed < 2**63, "seed", "must be in [0, 2**63)")
     return errors
 
@@ -117,6 +134,31 @@ def _errors(config: FinetuneConfig) -> list[str]:
 def config_dict(config: FinetuneConfig) -> dict[str, object]:
     """The settings as plain values (what a checkpoint and a model's provenance record)."""
     return {field.name: getattr(config, field.name) for field in fields(config)}
+
+
+def scheduled_rate(
+    rate: float, *, scheduler: str, warmup_steps: int, step: int, total_steps: int
+) -> float:
+    """The learning rate of 0-based step `step`: a linear warmup, then constant or a cosine from
+    `rate` down to a tenth of it at the last step (a pure function of the step, so a resumed
+    run follows the same curve)."""
+    if step < warmup_steps:
+        return rate * (step + 1) / warmup_steps
+    if scheduler == "constant":
+        return rate
+    span = max(total_steps - warmup_steps - 1, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return rate * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def learning_rate_at(config: FinetuneConfig, step: int, total_steps: int) -> float:
+    return scheduled_rate(
+        config.learning_rate,
+        scheduler=config.lr_scheduler,
+        warmup_steps=config.lr_warmup_steps,
+        step=step,
+        total_steps=total_steps,
+    )
 
 
 def autocast_dtype(config: FinetuneConfig, device: torch.device) -> torch.dtype | None:

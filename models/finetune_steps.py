@@ -39,6 +39,7 @@ class Context:
     caption_index: list[int]  # per image: its row of `embeddings`
     captions: list[str]  # distinct captions, in order of first appearance
     embeddings: torch.Tensor  # (C, L, D): the text encoder's output per distinct caption
+    token_ids: torch.Tensor  # (C, L): the distinct captions' tokens (for a training text encoder)
     noise_scheduler: Any
     # (image, view) -> (mean, std, conditioning or None): the latent cache (cache_latents)
     cache: dict[tuple[int, int], tuple[torch.Tensor, ...]] = field(default_factory=dict)
@@ -87,6 +88,8 @@ def prepare(
     if resolution % scale:
         raise ValueError(f"resolution: must be a multiple of the VAE's factor {scale}")
     captions = list(dict.fromkeys(image.caption for image in images))
+    if config.caption_dropout > 0 and "" not in captions:
+        captions.append("")  # what a dropped caption becomes
     context = Context(
         pipeline=pipeline,
         config=config,
@@ -98,29 +101,44 @@ def prepare(
         caption_index=[captions.index(image.caption) for image in images],
         captions=captions,
         embeddings=torch.empty(0),
+        token_ids=torch.empty(0),
         # DDPM noise with the base model's betas and prediction type (PAPER.md section 3)
         noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
     )
-    context.embeddings = encode_captions(context, captions)
+    tokenizer = pipeline.tokenizer
+    context.token_ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    context.embeddings = encode_captions(context)
     return context
 
 
 @torch.no_grad()
-def encode_captions(context: Context, captions: list[str]) -> torch.Tensor:
+def encode_captions(context: Context) -> torch.Tensor:
     """Distinct captions -> (C, L, D) text-encoder states: once per caption, not per step."""
-    tokenizer, text_encoder = context.pipeline.tokenizer, context.pipeline.text_encoder
+    text_encoder = context.pipeline.text_encoder
     rows = []
-    for start in range(0, len(captions), 64):
-        tokens = tokenizer(
-            captions[start : start + 64],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+    for start in range(0, len(context.token_ids), 64):
         with context.autocast():
-            rows.append(text_encoder(tokens.input_ids.to(context.device))[0].float())
+            ids = context.token_ids[start : start + 64].to(context.device)
+            rows.append(text_encoder(ids)[0].float())
     return torch.cat(rows)  # (C, L, D)
+
+
+def caption_states(context: Context, rows: list[int]) -> torch.Tensor:
+    """(B, L, D) text states of the batch's captions (rows of `captions`): the cached ones, or,
+    while the text encoder trains, computed now with gradients, once per distinct caption."""
+    if not context.config.train_text_encoder:
+        return context.embeddings[rows]
+    distinct = sorted(set(rows))
+    with context.autocast():
+        states = context.pipeline.text_encoder(context.token_ids[distinct].to(context.device))[0]
+    position = {row: i for i, row in enumerate(distinct)}
+    return states.float()[[position[row] for row in rows]]
 
 
 @torch.no_grad()

@@ -277,12 +277,15 @@ def generate(
         generator=generators(),
         **size,
     )
+    # the pipeline decodes the whole image: the pixels outside the mask go back as they were,
+    # or a small autoencoder's blur would replace the frame the paper keeps
+    inpainted = keep_outside_mask(inpainted, list(parents), mask)
     if params.strategy == INPAINT:
         return inpainted
     # inpaint-outpaint: everything but a 16-px frame regenerated at 0.95 (PAPER.md 2b, step 2)
     frame = frame_mask(size=params.width, frame_px=params.frame_px)
     hook = _StepHook(on_step, offset=first_steps, total=total)
-    return run(
+    outpainted = run(
         pipeline,
         hook,
         image=inpainted,
@@ -291,6 +294,20 @@ def generate(
         generator=generators(),
         **size,
     )
+    return keep_outside_mask(outpainted, inpainted, frame)
+
+
+def keep_outside_mask(
+    generated: Sequence[Image.Image], originals: Sequence[Image.Image], mask: Image.Image
+) -> list[Image.Image]:
+    """Each generated image inside the mask (255) and its original outside it (0)."""
+    kept = []
+    for image, original in zip(generated, originals, strict=True):
+        if original.size != image.size or original.mode != "RGB":
+            original = original.convert("RGB").resize(image.size, Image.Resampling.BILINEAR)
+        region = mask if mask.size == image.size else mask.resize(image.size)
+        kept.append(Image.composite(image.convert("RGB"), original, region.convert("L")))
+    return kept
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

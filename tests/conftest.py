@@ -57,6 +57,9 @@ FAST = {
     "webhook_allow_loopback": True,  # the receivers of tests/api/test_webhooks.py
     "webhook_progress_interval_s": 600.0,  # one progress event per job, however slow
     "auth_cache_ttl_s": 1.0,  # a key revoked by the tests is refused by the API within 1 s
+    # the fastest generators; tests of the project's own model (synthderm-fitz64) name it
+    "default_model": "tiny-random",
+    "default_inpaint_model": "tiny-random-inpaint",
 }
 
 

@@ -1,21 +1,17 @@
 """Fine-tuning: the task that trains one member of a fine-tune (`gpu` queue) and registers its
-model.
+model (a `method: scratch` member goes to workers/scratch.py).
 
 Thin: the loop is models/finetune.py, the bookkeeping app/finetunes/registry.py. What this task
-adds is the plumbing: the member's images from the store, captions in the owner's words,
-checkpoints to the store (a restarted task resumes from the latest), validation images, the
-loss per step, the cancel check, the weights uploaded and hashed, then the model registered in
-the transaction that finishes the chunk.
+adds is the plumbing (workers/finetune_member.py): the member's images from the store, captions
+in the owner's words, checkpoints to the store (a restarted task resumes from the latest),
+validation images, the loss per step, the cancel check, the weights uploaded and hashed, then
+the model registered in the transaction that finishes the chunk.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,146 +21,15 @@ from app import engine
 from app.broker import FINETUNE_TASK
 from app.config import Settings
 from app.db.session import session_factory
-from app.db.tables import Job
 from app.finetunes import registry
-from app.vocabulary import get_condition, get_model, weights_sha256
+from app.vocabulary import get_model
 from workers.celery_app import app
-from workers.chunk_task import Canceled, claim_task_chunk, heartbeat, job_canceled, object_store
+from workers.chunk_task import Canceled, claim_task_chunk, heartbeat, object_store
+from workers.finetune_member import MemberProgress, Trained, training_images, upload_weights
 from workers.generators import FINETUNED_PARTS, local_pipeline_dir
-from workers.sampling import encode_png
+from workers.scratch import train_scratch_member
 
 log = logging.getLogger(__name__)
-DOWNLOAD_THREADS = 8
-# how often the loss rows are written and the cancel flag read
-FLUSH_EVERY_S = 1.0
-
-
-def checkpoint_key(job_id: str, index: int, step: int) -> str:
-    return f"finetunes/{job_id}/{index}/checkpoints/step-{step:08d}.pt"
-
-
-def sample_key(job_id: str, index: int, step: int, number: int) -> str:
-    return f"finetunes/{job_id}/{index}/samples/step-{step:08d}-{number:02d}.png"
-
-
-def weights_prefix(model_id: str, sha256: str) -> str:
-    return f"models/{model_id}/{sha256[:16]}"
-
-
-@dataclass
-class Trained:
-    model_id: str
-    job_status: str
-
-
-class MemberProgress:
-    """The loop's callbacks: losses written in batches, checkpoints and validation images to
-    the store, and the cancel flag read, at most every FLUSH_EVERY_S."""
-
-    def __init__(self, settings: Settings, plan: registry.MemberPlan) -> None:
-        self.settings = settings
-        self.plan = plan
-        self.store = object_store(settings)
-        self.make_session = session_factory(settings.database_url)
-        self.pending: list[tuple[int, float]] = []
-        self.steps = 0
-        self.images_per_s: float | None = None
-        self.samples = list(plan.samples)
-        self.checkpoint: str | None = plan.checkpoint_key
-        self.last_flush = time.monotonic()
-        self.stop = False
-        self.lock = threading.Lock()
-
-    def on_step(self, report: Any) -> None:
-        self.pending.append((report.step, float(report.loss)))
-        self.steps = report.total_steps
-        self.images_per_s = report.images_per_s
-        if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
-            self.flush()
-
-    def flush(self) -> None:
-        with self.make_session() as session:
-            registry.record_losses(
-                session=session,
-                job_id=self.plan.job_id,
-                index=self.plan.index,
-                losses=self.pending,
-                steps=self.steps,
-                images_per_s=self.images_per_s,
-            )
-            self.stop = job_canceled(session=session, job_id=self.plan.job_id)
-        self.pending = []
-        self.last_flush = time.monotonic()
-
-    def should_stop(self) -> bool:
-        return self.stop
-
-    def on_checkpoint(self, step: int, data: bytes) -> None:
-        """The checkpoint is stored whole before the member points at it; the one before goes."""
-        self.flush()  # the losses up to the checkpoint are kept by a resume
-        key = checkpoint_key(self.plan.job_id, self.plan.index, step)
-        self.store.put_bytes(key, data, content_type="application/octet-stream")
-        with self.make_session() as session:
-            registry.record_checkpoint(
-                session=session, job_id=self.plan.job_id, index=self.plan.index, step=step, key=key
-            )
-        if self.checkpoint and self.checkpoint != key:
-            self.store.delete(self.checkpoint)
-        self.checkpoint = key
-
-    def on_validation(self, step: int, images: list[Any]) -> None:
-        for number, image in enumerate(images):
-            key = sample_key(self.plan.job_id, self.plan.index, step, number)
-            self.store.put_bytes(key, encode_png(image.image), content_type="image/png")
-            self.samples.append(
-                {"step": step, "prompt": image.prompt, "seed": image.seed, "key": key}
-            )
-        with self.make_session() as session:
-            registry.record_samples(
-                session=session,
-                job_id=self.plan.job_id,
-                index=self.plan.index,
-                samples=self.samples,
-            )
-
-    def drop_checkpoint(self) -> None:
-        if self.checkpoint:
-            self.store.delete(self.checkpoint)
-
-
-def training_images(
-    settings: Settings, claim: engine.ChunkClaim, plan: registry.MemberPlan
-) -> list[Any]:
-    """The member's images, decoded, each captioned in the owner's words (with its
-    Fitzpatrick type when the fine-tune asks)."""
-    from models.finetune import TrainingImage
-    from models.strategies import build_prompt
-    from models.transforms import decode_image
-
-    store = object_store(settings)
-    names: dict[str, str] = {}
-    with session_factory(settings.database_url)() as session:
-        job = session.get(Job, claim.job_id)
-        assert job is not None
-        for slug in {image.condition for image in plan.images}:
-            known = get_condition(session=session, slug=slug, owner_id=job.owner_id)
-            names[slug] = known.name if known is not None else slug.replace("-", " ")
-    with_tone = bool(claim.params.get("caption_skin_tone"))
-    with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
-        blobs = list(pool.map(lambda image: store.get_bytes(image.storage_key), plan.images))
-    return [
-        TrainingImage(
-            image_id=image.image_id,
-            pixels=decode_image(data),
-            caption=build_prompt(
-                condition_name=names[image.condition],
-                skin_tone=image.skin_tone if with_tone else None,
-                template=settings.prompt_template,
-                suffix=settings.skin_tone_prompt_suffix,
-            ),
-        )
-        for image, data in zip(plan.images, blobs, strict=True)
-    ]
 
 
 def train_member(settings: Settings, claim: engine.ChunkClaim) -> Trained:
@@ -239,22 +104,20 @@ def train_member(settings: Settings, claim: engine.ChunkClaim) -> Trained:
         for name in keep:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).rename(staging / name)
-        sha = weights_sha256(staging)
-        prefix = weights_prefix(plan.model_id, sha)
-        for name in keep:
-            with (staging / name).open("rb") as handle:
-                store.put_file(f"{prefix}/{name}", handle, content_type="application/octet-stream")
+        prefix, sha = upload_weights(store, staging, keep, model_id=plan.model_id)
+    stored = registry.StoredWeights(
+        model_id=plan.model_id,
+        pipeline_class=type(pipeline).__name__,
+        variant=params["variant"],
+        weights_key=prefix,
+        weights_sha256=sha,
+        files=keep,
+        final_loss=result.final_loss,
+        steps=result.steps,
+    )
     with make_session() as session:
         status = registry.register_model(
-            session=session,
-            job_id=claim.job_id,
-            index=claim.index,
-            pipeline_class=type(pipeline).__name__,
-            weights_key=prefix,
-            weights_sha256=sha,
-            files=keep,
-            final_loss=result.final_loss,
-            steps=result.steps,
+            session=session, job_id=claim.job_id, index=claim.index, weights=[stored]
         )
     progress.drop_checkpoint()
     return Trained(plan.model_id, status)
@@ -278,7 +141,10 @@ def finetune_member(self: Task, job_id: str, chunk_index: int) -> dict[str, Any]
     trained: Trained | None = None
     try:
         with heartbeat(settings, job_id=job_id, index=chunk_index, worker=worker):
-            trained = train_member(settings, claim)
+            if claim.params["method"] == "scratch":
+                trained = train_scratch_member(settings, claim)
+            else:
+                trained = train_member(settings, claim)
     except Canceled:
         status = "canceled"
     except Exception as exc:

@@ -3,9 +3,10 @@
 A base model loads from its directory. A fine-tuned model's weights live in the object store
 (issue 22): a worker downloads them once into a local cache keyed by their sha256 (checked
 after the download). A DreamBooth model stores only its UNet; its local directory is the base
-model's other components (linked) with that UNet. A LoRA model is applied to the base
-pipeline already in the pipeline cache, without reloading the base: two LoRAs of one base
-serve alternating jobs from one loaded pipeline.
+model's other components (linked) with that UNet. A scratch model (issue 24) stores its whole
+pipeline, which is its local directory. A LoRA model is applied to the base pipeline already
+in the pipeline cache, without reloading the base: two LoRAs of one base serve alternating
+jobs from one loaded pipeline.
 
 A worker module, not a task: workers/generate.py, workers/regenerate.py and
 workers/finetune.py import it.
@@ -91,10 +92,12 @@ def _base_of(settings: Settings, model: GeneratorModel) -> GeneratorModel:
 
 
 def local_pipeline_dir(settings: Settings, model: GeneratorModel) -> Path:
-    """A diffusers pipeline directory of a base or DreamBooth model (not a LoRA)."""
+    """A diffusers pipeline directory of a base, DreamBooth or scratch model (not a LoRA)."""
     if model.weights_key is None:
         return model_path(settings, model)
     weights = download_weights(settings, model)
+    if model.base_model_id is None:  # scratch: the whole pipeline was stored
+        return weights
     base_dir = local_pipeline_dir(settings, _base_of(settings, model))
     assembled = weights.parent / f"{weights.name}-pipeline"
     if (assembled / "model_index.json").is_file():

@@ -115,7 +115,7 @@ def upgrade_database(settings: Settings) -> None:
     from alembic.config import Config
 
     from app.storage import make_store
-    from app.vocabulary import register_models_in
+    from app.vocabulary import register_builtin_models, register_models_in
 
     config = Config(str(ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(ROOT / "migrations"))
@@ -125,6 +125,7 @@ def upgrade_database(settings: Settings) -> None:
     make_store(settings).ensure_ready()
     with _session_scope(settings) as session:
         found = register_models_in(session=session, models_dir=settings.resolved_models_dir)
+        found += register_builtin_models(session=session, root=ROOT, skip=found)
     console.print(f"database at head; models: {', '.join(found) or 'none'}")
 
 

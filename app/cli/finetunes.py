@@ -28,11 +28,11 @@ finetunes_cli = typer.Typer(
 )
 
 
-def _parse_setting(text: str) -> tuple[str, Any]:
+def _parse_setting(text: str, option: str = "--set") -> tuple[str, Any]:
     """'learning_rate=1e-5' -> ('learning_rate', 1e-05): the value as JSON, else a string."""
     name, sep, raw = text.partition("=")
     if not sep or not name:
-        raise typer.BadParameter(f"{text!r} is not NAME=VALUE", param_hint="--set")
+        raise typer.BadParameter(f"{text!r} is not NAME=VALUE", param_hint=option)
     try:
         return name.strip(), json.loads(raw)
     except json.JSONDecodeError:
@@ -47,13 +47,16 @@ def _duration(seconds: float | None) -> str:
 
 
 def _state_line(state: dict[str, Any]) -> str:
-    """'running, 2/10 models, loss 0.1234, about 0:03:10 left'."""
+    """'running, 2/10 models, loss 0.1234, 0:03:10 left (MODEL)' (a scratch model's stage
+    before its loss)."""
     running = [m for m in state["members"] if m["status"] == "running"]
     parts = [state["status"]]
     progress = state["progress"]
     parts.append(f"{progress['models_done']}/{progress['models']} models")
     if running:
         member = running[0]
+        if member.get("stage"):
+            parts.append(member["stage"])
         if member["loss"] is not None:
             parts.append(f"loss {member['loss']:.4f}")
         parts.append(f"{_duration(member['eta_s'])} left ({member['model_id']})")
@@ -101,18 +104,31 @@ def _finish(state: dict[str, Any]) -> None:
 @finetunes_cli.command("submit")
 def finetunes_submit(
     dataset: Annotated[str, typer.Option(help="Your real dataset's id.")],
-    base_model: Annotated[str, typer.Option(help="A model id (GET /models).")],
-    method: Annotated[str, typer.Option(help="dreambooth (the paper's) or lora.")] = "dreambooth",
-    variant: Annotated[str, typer.Option(help="text-to-image or inpaint.")] = "text-to-image",
+    base_model: Annotated[
+        str | None, typer.Option(help="A model id (GET /models); none with --method scratch.")
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(help="dreambooth (the paper's), lora, or scratch (a generator of its own)."),
+    ] = "dreambooth",
+    variant: Annotated[
+        str | None, typer.Option(help="text-to-image (the default) or inpaint.")
+    ] = None,
     condition: Annotated[
         list[str] | None, typer.Option(help="A condition to train (repeat; default: all).")
     ] = None,
-    joint: Annotated[bool, typer.Option(help="One model over all the conditions.")] = False,
+    joint: Annotated[
+        bool, typer.Option(help="One model over all the conditions (scratch always is).")
+    ] = False,
     name: Annotated[str | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     caption_skin_tone: Annotated[
-        bool, typer.Option(help="Append each image's Fitzpatrick type to its caption.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            help="Append each image's Fitzpatrick type to its caption (default: on for "
+            "scratch, off otherwise)."
+        ),
+    ] = None,
     exclude_dataset: Annotated[
         list[str] | None, typer.Option(help="Images in this dataset never train (repeat).")
     ] = None,
@@ -124,12 +140,21 @@ def finetunes_submit(
             "--set learning_rate=1e-5 (the paper's defaults otherwise).",
         ),
     ] = None,
+    scratch_setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scratch-set",
+            help="A scratch setting, NAME=VALUE (repeat), e.g. --scratch-set vae_steps=500 "
+            "--scratch-set unet_channels=[32,64] (the default model's otherwise).",
+        ),
+    ] = None,
     webhook: WebhookOption = None,
     webhook_events: WebhookEventsOption = None,
     wait: Annotated[bool, typer.Option(help="Follow it with a live bar.")] = False,
 ) -> None:
     """Submit a fine-tune: one model per condition (or one joint model), each registered
-    under GET /models when it finishes."""
+    under GET /models when it finishes; with --method scratch, a text-to-image and an inpaint
+    model trained from the dataset alone."""
     client = api_client()
     body: dict[str, Any] = {
         "dataset": dataset,
@@ -137,7 +162,7 @@ def finetunes_submit(
         "method": method,
         "variant": variant,
         "conditions": condition or None,
-        "joint": joint,
+        "joint": joint or None,  # left out unless set: scratch refuses joint false
         "name": name,
         "seed": seed,
         "caption_skin_tone": caption_skin_tone,
@@ -145,6 +170,8 @@ def finetunes_submit(
         **dict(_parse_setting(s) for s in setting or []),
         **webhook_fields(webhook, webhook_events),
     }
+    if scratch_setting:
+        body["scratch"] = dict(_parse_setting(s, "--scratch-set") for s in scratch_setting)
     finetune = client.post("/finetunes", {k: v for k, v in body.items() if v is not None})
     if not wait:
         typer.echo(json.dumps(finetune, indent=2))

@@ -22,7 +22,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.admin import TINY_MODELS, build_tiny_models, upgrade_database
+from app.cli.admin import build_tiny_models, upgrade_database
 from app.cli.common import ROOT, console
 from app.config import get_settings
 
@@ -199,7 +199,8 @@ def run(
     """
     logging.basicConfig(level=logging.INFO)
     settings = get_settings()
-    if build_tiny and settings.default_model in TINY_MODELS:
+    # the tiny generators are the fastest to try (the default is the project's own model)
+    if build_tiny:
         console.print(f"making sure the tiny generators are in {settings.resolved_models_dir}...")
         build_tiny_models(settings.resolved_models_dir)
     upgrade_database(settings)

@@ -120,21 +120,33 @@ def record_samples(
     session.commit()
 
 
+@dataclass(frozen=True)
+class StoredWeights:
+    """A trained model's files in the store, ready to register: a DreamBooth or LoRA member
+    has one, a scratch member two (its text-to-image and its inpainting pipeline)."""
+
+    model_id: str
+    pipeline_class: str
+    variant: str
+    weights_key: str
+    weights_sha256: str
+    files: list[str]
+    final_loss: float | None
+    steps: int
+
+
 def register_model(
     *,
     session: Session,
     job_id: str,
     index: int,
-    pipeline_class: str,
-    weights_key: str,
-    weights_sha256: str,
-    files: list[str],
-    final_loss: float | None,
-    steps: int,
+    weights: list[StoredWeights],
+    summary: dict[str, Any] | None = None,
 ) -> str:
-    """Register member `index`'s model and finish its chunk in one transaction, unless its job
-    stopped meanwhile (then the chunk is closed canceled and nothing is registered). Returns
-    the job's status."""
+    """Register member `index`'s models and finish its chunk in one transaction, unless its job
+    stopped meanwhile (then the chunk is closed canceled and nothing is registered). The
+    member's own loss and hash are the first model's (for scratch: its text-to-image pipeline);
+    `summary` is added to each model's training record. Returns the job's status."""
     job = session.get(Job, job_id, with_for_update={"key_share": True}, populate_existing=True)
     member = session.get(FinetuneMember, (job_id, index))
     if job is None or member is None:
@@ -150,42 +162,43 @@ def register_model(
         )
     params = job.params
     joint = bool(params.get("joint"))
-    training = {
-        "method": params["method"],
-        "variant": params["variant"],
-        "conditions": list(member.conditions),
-        "hyperparameters": params["hyperparameters"],
-        "caption_skin_tone": params.get("caption_skin_tone", False),
-        "train_images": member.train_images,
-        "steps": steps,
-        "final_loss": final_loss,
-        "files": files,
-        "dataset": params["dataset"],
-    }
-    lora = params["method"] == "lora"
     now = utcnow()
-    session.add(
-        GeneratorModel(
-            id=member.model_id,
-            path="",  # fine-tuned weights live in the object store, not on one machine
-            pipeline_class=pipeline_class,
-            weights_sha256=weights_sha256,
-            weights_signature=None,
-            description=_describe(params, member.conditions, lora=lora),
-            created_at=now,
-            updated_at=now,
-            owner_id=job.owner_id,
-            finetune_id=job_id,
-            finetune_index=index,
-            family_id=params["family_id"],
-            base_model_id=params["base_model"],
-            condition=None if joint else member.conditions[0],
-            weights_key=weights_key,
-            training=training,
+    for stored in weights:
+        training = {
+            "method": params["method"],
+            "variant": stored.variant,
+            "conditions": list(member.conditions),
+            "hyperparameters": params["hyperparameters"],
+            "caption_skin_tone": params.get("caption_skin_tone", False),
+            "train_images": member.train_images,
+            "steps": stored.steps,
+            "final_loss": stored.final_loss,
+            "files": stored.files,
+            "dataset": params["dataset"],
+            **(summary or {}),
+        }
+        session.add(
+            GeneratorModel(
+                id=stored.model_id,
+                path="",  # fine-tuned weights live in the object store, not on one machine
+                pipeline_class=stored.pipeline_class,
+                weights_sha256=stored.weights_sha256,
+                weights_signature=None,
+                description=_describe(params, member.conditions, variant=stored.variant),
+                created_at=now,
+                updated_at=now,
+                owner_id=job.owner_id,
+                finetune_id=job_id,
+                finetune_index=index,
+                family_id=params["family_id"],
+                base_model_id=params["base_model"],
+                condition=None if joint else member.conditions[0],
+                weights_key=stored.weights_key,
+                training=training,
+            )
         )
-    )
-    member.final_loss = final_loss
-    member.weights_sha256 = weights_sha256
+    member.final_loss = weights[0].final_loss
+    member.weights_sha256 = weights[0].weights_sha256
     # a member that failed leaves the others going: the job settles when none is left
     return engine.finish_chunk(
         session=session,
@@ -197,9 +210,9 @@ def register_model(
     )
 
 
-def _describe(params: dict[str, Any], conditions: list[str], *, lora: bool) -> str:
-    what = "LoRA" if lora else "DreamBooth"
-    return (
-        f"{what} ({params['variant']}) of {params['base_model']} on "
-        f"{', '.join(conditions)} from dataset {params['dataset']}"
-    )
+def _describe(params: dict[str, Any], conditions: list[str], *, variant: str) -> str:
+    where = f"on {', '.join(conditions)} from dataset {params['dataset']}"
+    if params["method"] == "scratch":
+        return f"Trained from scratch ({variant}) {where}"
+    what = "LoRA" if params["method"] == "lora" else "DreamBooth"
+    return f"{what} ({variant}) of {params['base_model']} {where}"

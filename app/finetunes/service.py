@@ -1,5 +1,9 @@
 """POST /finetunes: validate a request, choose and record the images each model trains on (the
 lineage), and insert the fine-tune's job and members (not committed); GET and cancel.
+
+`method: scratch` (issue 24) has no base model: one member trains a whole generator over every
+selected condition and registers two models, its text-to-image pipeline (the member's model id,
+the family's) and its inpainting pipeline (`inpaint_model_id`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ from app.datasets.repository import get_dataset
 from app.db.owned import get_owned
 from app.db.tables import ApiKey, FinetuneImage, FinetuneMember, GeneratorModel, Image, Job
 from app.errors import InvalidField, NotFound
-from app.schemas.finetunes import FinetuneCreate, FinetuneMethod, FinetuneVariant
+from app.schemas.finetunes import (
+    FinetuneCreate,
+    FinetuneHyperparameters,
+    FinetuneMethod,
+    FinetuneVariant,
+    ScratchSettings,
+)
 from app.vocabulary import get_condition, get_model, slugify
 
 FINETUNE_KIND = "finetune"
@@ -59,8 +69,53 @@ def member_model_id(*, family: str, condition: str | None) -> str:
     return f"{family}-{condition}"[:MODEL_ID_LENGTH]
 
 
+def inpaint_model_id(model_id: str) -> str:
+    """The id of a scratch member's inpainting model, beside its text-to-image one."""
+    return f"{model_id}-inpaint"
+
+
+def check_method_fields(params: FinetuneCreate) -> None:
+    """What a method takes: scratch no base model, no variant but text-to-image (it makes
+    both), always joint, none of the DreamBooth/LoRA hyperparameters; the others a base model
+    and no scratch settings. InvalidField naming the field otherwise."""
+    if params.method is not FinetuneMethod.SCRATCH:
+        if params.base_model is None:
+            raise InvalidField(
+                f"base_model: required by method {params.method.value} (GET /models lists "
+                "them; method scratch trains without one)",
+                field="base_model",
+            )
+        if params.scratch is not None:
+            raise InvalidField("scratch: only method scratch takes these settings", field="scratch")
+        return
+    if params.base_model is not None:
+        raise InvalidField(
+            "base_model: method scratch trains a generator of its own from the dataset; leave "
+            "base_model out",
+            field="base_model",
+        )
+    if params.variant is not FinetuneVariant.TEXT_TO_IMAGE:
+        raise InvalidField(
+            "variant: method scratch makes both a text-to-image and an inpaint model; leave "
+            "variant out",
+            field="variant",
+        )
+    if not params.joint and "joint" in params.model_fields_set:
+        raise InvalidField(
+            "joint: method scratch trains one model over all the conditions", field="joint"
+        )
+    unused = sorted(set(FinetuneHyperparameters.model_fields) & params.model_fields_set)
+    if unused:
+        raise InvalidField(
+            f"{unused[0]}: not used by method scratch (its settings go in `scratch`); "
+            f"leave out {', '.join(unused)}",
+            field=unused[0],
+        )
+
+
 def check_base_model(*, session: Session, params: FinetuneCreate, owner: ApiKey) -> GeneratorModel:
     """The base model, visible to the caller and of the variant's kind; InvalidField if not."""
+    assert params.base_model is not None  # check_method_fields
     model = get_model(session=session, model_id=params.base_model)
     if model is None or model.owner_id not in (None, owner.id):
         raise InvalidField(
@@ -166,6 +221,15 @@ def select_images(*, session: Session, params: FinetuneCreate, owner: ApiKey) ->
 def _check_sizes(
     params: FinetuneCreate, members: list[tuple[list[str], list[TrainingRow]]]
 ) -> None:
+    if params.method is FinetuneMethod.SCRATCH:
+        batch = (params.scratch or ScratchSettings()).unet_batch_size
+        images = len(members[0][1])
+        if batch > images:
+            raise InvalidField(
+                f"scratch.unet_batch_size: {batch} is larger than the {images} training images",
+                field="scratch.unet_batch_size",
+            )
+        return
     for conditions, rows in members:
         if params.train_batch_size > len(rows):
             raise InvalidField(
@@ -189,8 +253,10 @@ def create_finetune(
     if existing is not None:
         return existing, False
 
-    # 2. the base model, the conditions and the images that train
-    base = check_base_model(session=session, params=params, owner=owner)
+    # 2. the method's fields, the base model, the conditions and the images that train
+    check_method_fields(params)
+    scratch = params.method is FinetuneMethod.SCRATCH
+    base = None if scratch else check_base_model(session=session, params=params, owner=owner)
     for condition in params.conditions or []:
         if get_condition(session=session, slug=condition, owner_id=owner.id) is None:
             raise InvalidField(
@@ -199,7 +265,8 @@ def create_finetune(
             )
     selection = select_images(session=session, params=params, owner=owner)
     conditions = list(selection.by_condition)
-    if params.joint:
+    joint = params.joint or scratch
+    if joint:
         rows = [r for c in conditions for r in selection.by_condition[c]]
         members = [(conditions, rows)]
     else:
@@ -207,18 +274,21 @@ def create_finetune(
     _check_sizes(params, members)
     webhook = engine.subscription(settings=settings, params=params)
     seed = params.seed if params.seed is not None else secrets.randbits(62)
+    # scratch captions with the skin type by default: its own prompts are all its text encoder
+    # ever learns
+    with_tone = scratch if params.caption_skin_tone is None else params.caption_skin_tone
 
     # 3. the job (one chunk per member), the members and their images
     family = new_family_id(params.name)
     stored: dict[str, Any] = {
         "family_id": family,
         "dataset": params.dataset,
-        "base_model": base.id,
+        "base_model": None if base is None else base.id,
         "method": params.method.value,
         "variant": params.variant.value,
-        "joint": params.joint,
+        "joint": joint,
         "conditions": conditions,
-        "caption_skin_tone": params.caption_skin_tone,
+        "caption_skin_tone": with_tone,
         "name": params.name,
         "hyperparameters": params.hyperparameters(),
         "training_data": {
@@ -238,7 +308,7 @@ def create_finetune(
             chunk_size=1,
             params=stored,
             seed=seed,
-            model_id=base.id,
+            model_id=None if base is None else base.id,
             condition=conditions[0] if len(conditions) == 1 else None,
             strategy=params.variant.value,
             idempotency_key=params.idempotency_key,
@@ -254,7 +324,7 @@ def create_finetune(
                 "job_id": job.id,
                 "index": index,
                 "model_id": member_model_id(
-                    family=family, condition=None if params.joint else member_conditions[0]
+                    family=family, condition=None if joint else member_conditions[0]
                 ),
                 "conditions": member_conditions,
                 "train_images": len(rows),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,11 +15,13 @@ from app.finetunes.service import members_of
 from app.schemas import JobStatus
 from app.schemas.catalog import ModelOut
 from app.schemas.finetunes import (
+    SCRATCH_STAGES,
     FinetuneMemberOut,
     FinetuneOut,
     FinetuneProgress,
     FinetuneSample,
     ModelTraining,
+    ScratchStage,
     TrainingData,
 )
 from app.storage import ObjectStore
@@ -37,12 +40,45 @@ def _registered(session: Session, job_id: str) -> set[int]:
     )
 
 
+class StepPlan:
+    """How a member's steps run: one loop at one batch size (DreamBooth, LoRA), or a scratch
+    generator's three stages one after the other, each with its steps and batch size."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        hyper = params["hyperparameters"]
+        if params["method"] == "scratch":
+            steps = [hyper["vae_steps"], hyper["unet_steps"], hyper["inpaint_steps"]]
+            batches = [hyper["vae_batch_size"], hyper["unet_batch_size"], hyper["unet_batch_size"]]
+            self.stages: list[tuple[str | None, int, int]] = list(
+                zip(SCRATCH_STAGES, steps, batches, strict=True)
+            )
+        else:  # the steps are known once the member starts: one open-ended stage
+            self.stages = [(None, 10**12, hyper["train_batch_size"])]
+
+    def stage_at(self, step: int) -> str | None:
+        """The stage that trains step `step` + 1 (None when none is left, or no stages)."""
+        for stage, steps, _batch in self.stages:
+            if step < steps:
+                return stage
+            step -= steps
+        return None
+
+    def images_left(self, step: int, steps: int) -> int:
+        """The training images the steps after `step` (of `steps`) see."""
+        left, start = 0, 0
+        for _stage, stage_steps, batch in self.stages:
+            end = min(start + stage_steps, steps)
+            left += max(end - max(start, step), 0) * batch
+            start = end
+        return left
+
+
 def member_out(
     member: FinetuneMember,
     chunk: JobChunk | None,
     *,
     registered: bool,
-    batch_size: int,
+    plan: StepPlan,
     now: datetime,
 ) -> FinetuneMemberOut:
     status = JobStatus.QUEUED
@@ -61,8 +97,11 @@ def member_out(
         end = chunk.finished_at if status not in (JobStatus.QUEUED, JobStatus.RUNNING) else now
         elapsed = round(max(((end or now) - chunk.started_at).total_seconds(), 0.0), 1)
     if status is JobStatus.RUNNING and steps and member.images_per_s:
-        # the loop's images/s; a step is one batch
-        eta = round((steps - step) * batch_size / member.images_per_s, 1)
+        # the loop's images/s (a scratch member's: its current stage's); a step is one batch
+        eta = round(plan.images_left(step, steps) / member.images_per_s, 1)
+    stage = None
+    if status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        stage = plan.stage_at(step)
     return FinetuneMemberOut(
         index=member.index,
         model_id=member.model_id,
@@ -80,6 +119,7 @@ def member_out(
         weights_sha256=member.weights_sha256,
         registered=registered,
         error=chunk.error if chunk is not None else None,
+        stage=stage,
     )
 
 
@@ -89,12 +129,13 @@ def finetune_out(session: Session, job: Job) -> FinetuneOut:
     chunks = _chunks(session, job.id)
     registered = _registered(session, job.id)
     hyper = params["hyperparameters"]
+    plan = StepPlan(params)
     members = [
         member_out(
             m,
             chunks.get(m.index),
             registered=m.index in registered,
-            batch_size=hyper["train_batch_size"],
+            plan=plan,
             now=now,
         )
         for m in members_of(session=session, job_id=job.id)
@@ -145,6 +186,7 @@ def samples_of(
                     prompt=sample["prompt"],
                     seed=sample["seed"],
                     url=store.url(sample["key"]),
+                    stage=sample.get("stage"),
                 )
             )
     return found
@@ -179,6 +221,8 @@ def model_out(model: GeneratorModel) -> ModelOut:
             steps=t["steps"],
             final_loss=t["final_loss"],
             created_at=model.created_at,
+            stages=[ScratchStage(**stage) for stage in t["stages"]] if "stages" in t else None,
+            reconstruction_psnr_db=t.get("reconstruction_psnr_db"),
         )
     return ModelOut(
         id=model.id,

@@ -45,7 +45,11 @@ def _check_model(*, session: Session, settings: Settings, params: JobCreate, own
         settings.default_inpaint_model if inpaint else settings.default_model
     )
     model, problem = resolve_model(
-        session=session, model_id=model_id, owner_id=owner.id, condition=params.condition
+        session=session,
+        model_id=model_id,
+        owner_id=owner.id,
+        condition=params.condition,
+        inpaint=inpaint,
     )
     if model is None:
         raise InvalidField(f"model: {problem}", field="model")

@@ -1,18 +1,20 @@
 """The contract of /finetunes: a fine-tune's body (the paper's DreamBooth, its inpainting
-variant, LoRA), and the view of a fine-tune and of its models.
+variant, LoRA, and the project's own generator trained from scratch), and the view of a
+fine-tune and of its models.
 
 The hyperparameters' defaults are the paper's (PAPER.md section 3), declared once here for the
 API; models/finetune_config.py keeps its own copy (models/ never imports app/) and
-tests/models/test_finetune_contract.py ties the two.
+tests/models/test_finetune_contract.py ties the two. The scratch settings mirror
+models/scratch_parts.py's ScratchConfig the same way (tests/models/test_scratch_contract.py).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from app.schemas.jobs import JobStatus, Timings
 from app.schemas.text import Name
@@ -22,6 +24,9 @@ from app.schemas.webhooks import WebhookSubscription
 class FinetuneMethod(StrEnum):
     DREAMBOOTH = "dreambooth"  # the paper's: the whole UNet trains
     LORA = "lora"  # beyond the paper: low-rank adapters on the UNet's attention projections
+    # issue 24: the whole generator (autoencoder, text encoder, UNet, inpainting UNet) trained
+    # on the dataset alone, no base model
+    SCRATCH = "scratch"
 
 
 class FinetuneVariant(StrEnum):
@@ -79,26 +84,105 @@ class FinetuneHyperparameters(BaseModel):
     latent_views: int = Field(4, ge=1, le=64)
 
 
+Width = Annotated[int, Field(ge=8, le=2048, multiple_of=8)]
+Widths = Annotated[list[Width], Field(min_length=2, max_length=6)]
+SCRATCH_STAGES = ("autoencoder", "text-to-image", "inpaint")
+
+
+class ScratchSettings(BaseModel):
+    """How the scratch method builds and trains its generator (ScratchConfig's fields and
+    defaults: the committed default model's, sized for 90 minutes on two CPU cores). The seed is
+    the fine-tune's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # ScratchConfig takes 16..512 in steps of 4, its UNet stages' FinetuneConfig 64..2048 in
+    # steps of 8: both hold here
+    resolution: int = Field(64, ge=64, le=512, multiple_of=8, description="Pixels.")
+    vae_channels: Widths = Field(
+        default_factory=lambda: [32, 64, 128],
+        description="The autoencoder's widths; each level after the first halves the size.",
+    )
+    vae_layers_per_block: int = Field(1, ge=1, le=8)
+    vae_steps: int = Field(1500, ge=1, le=10_000_000)
+    vae_batch_size: int = Field(16, ge=1, le=1024)
+    vae_learning_rate: float = Field(1e-3, gt=0, le=1)
+    vae_kl_weight: float = Field(1e-6, ge=0, le=1000)
+    vae_gradient_weight: float = Field(
+        0.5, ge=0, le=1000, description="L1 on image gradients (edges, against the blur)."
+    )
+    text_width: int = Field(128, ge=8, le=4096)
+    text_layers: int = Field(2, ge=1, le=48)
+    text_heads: int = Field(4, ge=1, le=64, description="Must divide text_width.")
+    text_max_tokens: int = Field(32, ge=8, le=512)
+    unet_channels: Widths = Field(default_factory=lambda: [32, 64, 128])
+    unet_layers_per_block: int = Field(2, ge=1, le=8)
+    unet_heads: int = Field(4, ge=1, le=64)
+    unet_steps: int = Field(2400, ge=1, le=10_000_000)
+    unet_batch_size: int = Field(64, ge=1, le=256)
+    unet_learning_rate: float = Field(4e-4, gt=0, le=1)
+    inpaint_steps: int = Field(800, ge=1, le=10_000_000)
+    caption_dropout: float = Field(
+        0.1, ge=0, lt=1, description="How often a caption is replaced by the empty one."
+    )
+    latent_views: int = Field(8, ge=1, le=64)
+    checkpoint_every_steps: int = Field(100, ge=1, le=10_000_000)
+    validation_every_steps: int = Field(400, ge=1, le=10_000_000)
+
+    @field_validator("vae_channels", "unet_channels")
+    @classmethod
+    def _norm_groups(cls, widths: list[int], info: ValidationInfo) -> list[int]:
+        # GroupNorm's groups are min(32, first width): every width must split into them
+        groups = min(32, widths[0])
+        if any(width % groups for width in widths):
+            raise ValueError(f"every width must be a multiple of {groups} (min(32, the first))")
+        resolution = info.data.get("resolution")
+        factor = 2 ** (len(widths) - 1)
+        if info.field_name == "vae_channels" and resolution and resolution % factor:
+            raise ValueError(
+                f"{len(widths)} levels downsample {factor}x; resolution {resolution} is not a "
+                f"multiple of {factor}"
+            )
+        return widths
+
+    @field_validator("text_heads")
+    @classmethod
+    def _heads_divide_width(cls, heads: int, info: ValidationInfo) -> int:
+        width = info.data.get("text_width")
+        if width and width % heads:
+            raise ValueError(f"must divide text_width ({width})")
+        return heads
+
+
 class FinetuneCreate(FinetuneHyperparameters, WebhookSubscription):
     """Fine-tune `base_model` on the caller's real `dataset`: one model per condition (the
-    paper's ten), or one over them all (`joint`, the paper's "all" model)."""
+    paper's ten), or one over them all (`joint`, the paper's "all" model); or, with `method:
+    scratch`, train a generator of its own (no base model) over all the conditions."""
 
     model_config = ConfigDict(extra="forbid")
 
     dataset: Name = Field(max_length=36, description="A real dataset of the caller.")
-    base_model: Name = Field(
-        max_length=120, description="A registered model (GET /models) of the variant's kind."
+    base_model: Name | None = Field(
+        None,
+        max_length=120,
+        description="A registered model (GET /models) of the variant's kind; required by "
+        "dreambooth and lora, refused by scratch.",
     )
     method: FinetuneMethod = FinetuneMethod.DREAMBOOTH
     variant: FinetuneVariant = FinetuneVariant.TEXT_TO_IMAGE
     conditions: list[Name] | None = Field(
         None, min_length=1, max_length=200, description="null: every condition of the images."
     )
-    joint: bool = Field(False, description="One model over all the conditions.")
-    caption_skin_tone: bool = Field(
-        False,
+    joint: bool = Field(
+        False, description="One model over all the conditions (always so with scratch)."
+    )
+    caption_skin_tone: bool | None = Field(
+        None,
         description="Append each image's Fitzpatrick type to its caption, as generation jobs "
-        "with a skin_tone do (beyond the paper).",
+        "with a skin_tone do (beyond the paper); null: true with scratch, else false.",
+    )
+    scratch: ScratchSettings | None = Field(
+        None, description="method scratch only: the generator's settings (defaults if null)."
     )
     train_split: Name = Field(
         "train",
@@ -116,7 +200,10 @@ class FinetuneCreate(FinetuneHyperparameters, WebhookSubscription):
     idempotency_key: Name | None = Field(None, min_length=1, max_length=200)
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The training settings a fine-tune stores (every field, defaults filled)."""
+        """The training settings a fine-tune stores (every field, defaults filled): the
+        scratch settings for scratch, else the DreamBooth/LoRA hyperparameters."""
+        if self.method is FinetuneMethod.SCRATCH:
+            return (self.scratch or ScratchSettings()).model_dump(mode="json")
         return self.model_dump(mode="json", include=set(FinetuneHyperparameters.model_fields))
 
 
@@ -145,6 +232,11 @@ class FinetuneMemberOut(BaseModel):
     weights_sha256: str | None
     registered: bool
     error: str | None
+    stage: str | None = Field(
+        None,
+        description="scratch: the stage training now or next (autoencoder, text-to-image, "
+        "inpaint; step and steps count over all three); null when done or for other methods.",
+    )
 
 
 class FinetuneProgress(BaseModel):
@@ -160,10 +252,11 @@ class FinetuneOut(BaseModel):
     status: JobStatus
     family_id: str = Field(
         description="What POST /jobs names as `model`: a per-condition fine-tune's member is "
-        "picked by the job's condition."
+        "picked by the job's condition, a scratch fine-tune's model by the job's strategy "
+        "(inpaint and inpaint-outpaint: `{family_id}-inpaint`)."
     )
     dataset: str
-    base_model: str
+    base_model: str | None = Field(description="null for scratch.")
     method: FinetuneMethod
     variant: FinetuneVariant
     joint: bool
@@ -192,10 +285,18 @@ class FinetuneSample(BaseModel):
     prompt: str
     seed: int
     url: str = Field(description="Where to download the PNG (GET, with the API key).")
+    stage: str | None = Field(None, description="scratch: the stage that sampled it.")
 
 
 class FinetuneSampleList(BaseModel):
     items: list[FinetuneSample]
+
+
+class ScratchStage(BaseModel):
+    stage: str
+    steps: int
+    final_loss: float | None = Field(description="The last step's loss.")
+    seconds: float | None
 
 
 class ModelTraining(BaseModel):
@@ -209,3 +310,9 @@ class ModelTraining(BaseModel):
     steps: int
     final_loss: float | None
     created_at: datetime
+    stages: list[ScratchStage] | None = Field(
+        None, description="scratch: the steps, final loss and time of each stage."
+    )
+    reconstruction_psnr_db: float | None = Field(
+        None, description="scratch: the autoencoder's reconstruction PSNR on training images."
+    )

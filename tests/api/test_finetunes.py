@@ -413,3 +413,202 @@ def test_a_failing_model_leaves_the_others_registered(embedded: Stack) -> None:
     assert body["error"]
     models = [m["id"] for m in client.get("/models").json()["items"]]
     assert members[C1]["model_id"] in models and members[C2]["model_id"] not in models
+
+
+# method scratch (issue 24): a generator of its own, at a size that trains in seconds
+TINY = {
+    "resolution": 64, "vae_channels": [8, 16, 16], "vae_steps": 4, "vae_batch_size": 4,
+    "text_width": 32, "text_layers": 1, "text_heads": 2, "unet_channels": [16, 32],
+    "unet_layers_per_block": 1, "unet_heads": 2, "unet_steps": 4, "unet_batch_size": 4,
+    "inpaint_steps": 4, "latent_views": 1, "checkpoint_every_steps": 2,
+    "validation_every_steps": 4,
+}  # fmt: skip
+
+
+def _safetensors_dtypes(data: bytes) -> set[str]:
+    import json
+    import struct
+
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_scratch_trains_both_generators_that_jobs_then_use(deployed: Stack) -> None:
+    stack = deployed
+    key = stack.new_key("lab")
+    client = stack.client(key)
+    dataset_id, _ids = make_split_dataset(
+        stack, key, splits={C1: {"train": 4, "test": 1}, C2: {"train": 4}}
+    )
+    response = client.post(
+        "/finetunes",
+        json={"dataset": dataset_id, "method": "scratch", "name": "own", "seed": 5,
+              "scratch": TINY},
+    )  # fmt: skip
+    assert response.status_code == 202, response.text
+    created = response.json()
+    family = created["family_id"]
+    assert created["method"] == "scratch" and created["base_model"] is None
+    assert created["joint"] and created["caption_skin_tone"]  # scratch's defaults
+    assert created["conditions"] == sorted([C1, C2])
+    assert created["training_data"]["images"] == 8
+    assert created["hyperparameters"]["vae_channels"] == [8, 16, 16]
+    assert created["hyperparameters"]["vae_kl_weight"] == 1e-6  # the default model's
+    (member,) = created["members"]
+    assert member["model_id"] == family and member["stage"] == "autoencoder"
+
+    body = wait_finetune(stack, client, created["id"])
+    assert body["status"] == "succeeded", body
+    (member,) = body["members"]
+    assert member["registered"] and member["stage"] is None
+    assert member["step"] == member["steps"] == 12  # 4 per stage, counted as one run
+    assert body["progress"] == {"step": 12, "steps": 12, "models_done": 1, "models": 1}
+    assert count_rows(stack, "SELECT count(*) FROM finetune_losses WHERE job_id = :j",
+                      j=created["id"]) == 12  # fmt: skip
+    # 8 validation images at the end of each UNet stage (global steps 8 and 12)
+    samples = client.get(f"/finetunes/{created['id']}/samples").json()["items"]
+    assert sorted({(s["stage"], s["step"]) for s in samples}) == [
+        ("inpaint", 12), ("text-to-image", 8),
+    ]  # fmt: skip
+    assert len(samples) == 16 and "Fitzpatrick" in samples[0]["prompt"]
+    png = client.get(samples[0]["url"].removeprefix(stack.base_url))
+    assert Image.open(io.BytesIO(png.content)).size == (64, 64)
+
+    # two models, full pipelines in the store as fp16 safetensors
+    models = {m["id"]: m for m in client.get("/models").json()["items"]}
+    text_model, inpaint_model = models[family], models[f"{family}-inpaint"]
+    assert text_model["pipeline_class"] == "StableDiffusionPipeline"
+    assert inpaint_model["pipeline_class"] == "StableDiffusionInpaintPipeline"
+    for model, variant in ((text_model, "text-to-image"), (inpaint_model, "inpaint")):
+        training = model["training"]
+        assert model["base_model"] is None and model["condition"] is None
+        assert training["method"] == "scratch" and training["variant"] == variant
+        assert training["train_images"] == 8 and training["steps"] == 12
+        assert [(s["stage"], s["steps"]) for s in training["stages"]] == [
+            ("autoencoder", 4), ("text-to-image", 4), ("inpaint", 4),
+        ]  # fmt: skip
+        assert all(s["final_loss"] > 0 for s in training["stages"])
+        assert training["reconstruction_psnr_db"] > 0
+    assert text_model["weights_sha256"] != inpaint_model["weights_sha256"]
+    with stack.session() as session:
+        prefix = session.execute(
+            text("SELECT weights_key FROM generator_models WHERE id = :m"), {"m": family}
+        ).scalar_one()
+    unet = stack.store.get_bytes(f"{prefix}/unet/diffusion_pytorch_model.safetensors")
+    assert _safetensors_dtypes(unet) == {"F16"}
+    assert b"StableDiffusionPipeline" in stack.store.get_bytes(f"{prefix}/model_index.json")
+
+    # jobs: the family names the text-to-image model, or for an inpaint job its sibling
+    job, images = generate(stack, client, condition=C1, model=family, skin_tone=5)
+    assert job["model"] == family and len(images) == 2
+    assert Image.open(io.BytesIO(images[0])).size == (64, 64)
+    job, images = generate(stack, client, condition=C2, model=family,
+                           strategy="image-to-image", source_dataset=dataset_id)  # fmt: skip
+    assert job["model"] == family and len(images) == 2
+    job, images = generate(stack, client, condition=C1, model=family, strategy="inpaint",
+                           source_dataset=dataset_id)  # fmt: skip
+    assert job["model"] == f"{family}-inpaint" and len(images) == 2
+    assert Image.open(io.BytesIO(images[0])).size == (64, 64)
+    with stack.session() as session:
+        used = session.execute(
+            text("SELECT DISTINCT model_id FROM images WHERE job_id = :j"), {"j": job["id"]}
+        ).scalar_one()
+    assert used == f"{family}-inpaint"
+    # the inpaint model by its own id refuses a text-to-image job; another key sees neither
+    assert_problem(
+        client.post("/jobs", json={"condition": C1, "count": 1, "model": f"{family}-inpaint"}),
+        422,
+        "model",
+    )
+    stranger = stack.client(stack.new_key("stranger"))
+    assert_problem(
+        stranger.post("/jobs", json={"condition": C1, "count": 1, "model": family}), 422, "model"
+    )
+
+
+def test_scratch_bad_requests_are_refused_by_field_and_create_nothing(embedded: Stack) -> None:
+    stack = embedded
+    key = stack.new_key("lab")
+    client = stack.client(key)
+    dataset_id, _ids = make_split_dataset(stack, key, splits={C1: {"train": 3}})
+    good = {"dataset": dataset_id, "method": "scratch", "scratch": TINY}
+    cases = [
+        ({"scratch": {**TINY, "vae_steps": 0}}, "scratch.vae_steps"),
+        ({"scratch": {**TINY, "resolution": 30}}, "scratch.resolution"),
+        ({"scratch": {**TINY, "resolution": 68}}, "scratch.resolution"),  # 8s for the UNet
+        ({"scratch": {**TINY, "unet_channels": [16, 20]}}, "scratch.unet_channels.1"),
+        ({"scratch": {**TINY, "unet_channels": [16]}}, "scratch.unet_channels"),
+        ({"scratch": {**TINY, "text_heads": 3}}, "scratch.text_heads"),  # 32 % 3
+        ({"scratch": {**TINY, "caption_dropout": 1}}, "scratch.caption_dropout"),
+        ({"scratch": {**TINY, "seed": 1}}, "scratch.seed"),  # the fine-tune's seed is
+        ({"scratch": {**TINY, "unet_batch_size": 4}}, "scratch.unet_batch_size"),  # 3 images
+        ({"base_model": "tiny-random"}, "base_model"),
+        ({"variant": "inpaint"}, "variant"),
+        ({"joint": False}, "joint"),
+        ({"learning_rate": 1e-5}, "learning_rate"),
+        ({"max_train_steps": 4, "lora_rank": 8}, "lora_rank"),
+        ({"method": "dreambooth"}, "base_model"),  # the other methods still need one
+        ({"method": "lora", "scratch": None}, "base_model"),
+        ({"method": "dreambooth", "base_model": "tiny-random"}, "scratch"),
+    ]
+    for change, field in cases:
+        assert_problem(client.post("/finetunes", json={**good, **change}), 422, field)
+    assert client.get("/finetunes").json()["items"] == []
+    with stack.session() as session:
+        owner = session.execute(
+            text("SELECT owner_id FROM datasets WHERE id = :d"), {"d": dataset_id}
+        ).scalar_one()
+    assert count_rows(stack, "SELECT count(*) FROM jobs WHERE owner_id = :o", o=owner) == 0
+    # variant text-to-image is what scratch makes first: accepted, as are explicit defaults
+    accepted = client.post("/finetunes", json={**good, "variant": "text-to-image",
+                                               "joint": True, "scratch": {**TINY,
+                                               "unet_batch_size": 3}})  # fmt: skip
+    assert accepted.status_code == 202, accepted.text
+    client.post(f"/finetunes/{accepted.json()['id']}/cancel")
+
+
+def test_scratch_cancel_and_a_killed_worker_resume(deployed: Stack) -> None:
+    """SIGKILL after the first checkpoint: the member resumes from it and finishes, one loss
+    row per step; a second fine-tune canceled mid-run registers nothing."""
+    stack = deployed
+    key = stack.new_key("lab")
+    client = stack.client(key)
+    dataset_id, _ids = make_split_dataset(stack, key, splits={C1: {"train": 4}})
+    long = {**TINY, "vae_steps": 12, "unet_steps": 8, "inpaint_steps": 4,
+            "checkpoint_every_steps": 4, "validation_every_steps": 1000}  # fmt: skip
+    killed = client.post(
+        "/finetunes", json={"dataset": dataset_id, "method": "scratch", "scratch": long}
+    ).json()
+    wait_for(
+        lambda: (_member(client, killed["id"])["checkpoint_step"] or 0) >= 4,
+        timeout=120,
+        interval=0.05,
+        what="the first checkpoint",
+    )
+    stack.worker.kill()
+    at_kill = _member(client, killed["id"])
+    assert at_kill["status"] == "running" and at_kill["step"] < 24, at_kill
+    stack.worker.start()
+    resumed = wait_finetune(stack, client, killed["id"])
+    assert resumed["status"] == "succeeded", resumed
+    assert "resuming at step" in stack.worker.log_since_start()
+    assert (
+        count_rows(stack, "SELECT count(*) FROM finetune_losses WHERE job_id = :j", j=killed["id"])
+        == 24
+    )
+    models = [m["id"] for m in client.get("/models").json()["items"]]
+    assert {killed["family_id"], f"{killed['family_id']}-inpaint"} <= set(models)
+
+    canceled = client.post(
+        "/finetunes",
+        json={"dataset": dataset_id, "method": "scratch",
+              "scratch": {**long, "vae_steps": 100_000}},
+    ).json()  # fmt: skip
+    wait_for(lambda: _member(client, canceled["id"])["step"] >= 2, timeout=120, what="training")
+    assert _member(client, canceled["id"])["stage"] == "autoencoder"
+    assert client.post(f"/finetunes/{canceled['id']}/cancel").status_code == 200
+    wait_for(
+        lambda: _member(client, canceled["id"])["status"] == "canceled", timeout=60, what="stop"
+    )
+    assert canceled["family_id"] not in str(client.get("/models").json())

@@ -368,6 +368,38 @@ def test_finetunes_submit_wait_show_list_samples_cancel(deployed: Stack, tmp_pat
     assert last_json(canceled.stdout)["status"] == "canceled"
 
 
+def test_finetunes_submit_scratch(deployed: Stack, tmp_path: Path) -> None:
+    """--method scratch with --scratch-set settings (JSON values: lists too) trains both
+    models; a bad setting is refused naming it; --set's hyperparameters are not scratch's."""
+    from tests.api.test_finetunes import TINY
+    from tests.factories import make_split_dataset
+
+    key = deployed.new_key()
+    dataset_id, _ids = make_split_dataset(deployed, key, splits={"folliculitis": {"train": 4}})
+    settings = [arg for name, value in TINY.items()
+                for arg in ("--scratch-set", f"{name}={json.dumps(value)}")]  # fmt: skip
+    submitted = run_cli(
+        deployed, key, tmp_path, "finetunes", "submit", "--dataset", dataset_id,
+        "--method", "scratch", *settings, "--wait",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    finished = last_json(submitted.stdout)
+    assert finished["status"] == "succeeded" and finished["base_model"] is None
+    assert finished["hyperparameters"]["unet_channels"] == [16, 32]
+    assert finished["caption_skin_tone"] and finished["joint"]
+    models = [m["id"] for m in deployed.client(key).get("/models").json()["items"]]
+    assert f"{finished['family_id']}-inpaint" in models
+
+    for args, field in (
+        (("--scratch-set", "vae_steps=0"), "scratch.vae_steps"),
+        (("--set", "max_train_steps=4"), "max_train_steps"),
+        (("--base-model", "tiny-random"), "base_model"),
+    ):
+        bad = run_cli(deployed, key, tmp_path, "finetunes", "submit", "--dataset", dataset_id,
+                      "--method", "scratch", *args)  # fmt: skip
+        assert bad.returncode == 1 and field in bad.stderr, bad.stderr
+
+
 def test_evaluations_submit_wait_report_list_cancel(deployed: Stack, tmp_path: Path) -> None:
     from tests.factories import make_split_dataset
 

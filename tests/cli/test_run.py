@@ -64,7 +64,9 @@ def wait_ready(base: str) -> None:
 
 @pytest.mark.slow
 def test_run_serves_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
-    proc, base, env = start_run(tmp_path, **{**FAST, "shutdown_grace_s": 15.0})
+    # the embedded default's own generator (issue 24), not the tests' tiny-random
+    settings = {k: v for k, v in FAST.items() if not k.startswith("default_") or "steps" in k}
+    proc, base, env = start_run(tmp_path, **{**settings, "shutdown_grace_s": 15.0})
     try:
         wait_ready(base)
         assert (tmp_path / "var" / "models" / "tiny-random" / "model_index.json").is_file()
@@ -74,7 +76,9 @@ def test_run_serves_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
             cwd=ROOT, env=env, capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        assert client.get("/models").json()["items"][0]["id"] == "tiny-random"
+        models = {row["id"]: row for row in client.get("/models").json()["items"]}
+        assert {"tiny-random", "synthderm-fitz64", "synthderm-fitz64-inpaint"} <= set(models)
+        assert "Fitzpatrick17k" in models["synthderm-fitz64"]["description"]
         # a webhook to localhost: the embedded default allows loopback, and `run` starts the
         # worker of the webhooks queue
         hook_url, received = webhook_receiver()
@@ -96,6 +100,7 @@ def test_run_serves_embedded_default_and_stops_cleanly(tmp_path: Path) -> None:
 
         final = wait_for(finished, timeout=120, interval=0.5, what="the job")
         assert final["status"] == "succeeded", final
+        assert final["model"] == "synthderm-fitz64"
         manifest = client.get(f"/datasets/{final['dataset_id']}/manifest").text.splitlines()
         assert len(manifest) == 5
         for line in manifest:
@@ -244,6 +249,7 @@ def test_a_killed_worker_is_restarted_and_the_api_stays_up(
 
         final = wait_for(finished, timeout=120, interval=0.5, what="the job")
         assert final["status"] == "succeeded", final
+        assert final["model"] == "synthderm-fitz64"
         done.set()
         watcher.join(timeout=10)
         assert health_failures == [], health_failures

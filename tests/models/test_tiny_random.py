@@ -239,3 +239,26 @@ def test_unet_sees_the_mask_and_runs_strength_times_steps(
     expected[8:24, 8:24] = 1  # pixels 16..47 of 64 at VAE scale factor 2
     for row in sample:  # unconditional and conditional halves
         assert torch.equal(row[4], expected)
+
+
+@pytest.mark.parametrize("strategy", ["inpaint", "inpaint-outpaint"])
+def test_edits_keep_the_parent_outside_the_mask(
+    inpainter: Any, parent: Image.Image, strategy: str
+) -> None:
+    """The pipeline decodes the whole image through the VAE; the strategy puts the parent's
+    own pixels back outside the mask (the frame the paper keeps), and changes the inside."""
+    from models import strategies
+
+    params = strategies.SampleParams(
+        strategy=strategy, prompt=PROMPT, negative_prompt=None, num_inference_steps=4,
+        guidance_scale=3.0, width=64, height=64, frame_px=4,
+    )  # fmt: skip
+    image = strategies.generate(inpainter, params=params, seeds=[3], device=CPU, parents=[parent])
+    out, original = np.asarray(image[0]), np.asarray(parent)
+    if strategy == "inpaint":
+        keep = np.asarray(central_mask(size=64, latent_size=8)) == 0
+    else:
+        keep = np.asarray(frame_mask(size=64, frame_px=4)) == 0
+    assert keep.any() and (~keep).any()
+    assert np.array_equal(out[keep], original[keep])
+    assert not np.array_equal(out[~keep], original[~keep])
