@@ -300,9 +300,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "real_split": "train", "test_split": "test", "conditions": which,
                     "seed": args.seed}  # fmt: skip
 
+        # fidelity against the held-out test photos too: its reference is the test split, so
+        # its utility score is tested on the train split and is not reported
+        held_out = {**body(synthetic, real["full"], common), "real_split": "test",
+                    "test_split": "train"}  # fmt: skip
         evaluations = {}
         for name, request in (
             ("full-size", body(synthetic, real["full"], common)),
+            ("vs-test", held_out),
             ("64px", body(synthetic, real["64px"], common)),
             ("privacy", body(synthetic, real["full"], conditions)),
             ("tiny-random", body(baseline["dataset_id"], real["full"], common)),

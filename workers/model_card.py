@@ -194,6 +194,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 def _fidelity_rows(ev: dict[str, Any], space: str) -> list[list[Any]]:
     rows = []
     for name, label in (("full-size", "synthderm-fitz64 vs full-size photos"),
+                        ("vs-test", "synthderm-fitz64 vs full-size held-out test photos"),
                         ("64px", "synthderm-fitz64 vs 64-px photos"),
                         ("tiny-random", "tiny-random vs full-size photos")):  # fmt: skip
         o = ev[name]["fidelity"]["overall"]
@@ -257,7 +258,9 @@ def card_markdown(facts: dict[str, Any], goals: dict[str, Any], figures: list[st
         f"({facts['real']['by_split']}), and the same at 64 px (short side 64, bicubic, centre "
         "square). Each evaluation's reference (fidelity, ITA, the real utility baseline, the "
         "audit) is the train split and its test split the held-out `test` photos: the service "
-        "refuses a reference that is also the test split. Feature space: "
+        "refuses a reference that is also the test split. One more evaluation (`vs-test`) takes "
+        "the held-out test photos as the reference, for fidelity against photos the model never "
+        "saw (its utility score, tested on the train split, is not used). Feature space: "
         f"{ev['full-size']['feature_space']['backbone']} (`{space}`, d = "
         f"{ev['full-size']['feature_space']['dim']}).", "",
         "### Targets", "",

@@ -58,7 +58,7 @@ def test_card_on_a_small_sample(tmp_path: Path) -> None:
     assert generated["tiny-random"]["images"] == 12
     assert len(set(generated["synthderm-fitz64"]["seeds"].values())) == 12
     evaluations = results["evaluations"]
-    assert set(evaluations) == {"full-size", "64px", "privacy", "tiny-random"}
+    assert set(evaluations) == {"full-size", "vs-test", "64px", "privacy", "tiny-random"}
     for evaluation in evaluations.values():
         result = evaluation["result"]
         assert result["feature_space"]["name"] == "lite0"
