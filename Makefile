@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test install lint format typecheck deploy-check tiny-model serve worker keys clean \
 	bench-generation bench-backbone bench-classifier bench-report bench-features bench-broker \
-	bench-api-load bench-finetune bench-evaluation default-model default-model-card
+	bench-api-load bench-finetune bench-evaluation bench-scratch default-model default-model-card
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -87,6 +87,10 @@ bench-api-load: $(STAMP)
 ## Issue 23's evaluation math, 50,000 synthetic x 4,000 real features vs a naive baseline.
 bench-evaluation: $(STAMP)
 	$(BIN)/python -m bench.evaluation $(ARGS)
+
+## The own generator's full training time projected from each stage's s/step vs the 90-min budget.
+bench-scratch: $(STAMP)
+	$(BIN)/python -m bench.scratch $(ARGS)
 
 ## Train the project's own generator into models/synthderm-fitz64 (issue 24; ARGS: --set NAME=VALUE).
 default-model: $(STAMP)
