@@ -47,6 +47,9 @@ from models.scratch_parts import (
 )
 
 STAGES = ("autoencoder", "text-to-image", "inpaint")
+# The settings only a stage reads (the networks' shapes are built at the start, so they belong
+# to the first stage): a checkpoint of an earlier stage resumes under other values of these.
+_OWN = {"text-to-image": (), "inpaint": ("inpaint_steps",)}
 CHECKPOINT_FORMAT = 1
 _AE_WARMUP_STEPS = 50
 _SCALE_SAMPLE = 512  # images whose latents set the scaling factor
@@ -82,10 +85,12 @@ def _unpack(data: bytes, config: ScratchConfig) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError("resume: not a scratch checkpoint of this version")
     saved, current = state["config"], config_dict(config)
+    # a later stage's own settings may change: nothing done so far depended on them
+    later = {name for stage in STAGES[STAGES.index(state["stage"]) + 1 :] for name in _OWN[stage]}
     changed = sorted(
         name
         for name in current
-        if name not in ("checkpoint_every_steps", "validation_every_steps")
+        if name not in ("checkpoint_every_steps", "validation_every_steps", *later)
         and saved.get(name) != current[name]
     )
     if changed:

@@ -53,7 +53,7 @@ class ScratchConfig:
     unet_steps: int = 2400
     unet_batch_size: int = 64
     unet_learning_rate: float = 4e-4
-    inpaint_steps: int = 800
+    inpaint_steps: int = 400
     caption_dropout: float = 0.1
     latent_views: int = 8
     checkpoint_every_steps: int = 100

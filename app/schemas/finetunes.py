@@ -121,7 +121,7 @@ class ScratchSettings(BaseModel):
     unet_steps: int = Field(2400, ge=1, le=10_000_000)
     unet_batch_size: int = Field(64, ge=1, le=256)
     unet_learning_rate: float = Field(4e-4, gt=0, le=1)
-    inpaint_steps: int = Field(800, ge=1, le=10_000_000)
+    inpaint_steps: int = Field(400, ge=1, le=10_000_000)
     caption_dropout: float = Field(
         0.1, ge=0, lt=1, description="How often a caption is replaced by the empty one."
     )

@@ -218,3 +218,15 @@ def test_saved_directories_load_offline_and_sample(trained: dict[str, Any], tmp_
     assert [image.size for image in images] == [(32, 32), (32, 32)]
     # the trained weights went out in fp16 and the in-memory pipeline stayed fp32
     assert trained["result"].text_to_image.unet.dtype == torch.float32
+
+
+def test_a_later_stages_own_settings_may_change(trained: dict[str, Any]) -> None:
+    """A checkpoint taken before the inpainting stage resumes with another inpaint_steps (it
+    has not used it yet) and ends as a run that had that setting from the start."""
+    _stage, data = trained["checkpoints"][2]  # inside the text-to-image stage
+    longer = ScratchConfig(**{**TINY.__dict__, "inpaint_steps": 4})
+    resumed = train_generator(_images(), longer, device=CPU, prompts=PROMPTS, resume=data)
+    fresh = train_generator(_images(), longer, device=CPU, prompts=PROMPTS)
+    assert len(resumed.losses["inpaint"]) == 4
+    assert resumed.losses == fresh.losses
+    assert _weights_digest(resumed.inpaint) == _weights_digest(fresh.inpaint)
