@@ -376,3 +376,16 @@ def write_card(facts: dict[str, Any], *, out: Path, sheet: dict[str, Path]) -> N
     notes = folder / OBSERVATIONS
     observations = notes.read_text().strip() if notes.is_file() else None
     (out / "MODEL_CARD.md").write_text(card_markdown(facts, goals, figures, observations))
+
+
+def rewrite_card(*, out: Path, model: Path) -> None:
+    """MODEL_CARD.md again from OUT/card/results.json and the hand-written observations, with
+    nothing generated or evaluated (after editing card/observations.md)."""
+    folder = out / "card"
+    results = json.loads((folder / "results.json").read_text())
+    facts = {k: v for k, v in results.items() if k not in ("targets", "figures")}
+    facts["training"] = json.loads((model / "training.json").read_text())
+    notes = folder / OBSERVATIONS
+    observations = notes.read_text().strip() if notes.is_file() else None
+    markdown = card_markdown(facts, targets(facts), results["figures"], observations)
+    (out / "MODEL_CARD.md").write_text(markdown)

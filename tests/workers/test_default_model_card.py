@@ -91,3 +91,14 @@ def test_card_on_a_small_sample(tmp_path: Path) -> None:
     assert not [f for f in figures if f.startswith(("contact-sheet.", "closest-pairs"))]
     assert (tmp_path / "work" / "full-size" / "closest-pairs.png").is_file()
     assert (tmp_path / "work" / "privacy" / "report.md").is_file()
+
+    # new observations, and the card is written again from results.json alone
+    (model / "card" / "observations.md").write_text("Sharper now, still no lesions.\n")
+    rewritten = _python("-m", "workers.default_model_card", "--model", str(model), "--rewrite",
+                        timeout=120)  # fmt: skip
+    assert rewritten.returncode == 0, rewritten.stderr[-2000:]
+    again = (model / "MODEL_CARD.md").read_text()
+    assert "Sharper now, still no lesions." in again and "Blurred" not in again
+    assert again.replace("Sharper now, still no lesions.", "") == card.replace(
+        "Blurred skin-coloured squares.", ""
+    )
