@@ -217,7 +217,7 @@ def upload_real(client: Client, photos: list[Photo], data: Path, work: Path) -> 
     for kind, archive, metadata, name in uploads:
         # two training photos appear twice with two Fitzpatrick types: the upload leaves
         # those four rows out (the README says why), as a user uploading them would
-        form = {"name": name, "on_error": "skip"}
+        form: dict[str, str | None] = {"name": name, "on_error": "skip"}
         job = client.upload_dataset(archive, metadata=metadata, form=form)
         ids[kind] = _wait(client, job, f"upload {name}")["dataset_id"]
         log.info("uploaded %s: dataset %s", name, ids[kind])
