@@ -358,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out = args.out or args.model
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll otherwise
+    # a SIGTERM (kill, a CI timeout) unwinds like an error: the embedded service is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.rewrite:
         model_card.rewrite_card(out=args.out, model=args.model)
         log.info("card rewritten: %s", args.out / "MODEL_CARD.md")
