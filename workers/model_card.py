@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from app.cli.client import Client
+from app.vocabulary import weights_sha256
 from models.ita import spearman
 from workers.evaluation_figures import _figure, render
 
@@ -225,6 +226,10 @@ def card_markdown(facts: dict[str, Any], goals: dict[str, Any], figures: list[st
         "**Licence: research and non-commercial use only.** The Fitzpatrick17k images are for "
         "research and non-commercial use, and so are these weights, which are learned from "
         "them (../shared/data/README.md).", "",
+        "Weights evaluated here (sha256 over the weight files, as every generated image "
+        "records it): "
+        + "; ".join(f"`{n}/` `{h}`" for n, h in facts.get("weights_sha256", {}).items())
+        + ".", "",
         "## Data", "",
         f"{data['images']} photos of the `{data['split']}` split of {data['dataset']}; the "
         "`test` split was never seen in training. Conditions left out: "
@@ -368,6 +373,7 @@ def write_card(facts: dict[str, Any], *, out: Path, sheet: dict[str, Path]) -> N
             if (report / f"{name}.{fmt}").is_file():
                 shutil.copyfile(report / f"{name}.{fmt}", folder / f"{name}-{evaluation}.{fmt}")
                 figures.append(f"{name}-{evaluation}.{fmt}")
+    facts["weights_sha256"] = weights_of(Path(facts["model_dir"]))
     goals = targets(facts)
     # training.json keeps the per-step losses (the loss curves show them)
     training = {k: v for k, v in facts["training"].items() if k != "losses"}
@@ -378,6 +384,11 @@ def write_card(facts: dict[str, Any], *, out: Path, sheet: dict[str, Path]) -> N
     (out / "MODEL_CARD.md").write_text(card_markdown(facts, goals, figures, observations))
 
 
+def weights_of(model: Path) -> dict[str, str]:
+    """The sha256 of each pipeline folder's weights (app.vocabulary.weights_sha256)."""
+    return {name: weights_sha256(model / name) for name in ("text-to-image", "inpaint")}
+
+
 def rewrite_card(*, out: Path, model: Path) -> None:
     """MODEL_CARD.md again from OUT/card/results.json and the hand-written observations, with
     nothing generated or evaluated (after editing card/observations.md)."""
@@ -385,6 +396,12 @@ def rewrite_card(*, out: Path, model: Path) -> None:
     results = json.loads((folder / "results.json").read_text())
     facts = {k: v for k, v in results.items() if k not in ("targets", "figures")}
     facts["training"] = json.loads((model / "training.json").read_text())
+    audited = facts.get("weights_sha256")
+    if audited is not None and audited != weights_of(model):
+        raise SystemExit("--rewrite: the weights changed since the card's evaluation; remake it")
+    if audited is None:  # a card made before the hashes were recorded: record them now
+        facts["weights_sha256"] = results["weights_sha256"] = weights_of(model)
+        (folder / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     notes = folder / OBSERVATIONS
     observations = notes.read_text().strip() if notes.is_file() else None
     markdown = card_markdown(facts, targets(facts), results["figures"], observations)
