@@ -14,6 +14,7 @@ from app.config import Settings
 from app.db.session import session_scope
 from app.db.tables import ApiKey, GeneratorModel
 from app.keys import authenticate
+from app.vocabulary import BUILTIN_MODELS
 from tests.conftest import ROOT, settings_env
 
 
@@ -119,23 +120,34 @@ def test_keys_revoke_unknown_key_fails(migrated: Settings) -> None:
     assert "no-such-key" in result.stderr
 
 
+def listed_ids(settings: Settings) -> list[str]:
+    return [
+        line.split("\t")[0]
+        for line in ok(synthderm(settings, "models", "list")).stdout.splitlines()
+    ]
+
+
 def test_models_register_and_list(migrated: Settings, models_dir: Path, tmp_path: Path) -> None:
-    assert ok(synthderm(migrated, "models", "list")).stdout.strip() == ""
+    # `db upgrade` registers the committed generators (issue 24) and nothing else
+    builtins = sorted(BUILTIN_MODELS)
+    assert listed_ids(migrated) == builtins
 
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
     refused = synthderm(migrated, "models", "register", "broken", str(not_a_model))
     assert refused.returncode != 0
     assert "model_index.json" in refused.stderr
-    assert "broken" not in ok(synthderm(migrated, "models", "list")).stdout
+    assert listed_ids(migrated) == builtins
 
     tiny = models_dir / "tiny-random"
     ok(synthderm(migrated, "models", "register", "tiny-x", str(tiny)))
     listed = ok(synthderm(migrated, "models", "list")).stdout.splitlines()
-    assert len(listed) == 1
-    model_id, pipeline_class, path = listed[0].split("\t")
-    assert model_id == "tiny-x"
+    assert [line.split("\t")[0] for line in listed] == sorted([*builtins, "tiny-x"])
+    rows = {line.split("\t")[0]: line.split("\t")[1:] for line in listed}
+    pipeline_class, path = rows["tiny-x"]
     assert pipeline_class.endswith("Pipeline")
     assert Path(path) == tiny.resolve()
     with session_scope(migrated.database_url) as session:
-        assert session.scalars(select(GeneratorModel.id)).all() == ["tiny-x"]
+        assert sorted(session.scalars(select(GeneratorModel.id)).all()) == sorted(
+            [*builtins, "tiny-x"]
+        )
