@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,25 +46,38 @@ def pack_checkpoint(*, config: FinetuneConfig, **state: Any) -> bytes:
     return buffer.getvalue()
 
 
-def unpack_checkpoint(data: bytes, config: FinetuneConfig) -> dict[str, Any]:
-    """Checkpoint bytes -> their state; ValueError("resume: ...") if they do not fit `config`."""
+def load_checkpoint(data: bytes, *, kind: str, version: int) -> dict[str, Any]:
+    """Checkpoint bytes -> their state; ValueError("resume: ...") if they are not a `kind`
+    checkpoint of format `version`."""
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds on corrupt bytes
-        raise ValueError(f"resume: not a fine-tuning checkpoint ({error})") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError("resume: not a fine-tuning checkpoint of this version")
-    saved, current = state["config"], config_dict(config)
+        raise ValueError(f"resume: not a {kind} checkpoint ({error})") from error
+    if not isinstance(state, dict) or state.get("format") != version:
+        raise ValueError(f"resume: not a {kind} checkpoint of this version")
+    return state
+
+
+def refuse_changed_settings(
+    saved: dict[str, Any], current: dict[str, Any], *, may_change: Iterable[str]
+) -> None:
+    """ValueError naming every setting of `current` that differs from the checkpoint's
+    `saved`, but those in `may_change`."""
+    allowed = set(may_change)
     changed = sorted(
-        name
-        for name in current
-        if name not in _RESUMABLE_CHANGES and saved.get(name) != current[name]
+        name for name in current if name not in allowed and saved.get(name) != current[name]
     )
     if changed:
         detail = ", ".join(
             f"{name}={saved.get(name)!r} (now {current[name]!r})" for name in changed
         )
         raise ValueError(f"resume: the checkpoint was made with other settings: {detail}")
+
+
+def unpack_checkpoint(data: bytes, config: FinetuneConfig) -> dict[str, Any]:
+    """Checkpoint bytes -> their state; ValueError("resume: ...") if they do not fit `config`."""
+    state = load_checkpoint(data, kind="fine-tuning", version=CHECKPOINT_FORMAT)
+    refuse_changed_settings(state["config"], config_dict(config), may_change=_RESUMABLE_CHANGES)
     return state
 
 

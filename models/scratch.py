@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from models.finetune import train as train_unet
-from models.finetune_checkpoint import _replace_dir
+from models.finetune_checkpoint import _replace_dir, load_checkpoint, refuse_changed_settings
 from models.finetune_config import (
     FinetuneConfig,
     StepReport,
@@ -78,23 +78,13 @@ def _pack(**state: Any) -> bytes:
 
 
 def _unpack(data: bytes, config: ScratchConfig) -> dict[str, Any]:
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many kinds on corrupt bytes
-        raise ValueError(f"resume: not a scratch checkpoint ({error})") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError("resume: not a scratch checkpoint of this version")
-    saved, current = state["config"], config_dict(config)
+    state = load_checkpoint(data, kind="scratch", version=CHECKPOINT_FORMAT)
     # a later stage's own settings may change: nothing done so far depended on them
     later = {name for stage in STAGES[STAGES.index(state["stage"]) + 1 :] for name in _OWN[stage]}
-    changed = sorted(
-        name
-        for name in current
-        if name not in ("checkpoint_every_steps", "validation_every_steps", *later)
-        and saved.get(name) != current[name]
-    )
-    if changed:
-        raise ValueError(f"resume: the checkpoint was made with other settings: {changed}")
+    refuse_changed_settings(
+        state["config"], config_dict(config),
+        may_change={"checkpoint_every_steps", "validation_every_steps", *later},
+    )  # fmt: skip
     return state
 
 

@@ -25,7 +25,7 @@ from app.finetunes import registry
 from app.vocabulary import get_model
 from workers.celery_app import app
 from workers.chunk_task import Canceled, claim_task_chunk, heartbeat, object_store
-from workers.finetune_member import MemberProgress, Trained, training_images, upload_weights
+from workers.finetune_member import MemberProgress, Trained, start_member, upload_weights
 from workers.generators import FINETUNED_PARTS, local_pipeline_dir
 from workers.scratch import train_scratch_member
 
@@ -41,26 +41,15 @@ def train_member(settings: Settings, claim: engine.ChunkClaim) -> Trained:
     from models.finetune import FinetuneConfig, save_trained, train
     from models.pipelines import load_pipeline
 
-    make_session = session_factory(settings.database_url)
-    store = object_store(settings)
-    # 1. what this member trains, from where it stopped
-    with make_session() as session:
-        plan = registry.member_plan(session=session, job_id=claim.job_id, index=claim.index)
+    # 1. what this member trains, from where it stopped, and the model it starts from
+    start = start_member(settings, claim, kind=claim.params["method"])
+    plan, resume, images = start.plan, start.resume, start.images
+    with session_factory(settings.database_url)() as session:
         base = get_model(session=session, model_id=claim.params["base_model"])
         if base is None:
             raise LookupError(f"the base model {claim.params['base_model']} is gone")
         session.expunge(base)
-        resume_step = plan.checkpoint_step or 0
-        registry.forget_after(
-            session=session, job_id=claim.job_id, index=claim.index, step=resume_step
-        )
-    resume = store.get_bytes(plan.checkpoint_key) if plan.checkpoint_key else None
-    images = training_images(settings, claim, plan)
-    log.info(
-        "fine-tune %s member %s (%s): %s images, %s",
-        claim.job_id, claim.index, plan.model_id, len(images),
-        f"resuming at step {resume_step}" if resume else "from the start",
-    )  # fmt: skip
+    store = object_store(settings)
 
     # 2. the base pipeline, in full precision, of this process alone (training changes it)
     device = resolve_device(settings.device)
@@ -115,7 +104,7 @@ def train_member(settings: Settings, claim: engine.ChunkClaim) -> Trained:
         final_loss=result.final_loss,
         steps=result.steps,
     )
-    with make_session() as session:
+    with session_factory(settings.database_url)() as session:
         status = registry.register_model(
             session=session, job_id=claim.job_id, index=claim.index, weights=[stored]
         )

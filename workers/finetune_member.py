@@ -6,6 +6,7 @@ workers/finetune.py (DreamBooth, LoRA) and workers/scratch.py (issue 24) train w
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable
@@ -23,6 +24,8 @@ from app.storage import ObjectStore
 from app.vocabulary import get_condition, weights_sha256
 from workers.chunk_task import job_canceled, object_store
 from workers.sampling import encode_png
+
+log = logging.getLogger(__name__)
 
 DOWNLOAD_THREADS = 8
 # how often the loss rows are written and the cancel flag read
@@ -162,6 +165,36 @@ def training_images(
         )
         for image, data in zip(plan.images, blobs, strict=True)
     ]
+
+
+@dataclass
+class MemberStart:
+    """Where a member's task starts: its plan, the checkpoint it resumes from (None: the
+    start) and its decoded, captioned images."""
+
+    plan: registry.MemberPlan
+    resume: bytes | None
+    images: list[Any]
+
+
+def start_member(settings: Settings, claim: engine.ChunkClaim, *, kind: str) -> MemberStart:
+    """Read the member's plan, forget the losses and validation images past its latest
+    checkpoint (a restarted task redoes those steps), fetch that checkpoint and the images."""
+    with session_factory(settings.database_url)() as session:
+        plan = registry.member_plan(session=session, job_id=claim.job_id, index=claim.index)
+        resume_step = plan.checkpoint_step or 0
+        registry.forget_after(
+            session=session, job_id=claim.job_id, index=claim.index, step=resume_step
+        )
+    store = object_store(settings)
+    resume = store.get_bytes(plan.checkpoint_key) if plan.checkpoint_key else None
+    images = training_images(settings, claim, plan)
+    log.info(
+        "%s fine-tune %s member %s (%s): %s images, %s",
+        kind, claim.job_id, claim.index, plan.model_id, len(images),
+        f"resuming at step {resume_step}" if resume else "from the start",
+    )  # fmt: skip
+    return MemberStart(plan, resume, images)
 
 
 def upload_weights(

@@ -29,7 +29,7 @@ from workers.finetune_member import (
     MemberProgress,
     Trained,
     condition_names,
-    training_images,
+    start_member,
     upload_weights,
 )
 
@@ -113,22 +113,10 @@ def train_scratch_member(settings: Settings, claim: engine.ChunkClaim) -> Traine
     from models.scratch import save_generator, train_generator
     from models.scratch_parts import config_from_dict
 
-    make_session = session_factory(settings.database_url)
-    store = object_store(settings)
     # 1. what this member trains, from where it stopped
-    with make_session() as session:
-        plan = registry.member_plan(session=session, job_id=claim.job_id, index=claim.index)
-        resume_step = plan.checkpoint_step or 0
-        registry.forget_after(
-            session=session, job_id=claim.job_id, index=claim.index, step=resume_step
-        )
-    resume = store.get_bytes(plan.checkpoint_key) if plan.checkpoint_key else None
-    images = training_images(settings, claim, plan)
-    log.info(
-        "scratch fine-tune %s member %s (%s): %s images, %s",
-        claim.job_id, claim.index, plan.model_id, len(images),
-        f"resuming at step {resume_step}" if resume else "from the start",
-    )  # fmt: skip
+    start = start_member(settings, claim, kind="scratch")
+    plan, resume, images = start.plan, start.resume, start.images
+    store = object_store(settings)
 
     # 2. the settings (the fine-tune's seed), the prompts, and the three stages
     hyper = claim.params["hyperparameters"]
@@ -182,7 +170,7 @@ def train_scratch_member(settings: Settings, claim: engine.ChunkClaim) -> Traine
                     steps=stages.total,
                 )
             )
-    with make_session() as session:
+    with session_factory(settings.database_url)() as session:
         status = registry.register_model(
             session=session,
             job_id=claim.job_id,
