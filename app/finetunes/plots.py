@@ -48,7 +48,8 @@ def loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str) -> Fi
     else:
         ax.legend(fontsize=8, loc="upper right")
     ax.set_xlabel("training step")
-    ax.set_ylabel("MSE loss (moving average; raw faint)")
+    # the diffusion stages score MSE; a scratch fine-tune's autoencoder stage, L1
+    ax.set_ylabel("training loss (moving average; raw faint)")
     ax.set_title(title)
     figure.tight_layout()
     return figure
