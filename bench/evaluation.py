@@ -1,17 +1,20 @@
 """Issue 23's evaluation math at service scale: the memorisation audit's nearest neighbours,
 precision/recall/density/coverage, FD and KID of 50,000 synthetic against 4,000 real feature
 vectors, plus the real-vs-real floor (FD, KID and prdc between two disjoint halves of the real
-set), as the service computes them (models.quality, models.memorisation: chunked float32
-products) against a naive baseline in the same run: one query at a time in numpy float64 for
+set), and the bootstrap intervals of FD and KID at the sizes the service compares them (one
+real half against as many synthetic rows, and the floor's two halves), as the service computes
+them (models.quality, models.memorisation: chunked float32 products; a bootstrap draw as row
+counts) against a naive baseline in the same run: one query at a time in numpy float64 for
 the nearest neighbours and every k-NN radius and ball test, textbook FD (eig of S_a S_b) and
-KID (three float64 kernel matrices per subset).
+KID (three float64 kernel matrices per subset), and each bootstrap draw as a new set of rows.
 
 The features are random but structured (a 64-factor mixture of 20 clusters through a ReLU,
 d = 1280 as EfficientNet-Lite0's pooled width, float16 as the feature cache stores them; the
 synthetic set is shifted a little and holds 200 planted near-copies of real rows), not real
 features. The naive path's per-row parts are timed on --naive-rows rows and EXTRAPOLATED
 linearly to the full counts; its KID is timed on --naive-subsets subsets and extrapolated to
-100. Both paths are checked to agree on the rows the naive one computes.
+100; its intervals on --naive-draws draws and extrapolated to the service's counts. Both paths
+are checked to agree on the rows the naive one computes.
 
     python -m bench.evaluation
     python -m bench.evaluation --synthetic 5000 --real 1000 --naive-rows 200   # a quick look
@@ -32,7 +35,16 @@ import numpy as np
 import torch
 
 from models.memorisation import naive_nearest_neighbours, nearest_neighbours
-from models.quality import frechet_distance, kernel_inception_distance, knn_radii, prdc
+from models.quality import (
+    centred_percentile_ci,
+    frechet_bootstrap,
+    frechet_distance,
+    kernel_inception_distance,
+    kid_bootstrap,
+    knn_radii,
+    prdc,
+)
+from workers.evaluation_measures import FD_BOOTSTRAP_RESAMPLES, KID_BOOTSTRAP_RESAMPLES
 
 K = 5
 PLANTED = 200
@@ -51,6 +63,16 @@ def structured_features(n: int, *, dim: int, shift: float, seed: int) -> np.ndar
     )
 
 
+def compared_sets(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The real set's two halves and as many synthetic rows as a half (seeded), as the service
+    compares them (workers.evaluation_measures.fidelity_scope)."""
+    halves = np.random.default_rng(1).permutation(len(real))
+    half = len(real) // 2
+    first, second = real[halves[:half]], real[halves[half : 2 * half]]
+    matched = fake[np.sort(np.random.default_rng(2).choice(len(fake), half, replace=False))]
+    return first, second, matched
+
+
 def timed(label: str, seconds: dict[str, float], work: Callable[[], Any]) -> Any:
     start = time.perf_counter()
     result = work()
@@ -60,8 +82,8 @@ def timed(label: str, seconds: dict[str, float], work: Callable[[], Any]) -> Any
 
 
 def service_path(real: np.ndarray, fake: np.ndarray, seconds: dict[str, float]) -> dict:
-    halves = np.random.default_rng(1).permutation(len(real))
-    first, second = real[halves[: len(real) // 2]], real[halves[len(real) // 2 :]]
+    first, second, matched = compared_sets(real, fake)
+    fd_draws, kid_draws = FD_BOOTSTRAP_RESAMPLES, KID_BOOTSTRAP_RESAMPLES
     return {
         "audit": timed("audit nearest neighbours", seconds, lambda: nearest_neighbours(fake, real)),
         "prdc": timed("prdc", seconds, lambda: prdc(real, fake, k=K)),
@@ -70,7 +92,15 @@ def service_path(real: np.ndarray, fake: np.ndarray, seconds: dict[str, float]) 
         "floor_prdc": timed("floor prdc", seconds, lambda: prdc(first, second, k=K)),
         "floor_fd": timed("floor FD", seconds, lambda: frechet_distance(first, second)),
         "floor_kid": timed("floor KID", seconds, lambda: kernel_inception_distance(first, second)),
-    }
+        "fd_draws": timed(f"FD interval ({fd_draws} draws)", seconds,
+                          lambda: frechet_bootstrap(second, matched, resamples=fd_draws)),
+        "kid_draws": timed(f"KID interval ({kid_draws} draws)", seconds,
+                           lambda: kid_bootstrap(second, matched, resamples=kid_draws)),
+        "floor_fd_draws": timed(f"floor FD interval ({fd_draws} draws)", seconds,
+                                lambda: frechet_bootstrap(second, first, resamples=fd_draws)),
+        "floor_kid_draws": timed(f"floor KID interval ({kid_draws} draws)", seconds,
+                                 lambda: kid_bootstrap(second, first, resamples=kid_draws)),
+    }  # fmt: skip
 
 
 def naive_radii(points: np.ndarray, rows: int) -> np.ndarray:
@@ -115,14 +145,31 @@ def naive_kid_subset(
     return float(within - 2 * kxy.mean())
 
 
+def naive_fd_draw(a: np.ndarray, b: np.ndarray, generator: np.random.Generator) -> float:
+    """FD of one bootstrap draw: the drawn rows copied out, then textbook FD."""
+    return naive_fd(a[generator.integers(0, len(a), len(a))],
+                    b[generator.integers(0, len(b), len(b))])  # fmt: skip
+
+
+def naive_kid_draw(a: np.ndarray, b: np.ndarray, generator: np.random.Generator) -> float:
+    """The unbiased MMD^2 of one bootstrap draw of the whole sets, pairs of a row with its own
+    repeat left out, three float64 kernel matrices written out."""
+    rows_a = generator.integers(0, len(a), len(a))
+    rows_b = generator.integers(0, len(b), len(b))
+    x, y, d = a[rows_a], b[rows_b], a.shape[1]
+    kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+    other_a, other_b = rows_a[:, None] != rows_a, rows_b[:, None] != rows_b
+    return float(kxx[other_a].mean() + kyy[other_b].mean() - 2 * kxy.mean())
+
+
 def naive_path(
-    real16: np.ndarray, fake16: np.ndarray, *, rows: int, subsets: int, seconds: dict[str, float]
-) -> dict:
+    real16: np.ndarray, fake16: np.ndarray, *, rows: int, subsets: int, draws: int,
+    seconds: dict[str, float],
+) -> dict:  # fmt: skip
     """Each part timed on a sample and extrapolated to the service's counts (printed as such)."""
     real, fake = real16.astype(np.float64), fake16.astype(np.float64)
     half = len(real) // 2
-    halves = np.random.default_rng(1).permutation(len(real))
-    first, second = real[halves[:half]], real[halves[half:]]
+    first, second, matched = compared_sets(real, fake)
     generator = np.random.default_rng(0)
     measured: dict[str, float] = {}
 
@@ -173,6 +220,13 @@ def naive_path(
         lambda: naive_kid_subset(first, second, floor_size, generator),
         floor_subsets,
     )
+    for label, other in (("", matched), ("floor ", first)):
+        part(f"{label}FD interval",
+             lambda other=other: [naive_fd_draw(second, other, generator) for _ in range(draws)],
+             FD_BOOTSTRAP_RESAMPLES / draws)  # fmt: skip
+        part(f"{label}KID interval",
+             lambda other=other: [naive_kid_draw(second, other, generator) for _ in range(draws)],
+             KID_BOOTSTRAP_RESAMPLES / draws)  # fmt: skip
     return {"audit": audit, "radii": radii, "fd": fd}
 
 
@@ -183,6 +237,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--naive-rows", type=int, default=1000, help="Rows the naive path times.")
     parser.add_argument("--naive-subsets", type=int, default=5, help="KID subsets it times.")
+    parser.add_argument("--naive-draws", type=int, default=2, help="Bootstrap draws it times.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the numbers here.")
     args = parser.parse_args()
 
@@ -204,9 +259,8 @@ def main() -> None:
 
     naive_seconds: dict[str, float] = {}
     print(f"naive path (per-row parts timed on {args.naive_rows} rows, extrapolated)")
-    naive = naive_path(
-        real, fake, rows=args.naive_rows, subsets=args.naive_subsets, seconds=naive_seconds
-    )
+    naive = naive_path(real, fake, rows=args.naive_rows, subsets=args.naive_subsets,
+                       draws=args.naive_draws, seconds=naive_seconds)  # fmt: skip
     naive_total = sum(naive_seconds.values())
     print(f"  {'total (extrapolated)':<34} {naive_total:8.2f} s")
 
@@ -225,6 +279,14 @@ def main() -> None:
     )
     results = {name: service[name] for name in ("fd", "kid", "prdc")}
     results |= {f"floor_{name}": service[f"floor_{name}"] for name in ("fd", "kid", "prdc")}
+    # the values at the sizes the service compares, each with its interval (estimates untimed)
+    first, second, matched = compared_sets(real, fake)
+    for name, other, prefix in (("matched", matched, ""), ("floor", first, "floor_")):
+        fd, kid = frechet_distance(second, other), kernel_inception_distance(second, other)[0]
+        fd_ci = centred_percentile_ci(service[f"{prefix}fd_draws"], fd, lowest=0.0)
+        kid_ci = centred_percentile_ci(service[f"{prefix}kid_draws"], kid)
+        results[f"{name}_fd_interval"] = [fd, fd_ci]
+        results[f"{name}_kid_interval"] = [kid, kid_ci]
     print("results: " + json.dumps(results))
     load_after = os.getloadavg()
     ratio = naive_total / service_total

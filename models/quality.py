@@ -9,6 +9,7 @@ number (`fd_lite0`), and report each distance beside its real-vs-real floor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from statistics import NormalDist
 
@@ -19,6 +20,9 @@ CPU = torch.device("cpu")
 # KID's kernel matrix between sets of up to this many rows is computed once (float64: 512 MB
 # at the limit) and summed for every subset at once; a larger set pays a product per subset.
 KID_GRAM_LIMIT = 8192
+# A bootstrap of FD takes the products of the two sets' rows once when there are up to this
+# many (float64: 128 MB at the limit), and each draw's from them; else a product per draw.
+FD_CROSS_LIMIT = 2**24
 
 
 def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,8 +61,13 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     except np.linalg.LinAlgError:  # singular (dead feature channels, fewer rows than d)
         root = _psd_sqrt(s1)
         inner = root @ s2 @ root
-    values = np.linalg.eigvalsh((inner + inner.T) / 2)
-    # eigvalsh is accurate to about eps * ||inner||: below that an eigenvalue is rounding noise,
+    return _trace_sqrt(inner)
+
+
+def _trace_sqrt(matrix: np.ndarray) -> float:
+    """tr sqrt(M) of a symmetric PSD matrix: the sum of its eigenvalues' roots."""
+    values = np.linalg.eigvalsh((matrix + matrix.T) / 2)
+    # eigvalsh is accurate to about eps * ||M||: below that an eigenvalue is rounding noise,
     # and a thousand sqrt(1e-16) would add up to a visible error on rank-deficient covariances
     noise = np.finfo(np.float64).eps * len(values) * max(float(values.max(initial=0.0)), 0.0)
     return float(np.sqrt(values[values > noise]).sum())
@@ -73,6 +82,63 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     diff = mean_a - mean_b
     value = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * _trace_sqrt_product(cov_a, cov_b)
     return max(float(value), 0.0)  # a tiny negative is rounding, not a distance
+
+
+def _resample_counts(n: int, resamples: int, generator: np.random.Generator) -> np.ndarray:
+    """`resamples` bootstrap draws of n rows with replacement, each as every row's count:
+    (resamples, n) integers, each row of them summing to n."""
+    picks = generator.integers(0, n, (resamples, n)) + n * np.arange(resamples)[:, None]
+    return np.bincount(picks.ravel(), minlength=resamples * n).reshape(resamples, n)
+
+
+def frechet_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int, seed: int = 0) -> np.ndarray:
+    """The Frechet distance of each of `resamples` bootstrap draws of both sets (the rows of
+    each drawn with replacement, seeded), float64. A draw is each row's count: its means and
+    covariances are count-weighted sums over the distinct rows it holds (about 63% of them).
+    tr sqrt(S_a S_b) is the sum of the singular values of X_a X_b^T over sqrt((n - 1)(m - 1)),
+    X being a draw's distinct rows centred and weighted by sqrt(count): while a draw holds
+    fewer distinct rows than d, an eigenproblem of their number (the rows' span, as in the
+    point estimate's projection), its X_a X_b^T taken from the sets' row products, computed
+    once (up to FD_CROSS_LIMIT entries); else one of d, from the covariances."""
+    a, b = _check_pair(a, b)
+    if resamples < 1:
+        raise ValueError(f"need resamples >= 1, got {resamples}")
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    n, m, dims = len(a64), len(b64), a64.shape[1]
+    # FD does not move with both sets; centred on their union's mean, the products below
+    # lose no digits to a large common mean (post-ReLU features are all positive)
+    centre = (a64.sum(axis=0) + b64.sum(axis=0)) / (n + m)
+    a64 -= centre
+    b64 -= centre
+    norms_a, norms_b = np.einsum("ij,ij->i", a64, a64), np.einsum("ij,ij->i", b64, b64)
+    generator = np.random.default_rng(seed)
+    counts_a = _resample_counts(n, resamples, generator)
+    counts_b = _resample_counts(m, resamples, generator)
+    cross: np.ndarray | None = None  # a64 @ b64.T, once a draw needs it
+    values = np.empty(resamples)
+    for r in range(resamples):
+        held_a, held_b = counts_a[r] > 0, counts_b[r] > 0
+        weights_a, weights_b = counts_a[r][held_a].astype(np.float64), counts_b[r][held_b]
+        rows_a, rows_b = a64[held_a], b64[held_b]
+        mean_a, mean_b = weights_a @ rows_a / n, weights_b @ rows_b / m
+        traces = (weights_a @ norms_a[held_a] - n * mean_a @ mean_a) / (n - 1)
+        traces += (weights_b @ norms_b[held_b] - m * mean_b @ mean_b) / (m - 1)
+        if min(len(rows_a), len(rows_b)) < dims:
+            if cross is None and n * m <= FD_CROSS_LIMIT:
+                cross = a64 @ b64.T  # (n, m)
+            products = cross[np.ix_(held_a, held_b)] if cross is not None else rows_a @ rows_b.T
+            # (a - mean_a).(b - mean_b) for every pair, weighted: X_a X_b^T, (n', m')
+            products -= (rows_a @ mean_b)[:, None] + (rows_b @ mean_a)[None, :] - mean_a @ mean_b
+            products *= np.sqrt(weights_a)[:, None] * np.sqrt(weights_b)[None, :]
+            small = products.T if len(rows_a) > len(rows_b) else products
+            root = _trace_sqrt(small @ small.T) / np.sqrt((n - 1) * (m - 1))
+        else:
+            rows_a = (rows_a - mean_a) * np.sqrt(weights_a)[:, None]
+            rows_b = (rows_b - mean_b) * np.sqrt(weights_b)[:, None]
+            root = _trace_sqrt_product(rows_a.T @ rows_a / (n - 1), rows_b.T @ rows_b / (m - 1))
+        diff = mean_a - mean_b
+        values[r] = max(float(diff @ diff + traces - 2 * root), 0.0)
+    return values
 
 
 def _kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -133,6 +199,50 @@ def kernel_inception_distance(
     between = _subset_sums(x, y, rows, cols, same=False)
     values = within / (m * (m - 1)) - 2 * between / (m * m)
     return float(values.mean()), float(values.std())
+
+
+def _weighted_kernel_sums(
+    x: torch.Tensor, y: torch.Tensor, x_counts: torch.Tensor, y_counts: torch.Tensor, *,
+    same: bool, chunk: int,
+) -> np.ndarray:  # fmt: skip
+    """For each resample r, the sum of x_counts[r, i] k(x_i, y_j) y_counts[r, j] over i and j,
+    less x_counts[r, i]^2 k(x_i, x_i) when y is x (a row paired with its own repeats), float64:
+    the kernel `chunk` rows of x at a time, never more than chunk x len(y) values in memory."""
+    sums = torch.zeros(len(x_counts), dtype=torch.float64)
+    for start in range(0, len(x), chunk):
+        stop = min(start + chunk, len(x))
+        block = _kernel(x[start:stop], y).double()  # (chunk, len(y))
+        sums += ((x_counts[:, start:stop] @ block) * y_counts).sum(dim=1)
+        if same:
+            sums -= x_counts[:, start:stop].square() @ block[:, start:stop].diagonal()
+    return sums.numpy()
+
+
+def kid_bootstrap(
+    a: np.ndarray, b: np.ndarray, *, resamples: int, seed: int = 0, chunk: int = 1024
+) -> np.ndarray:
+    """KID's unbiased MMD^2 between the whole of each of `resamples` bootstrap draws of both
+    sets (the rows of each drawn with replacement, seeded), float64. A draw repeats rows, and a
+    row paired with its own repeat counts k(x, x), far above any k(x, y): within a set such
+    pairs are left out and the sum divided by the pairs left (n^2 - sum of squared counts), so
+    a draw's value is again unbiased and the draws centre on the MMD^2 of the whole sets. Each
+    kernel matrix is computed once, a chunk of rows at a time, for every draw at once."""
+    a, b = _check_pair(a, b)
+    if resamples < 1:
+        raise ValueError(f"need resamples >= 1, got {resamples}")
+    x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    y = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32))
+    generator = np.random.default_rng(seed)
+    x_counts = _resample_counts(len(x), resamples, generator)
+    y_counts = _resample_counts(len(y), resamples, generator)
+    x_pairs = len(x) ** 2 - (x_counts**2).sum(axis=1)  # pairs of distinct draws
+    y_pairs = len(y) ** 2 - (y_counts**2).sum(axis=1)
+    cx, cy = torch.from_numpy(x_counts).double(), torch.from_numpy(y_counts).double()
+    within_x = _weighted_kernel_sums(x, x, cx, cx, same=True, chunk=chunk)
+    within_y = _weighted_kernel_sums(y, y, cy, cy, same=True, chunk=chunk)
+    between = _weighted_kernel_sums(x, y, cx, cy, same=False, chunk=chunk)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a draw of one row repeated: NaN
+        return within_x / x_pairs + within_y / y_pairs - 2 * between / (len(x) * len(y))
 
 
 def _squared_norms(x: torch.Tensor) -> torch.Tensor:
@@ -252,6 +362,26 @@ def bootstrap_ci(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def centred_percentile_ci(
+    values: np.ndarray, estimate: float, *, level: float = 0.95, lowest: float = -math.inf
+) -> tuple[float, float]:
+    """The percentile interval of bootstrap `values`, moved by the bootstrap's estimate of the
+    statistic's bias (their mean less the point `estimate`) and clipped below at `lowest`.
+    For a biased statistic the draws sit off the estimate (FD: a draw repeats rows, and fewer
+    distinct rows raise FD as a smaller sample does, by about d / n), and the plain percentile
+    interval could miss the estimate entirely; moved, it is the spread of the statistic at
+    these sample sizes around the estimate. NaN draws are left out ((NaN, NaN) if all are)."""
+    if not 0 < level < 1:
+        raise ValueError(f"need 0 < level < 1, got {level}")
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if not len(values) or not math.isfinite(estimate):
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail]) - (values.mean() - estimate)
+    return max(float(low), lowest), max(float(high), lowest)
 
 
 def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

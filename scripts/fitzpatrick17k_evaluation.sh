@@ -42,6 +42,6 @@ for pair in "i2i-strength-0.3:$SYN_A" "i2i-strength-0.75:$SYN_B" "t2i-by-skin-ty
   $S evaluations report $EV --out $OUT/$NAME
   # the contact sheet and the closest pairs show the patients' photos (research use only):
   # never commit them (docs/results/fitzpatrick17k-evaluation.md)
-  rm -f $OUT/$NAME/contact-sheet.* $OUT/$NAME/closest-pairs.*
-  sed -i '/^!\[contact-sheet\]\|^!\[closest-pairs\]/d' $OUT/$NAME/report.md
+  rm -f $OUT/$NAME/contact-sheet*.* $OUT/$NAME/closest-pairs.*
+  sed -i '/^!\[contact-sheet\|^!\[closest-pairs\]/d' $OUT/$NAME/report.md
 done

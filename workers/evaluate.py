@@ -10,6 +10,7 @@ evaluation keeps no result and no audit rows.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -242,16 +243,22 @@ def _figures(
             if r.skin_tone is not None and looks.ita[r.sha256] is not None:
                 into.setdefault(r.skin_tone, []).append(looks.ita[r.sha256])  # type: ignore[arg-type]
     projected_real, projected_fake, ratios = pca_2d(real, fake)
+    thumbs_fake = [(r.condition, r.skin_tone, looks.thumb[r.sha256]) for r in synthetic]
+    thumbs_real = [(r.condition, r.skin_tone, looks.thumb[r.sha256]) for r in reference]
     drawers: dict[str, Callable[[], Any]] = {
-        "contact-sheet": lambda: figures.contact_sheet(
-            [(r.condition, r.skin_tone, looks.thumb[r.sha256]) for r in synthetic],
-            [(r.condition, r.skin_tone, looks.thumb[r.sha256]) for r in reference],
-        ),
+        "contact-sheet": lambda: figures.contact_sheet(thumbs_fake, thumbs_real),
         "closest-pairs": lambda: figures.closest_pairs(closest),
         "ita": lambda: figures.ita_boxes(ita_fake, ita_real),
         "pca": lambda: figures.pca_scatter(projected_real, projected_fake, ratios, space),
         "prdc": lambda: figures.prdc_bars(fidelity, space),
     }
+    # issue 23's "contact sheet per condition x skin type": the overview above shows the first
+    # rows only, so each condition has a sheet of its own (every requested type)
+    conditions = sorted({r.condition for r in synthetic})
+    for condition, name in figures.condition_sheet_names(conditions).items():
+        drawers[name] = functools.partial(
+            figures.contact_sheet, thumbs_fake, thumbs_real, condition=condition
+        )
     store = object_store(settings)
     for name, formats in figures.draw_all(drawers).items():
         for fmt, data in formats.items():

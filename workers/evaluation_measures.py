@@ -24,8 +24,11 @@ from models.ita import ITA_BANDS, fitzpatrick_from_ita, spearman
 from models.memorisation import calibrate_threshold, copy_fraction
 from models.quality import (
     bootstrap_ci,
+    centred_percentile_ci,
+    frechet_bootstrap,
     frechet_distance,
     kernel_inception_distance,
+    kid_bootstrap,
     prdc,
     proportion_ci,
 )
@@ -33,6 +36,23 @@ from models.quality import (
 PRDC_K = 5
 KID_SUBSET = 1000
 BOOTSTRAP_RESAMPLES = 1000
+# FD and KID intervals: a draw of FD is an eigenproblem (0.13 s with 2,000 rows a side on the
+# 2-core CPU, at d 1280 or 2560), a draw of KID a product with kernels made once (bench/RESULTS.md)
+FD_BOOTSTRAP_RESAMPLES = 50
+KID_BOOTSTRAP_RESAMPLES = 1000
+CI_METHOD = (
+    "fd and kid (and their floors): 95% percentile bootstrap over the rows of both compared "
+    "sets, each drawn with replacement (seeded by the evaluation's seed), the statistic "
+    "recomputed on each draw; the percentiles are moved by the draws' mean less the reported "
+    "value (the bootstrap's bias estimate: a draw repeats rows, which raises FD as a smaller "
+    "sample does), so the interval is the spread of the value at these sample sizes around "
+    "it, and an fd interval is clipped at 0. kid's draws leave out pairs of a row with its own "
+    "repeat, so each is the unbiased MMD^2 of the whole draws (the reported kid averages "
+    "subsets). The intervals err wide: a draw's repeated rows add noise of their own, and on "
+    "synthetic features they were 1.4-1.7x the spread of the value over fresh sets of the same "
+    "sizes. precision, recall and coverage: Wilson score intervals of the share of images "
+    "counted."
+)
 VALIDATION_SHARE = 0.2  # of each class's training images, for the head's early stopping
 
 
@@ -61,13 +81,18 @@ def _frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _pair_measures(real: np.ndarray, fake: np.ndarray, *, seed: int) -> dict[str, Any]:
-    """FD, KID and PRDC of one pair of sets (None where a set is too small for the measure)."""
+    """FD and KID with their bootstrap intervals, and PRDC, of one pair of sets (None where a
+    set is too small for the measure)."""
     out: dict[str, Any] = {}
     if min(len(real), len(fake)) >= 2:
         out["fd"] = _frechet(real, fake)
+        draws = frechet_bootstrap(real, fake, resamples=FD_BOOTSTRAP_RESAMPLES, seed=seed)
+        out["fd_ci"] = centred_percentile_ci(draws, out["fd"], lowest=0.0)
         size = min(KID_SUBSET, len(real), len(fake))
         mean, std = kernel_inception_distance(real, fake, subset_size=size, seed=seed)
         out["kid"], out["kid_std"] = mean, std
+        draws = kid_bootstrap(real, fake, resamples=KID_BOOTSTRAP_RESAMPLES, seed=seed)
+        out["kid_ci"] = centred_percentile_ci(draws, mean)
     if min(len(real), len(fake)) > PRDC_K:
         out.update(prdc(real, fake, k=PRDC_K, seed=seed))
     return out
@@ -97,6 +122,10 @@ def fidelity_scope(real: np.ndarray, fake: np.ndarray, *, space: str, seed: int)
     for name in ("fd", "kid", "kid_std", "precision", "recall", "density", "coverage"):
         out[f"{name}_{space}"] = _r(found.get(name))
         out[f"{name}_{space}_floor"] = _r(floor.get(name))
+    for name in ("fd", "kid"):  # bootstrap intervals (CI_METHOD)
+        for suffix, measured in (("", found), ("_floor", floor)):
+            interval = measured.get(f"{name}_ci")
+            out[f"{name}_{space}{suffix}_ci"] = _ci(interval) if interval else None
     for name, n in (("precision", len(fake)), ("recall", half), ("coverage", half)):
         value = found.get(name)
         hits = round(value * n) if value is not None else None
@@ -114,8 +143,13 @@ def fidelity(
     seed: int,
 ) -> dict[str, Any]:
     """Overall, per condition and per Fitzpatrick group (the synthetic images' requested
-    type's group); `*_keys` name each row's condition and group."""
-    out: dict[str, Any] = {"overall": fidelity_scope(real, fake, space=space, seed=seed)}
+    type's group), and how the intervals are made; `*_keys` name each row's condition and
+    group."""
+    out: dict[str, Any] = {
+        "ci_method": CI_METHOD,
+        "bootstrap_resamples": {"fd": FD_BOOTSTRAP_RESAMPLES, "kid": KID_BOOTSTRAP_RESAMPLES},
+        "overall": fidelity_scope(real, fake, space=space, seed=seed),
+    }
     for scope, values in (("by_condition", sorted(set(fake_keys["condition"]))),
                           ("by_skin_tone", list(FITZPATRICK_GROUPS))):  # fmt: skip
         key = "condition" if scope == "by_condition" else "group"

@@ -18,6 +18,7 @@ from app.evaluations import service as evaluations
 from app.evaluations.views import evaluation_out, pair_lines
 from app.schemas import FIGURE_FORMATS, JobStatus
 from app.schemas.evaluations import (
+    CONDITION_SHEET_PREFIX,
     EVALUATION_PLOTS,
     EvaluationCreate,
     EvaluationList,
@@ -102,12 +103,15 @@ def cancel_evaluation(
 def evaluation_plot(
     evaluation_id: str, filename: str, session: SessionDep, store: StoreDep, caller: CallerDep
 ) -> Response:
-    """A figure drawn by the worker: contact-sheet, closest-pairs, ita, pca or prdc, as .png or
-    .svg."""
+    """A figure drawn by the worker: contact-sheet, closest-pairs, ita, pca or prdc, or a
+    condition's own contact sheet (contact-sheet-<condition>, as the result's `figures` names
+    it), as .png or .svg."""
     name, _, fmt = filename.rpartition(".")
-    if name not in EVALUATION_PLOTS or fmt not in FIGURE_FORMATS:
+    known = name in EVALUATION_PLOTS or name.startswith(CONDITION_SHEET_PREFIX)
+    if not known or fmt not in FIGURE_FORMATS:
         raise NotFound(
-            f"no plot {filename!r}; evaluations have {', '.join(EVALUATION_PLOTS)} (.png or .svg)"
+            f"no plot {filename!r}; evaluations have {', '.join(EVALUATION_PLOTS)} and "
+            f"{CONDITION_SHEET_PREFIX}<condition> (.png or .svg)"
         )
     job = evaluations.get_evaluation(session=session, evaluation_id=evaluation_id, owner=caller)
     if job.status != JobStatus.SUCCEEDED.value or name not in (job.result or {}).get("figures", []):

@@ -114,8 +114,10 @@ def _n(value: Any, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _ci(pair: Any) -> str:
-    return "" if not pair or pair[0] is None else f" [{pair[0]:.2f}, {pair[1]:.2f}]"
+def _ci(pair: Any, digits: int = 2) -> str:
+    if not pair or pair[0] is None:
+        return ""
+    return f" [{pair[0]:.{digits}f}, {pair[1]:.{digits}f}]"
 
 
 def report_lines(state: dict[str, Any]) -> list[str]:
@@ -136,19 +138,26 @@ def report_lines(state: dict[str, Any]) -> list[str]:
         "",
         "## Fidelity and diversity",
         "",
+    ]
+    fidelity = result["fidelity"]
+    if fidelity.get("ci_method"):  # results from before the intervals have none
+        lines += [f"In brackets, 95% intervals: {fidelity['ci_method']}", ""]
+    lines += [
         f"| scope | n syn | n real | FD ({space}) | floor | KID ({space}) | floor | precision "
         "| recall | density | coverage |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    fidelity = result["fidelity"]
     scopes = [("overall", fidelity["overall"])]
     scopes += [(c, v) for c, v in fidelity["by_condition"].items()]
     scopes += [(g, fidelity["by_skin_tone"][g]) for g in GROUPS if g in fidelity["by_skin_tone"]]
     for name, s in scopes:
         lines.append(
-            f"| {name} | {s['n_synthetic']} | {s['n_real']} | {_n(s[f'fd_{space}'], 1)} | "
-            f"{_n(s[f'fd_{space}_floor'], 1)} | {_n(s[f'kid_{space}'], 4)} | "
-            f"{_n(s[f'kid_{space}_floor'], 4)} | {_n(s[f'precision_{space}'], 2)} | "
+            f"| {name} | {s['n_synthetic']} | {s['n_real']} | "
+            f"{_n(s[f'fd_{space}'], 1)}{_ci(s.get(f'fd_{space}_ci'), 1)} | "
+            f"{_n(s[f'fd_{space}_floor'], 1)}{_ci(s.get(f'fd_{space}_floor_ci'), 1)} | "
+            f"{_n(s[f'kid_{space}'], 4)}{_ci(s.get(f'kid_{space}_ci'), 4)} | "
+            f"{_n(s[f'kid_{space}_floor'], 4)}{_ci(s.get(f'kid_{space}_floor_ci'), 4)} | "
+            f"{_n(s[f'precision_{space}'], 2)} | "
             f"{_n(s[f'recall_{space}'], 2)} | {_n(s[f'density_{space}'], 2)} | "
             f"{_n(s[f'coverage_{space}'], 2)} |"
         )

@@ -14,8 +14,11 @@ from app.schemas.jobs import JobStatus, Timings
 from app.schemas.text import Name
 from app.schemas.webhooks import WebhookSubscription
 
-# The figures an evaluation draws (PNG and SVG each), in report order.
+# The figures every evaluation draws (PNG and SVG each), in report order; after them, one
+# contact sheet per condition, named CONDITION_SHEET_PREFIX + the condition's slug (the result's
+# `figures` lists them all).
 EVALUATION_PLOTS = ("contact-sheet", "closest-pairs", "ita", "pca", "prdc")
+CONDITION_SHEET_PREFIX = "contact-sheet-"
 
 
 class PairsFormat(StrEnum):

@@ -96,10 +96,19 @@ def test_evaluation_end_to_end_flags_a_planted_copy(stack: Stack) -> None:
     assert result["reference"]["images"] == 12 and result["synthetic"]["images"] == 9
     assert result["feature_space"]["name"] == SPACE and result["feature_space"]["dim"] == 2560
 
-    # fidelity: every distance with its floor, PRDC in [0, 1]
-    overall = result["fidelity"]["overall"]
+    # fidelity: every distance with its floor, each with its bootstrap interval around it,
+    # PRDC in [0, 1]
+    fidelity = result["fidelity"]
+    assert "percentile bootstrap" in fidelity["ci_method"]
+    assert fidelity["bootstrap_resamples"] == {"fd": 50, "kid": 1000}
+    overall = fidelity["overall"]
     assert overall[f"fd_{SPACE}"] >= 0 and overall[f"fd_{SPACE}_floor"] >= 0
     assert overall[f"kid_{SPACE}"] is not None and overall[f"kid_{SPACE}_floor"] is not None
+    for scope in [overall, *fidelity["by_condition"].values()]:
+        for name in (f"fd_{SPACE}", f"fd_{SPACE}_floor", f"kid_{SPACE}", f"kid_{SPACE}_floor"):
+            low, high = scope[f"{name}_ci"]
+            assert low <= scope[name] <= high and low < high, (name, scope)
+        assert scope[f"fd_{SPACE}_ci"][0] >= 0
     for name in ("precision", "recall", "coverage"):
         assert 0 <= overall[f"{name}_{SPACE}"] <= 1
         low, high = overall[f"{name}_{SPACE}_ci"]
@@ -140,14 +149,18 @@ def test_evaluation_end_to_end_flags_a_planted_copy(stack: Stack) -> None:
     first = json.loads(lines[0])
     assert len(lines) == 9 and first["flagged"] is True and first["parent_cosine"] is not None
 
-    # the figures
-    assert sorted(body["plots"]) == ["closest-pairs", "contact-sheet", "ita", "pca", "prdc"]
+    # the figures: the overview contact sheet and one per condition (condition x skin type)
+    sheets = [f"contact-sheet-{C2}", f"contact-sheet-{C1}"]
+    assert body["plots"] == ["contact-sheet", "closest-pairs", "ita", "pca", "prdc", *sheets]
     for name in body["plots"]:
         png = client.get(f"/evaluations/{created['id']}/plots/{name}.png")
         assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     svg = client.get(f"/evaluations/{created['id']}/plots/pca.svg")
     assert svg.headers["content-type"] == "image/svg+xml" and b"<svg" in svg.content
+    svg = client.get(f"/evaluations/{created['id']}/plots/contact-sheet-{C1}.svg")
+    assert svg.headers["content-type"] == "image/svg+xml" and b"<svg" in svg.content
     assert_problem(client.get(f"/evaluations/{created['id']}/plots/nope.png"), 404)
+    assert_problem(client.get(f"/evaluations/{created['id']}/plots/contact-sheet-acne.png"), 404)
 
     # exclude_copies: the manifest leaves the flagged images out and says how many
     flagged = len(audit["flagged"])

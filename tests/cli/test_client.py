@@ -432,6 +432,14 @@ def test_evaluations_submit_wait_report_list_cancel(deployed: Stack, tmp_path: P
     assert "## Memorisation audit" in text and "![pca](pca.png)" in text
     assert (out / "pca.png").read_bytes().startswith(b"\x89PNG")
     assert b"<svg" in (out / "contact-sheet.svg").read_bytes()
+    for condition in conditions:  # a contact sheet per condition, in report.md and the folder
+        assert (out / f"contact-sheet-{condition}.png").read_bytes().startswith(b"\x89PNG")
+        assert b"<svg" in (out / f"contact-sheet-{condition}.svg").read_bytes()
+        assert f"![contact-sheet-{condition}](contact-sheet-{condition}.png)" in text
+    # FD and KID and their floors, each with its interval
+    assert "In brackets, 95% intervals" in text
+    overall = next(line for line in text.splitlines() if line.startswith("| overall |"))
+    assert overall.count(" [") == 4, overall
     assert (out / "pairs.csv").read_text().splitlines()[0].startswith("image_id,")
 
     listed = run_cli(deployed, key, tmp_path, "evaluations", "list")

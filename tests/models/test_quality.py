@@ -1,6 +1,8 @@
 """Fidelity and diversity metrics (issue 23) pinned on hand-made fixtures: FD against the closed
 form, KID against a direct float64 estimate, precision/recall/density/coverage of shifted and
-half-covering sets, the chunked k-NN path against an all-pairs reference, and the intervals."""
+half-covering sets, the chunked k-NN path against an all-pairs reference, and the intervals
+(FD's and KID's bootstrap against the measures on each drawn set, and against the spread of
+the measures over fresh draws of known distributions)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ import pytest
 from models import quality
 from models.quality import (
     bootstrap_ci,
+    centred_percentile_ci,
+    frechet_bootstrap,
     frechet_distance,
     kernel_inception_distance,
+    kid_bootstrap,
     knn_radii,
     pca_2d,
     prdc,
@@ -164,6 +169,129 @@ def test_bootstrap_interval_holds_the_mean_and_has_the_normal_width() -> None:
     assert low < sample.mean() < high
     assert high - low == pytest.approx(2 * 1.96 * 2.0 / math.sqrt(400), rel=0.2)
     assert bootstrap_ci(lambda rows: float("nan"), 10, resamples=5) != (0.0, 0.0)
+
+
+def _draws(n: int, m: int, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The row counts frechet_bootstrap and kid_bootstrap draw with `seed`: the first set's
+    resamples, then the second's."""
+    generator = np.random.default_rng(seed)
+    return (
+        quality._resample_counts(n, resamples, generator),
+        quality._resample_counts(m, resamples, generator),
+    )
+
+
+def test_frechet_bootstrap_is_the_distance_of_each_drawn_set() -> None:
+    generator = np.random.default_rng(13)
+    # fewer distinct rows than dimensions (singular values of the rows), then more (covariances)
+    for n, m, d in ((30, 40, 64), (300, 200, 8)):
+        a = generator.standard_normal((n, d))
+        b = generator.standard_normal((m, d)) * 1.5 + 0.3
+        values = frechet_bootstrap(a, b, resamples=3, seed=5)
+        counts_a, counts_b = _draws(n, m, 3, seed=5)
+        assert (counts_a.sum(axis=1) == n).all() and (counts_b.sum(axis=1) == m).all()
+        for r in range(3):
+            drawn_a, drawn_b = np.repeat(a, counts_a[r], axis=0), np.repeat(b, counts_b[r], axis=0)
+            assert values[r] == pytest.approx(frechet_distance(drawn_a, drawn_b), rel=1e-9)
+
+
+def test_kid_bootstrap_is_the_unbiased_mmd_of_each_drawn_set_without_self_pairs() -> None:
+    generator = np.random.default_rng(14)
+    n, m, d = 50, 35, 16
+    a, b = generator.standard_normal((n, d)), generator.standard_normal((m, d)) + 0.4
+    values = kid_bootstrap(a, b, resamples=4, seed=2, chunk=7)  # chunks that split the sets
+    counts_a, counts_b = _draws(n, m, 4, seed=2)
+    for r in range(4):
+        rows_a, rows_b = np.repeat(np.arange(n), counts_a[r]), np.repeat(np.arange(m), counts_b[r])
+        x, y = a[rows_a], b[rows_b]
+        kxx, kyy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3
+        # a row against a repeat of itself is not a pair of two draws: left out
+        other_x, other_y = rows_a[:, None] != rows_a, rows_b[:, None] != rows_b
+        expected = (kxx[other_x].mean() + kyy[other_y].mean()
+                    - 2 * (((x @ y.T) / d + 1) ** 3).mean())  # fmt: skip
+        assert values[r] == pytest.approx(expected, rel=1e-5)
+
+
+def test_centred_percentile_interval_moves_by_the_bootstrap_bias() -> None:
+    draws = np.arange(1.0, 102.0)  # percentiles 3.5 and 98.5, mean 51
+    assert centred_percentile_ci(draws, 41.0) == pytest.approx((-6.5, 88.5))
+    assert centred_percentile_ci(draws, 41.0, lowest=0.0) == pytest.approx((0.0, 88.5))
+    assert centred_percentile_ci(np.append(draws, np.nan), 41.0) == pytest.approx((-6.5, 88.5))
+    assert all(math.isnan(v) for v in centred_percentile_ci(np.array([np.nan]), 1.0))
+
+
+def fd_interval(
+    a: np.ndarray, b: np.ndarray, *, resamples: int = 200, seed: int = 0
+) -> tuple[float, float]:
+    draws = frechet_bootstrap(a, b, resamples=resamples, seed=seed)
+    return centred_percentile_ci(draws, frechet_distance(a, b), lowest=0.0)
+
+
+def kid_interval(
+    a: np.ndarray, b: np.ndarray, *, resamples: int = 500, seed: int = 0
+) -> tuple[float, float]:
+    draws = kid_bootstrap(a, b, resamples=resamples, seed=seed)
+    return centred_percentile_ci(draws, kernel_inception_distance(a, b)[0])
+
+
+def test_fd_and_kid_intervals_tell_one_gaussian_from_shifted_ones() -> None:
+    generator = np.random.default_rng(15)
+    a, b = generator.standard_normal((1000, 4)), generator.standard_normal((1000, 4))
+    # two disjoint draws of one Gaussian: both intervals reach 0
+    low, high = fd_interval(a, b)
+    assert low < 0.005 and low <= frechet_distance(a, b) < high < 0.05
+    low, high = kid_interval(a, b)
+    assert low < 0 < high
+    # shifted by 0.5 in each of 4 dimensions, FD 1: both intervals exclude 0, FD's holds 1
+    shifted = b + 0.5
+    low, high = fd_interval(a, shifted)
+    assert 0.5 < low < 1.0 < high < 1.5
+    low, high = kid_interval(a, shifted)
+    assert low > 0.5
+    # reproducible with one seed, another with another; ten times the rows: about sqrt(10)
+    # times narrower
+    assert fd_interval(a, shifted, seed=3) == fd_interval(a, shifted, seed=3)
+    assert fd_interval(a, shifted, seed=3) != fd_interval(a, shifted, seed=4)
+    assert kid_interval(a, shifted, seed=3) == kid_interval(a, shifted, seed=3)
+    for interval in (fd_interval, kid_interval):
+        wide, narrow = interval(a[:100], shifted[:100]), interval(a, shifted)
+        assert 2 < (wide[1] - wide[0]) / (narrow[1] - narrow[0]) < 5
+
+
+def test_intervals_hold_the_estimate_where_fd_is_mostly_bias() -> None:
+    # 60 against 60 rows in 256 dimensions: FD is mostly its d / n bias, and a draw's repeated
+    # rows raise it further: the plain percentile interval lies above the estimate
+    generator = np.random.default_rng(16)
+    a, b = generator.standard_normal((60, 256)), generator.standard_normal((60, 256))
+    fd = frechet_distance(a, b)
+    assert np.percentile(frechet_bootstrap(a, b, resamples=200, seed=0), 2.5) > fd
+    low, high = fd_interval(a, b)
+    assert low < fd < high
+    kid = kernel_inception_distance(a, b)[0]
+    low, high = kid_interval(a, b)
+    assert low < kid < high
+
+
+def test_intervals_cover_the_expected_value_over_fresh_draws() -> None:
+    """Against the truth: 30 fresh pairs of sets from two fixed Gaussians, fewer rows than
+    dimensions. The intervals cover the mean of the measure over the pairs (its expected value
+    at these sizes) about always, and are at most twice as wide as the spread over the pairs
+    says a 95% interval is (the bootstrap errs wide: a draw's repeated rows add noise)."""
+    generator = np.random.default_rng(17)
+    pairs = [(generator.standard_normal((40, 32)),
+              generator.standard_normal((40, 32)) * 1.2 + 0.2) for _ in range(30)]  # fmt: skip
+
+    def kid(a: np.ndarray, b: np.ndarray) -> float:
+        return kernel_inception_distance(a, b)[0]
+
+    for measure, interval in ((frechet_distance, fd_interval), (kid, kid_interval)):
+        values = np.array([measure(a, b) for a, b in pairs])
+        intervals = np.array([interval(a, b, resamples=100, seed=s)
+                              for s, (a, b) in enumerate(pairs)])  # fmt: skip
+        covered = (intervals[:, 0] <= values.mean()) & (values.mean() <= intervals[:, 1])
+        assert covered.sum() >= 27
+        normal_width = 2 * 1.96 * values.std(ddof=1)
+        assert 0.8 < (intervals[:, 1] - intervals[:, 0]).mean() / normal_width < 2.0
 
 
 def test_wilson_interval_matches_published_values() -> None:
