@@ -1,0 +1,133 @@
+"""Quick probes of synthderm-fitz64 by guidance scale (issue 24); not the model card's protocol
+(the card: `make default-model-card`).
+
+`python scripts/guidance_probe.py cas 3 7 12`: the classification accuracy score. For each
+scale, 48 text-to-image images per class of the 9 commonest conditions (types 1..6 cycled in
+the prompt, 25 steps, seed 0); the evaluation's head (workers.evaluation_measures.utility)
+trained on their EfficientNet-Lite0 features alone, beside the same head on 48 real train
+photos per class, both tested on the Fitzpatrick17k test photos at the generator's 64 px.
+About 2 minutes a scale on the 2-core CPU.
+
+`python scripts/guidance_probe.py ita 3 12`: the median ITA by requested Fitzpatrick type. For
+each scale, 36 images per type (the 9 conditions cycled, seed = the type), ITA by models/ita.py's
+rule (the evaluation's), then the medians, their order and the per-image Spearman correlation.
+About a minute a scale.
+"""
+
+import csv
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from app.config import get_settings
+from models.backbones import load_backbone
+from models.ita import image_ita, spearman
+from workers.default_model import prompt
+from workers.evaluation_measures import utility
+
+TOP9 = [
+    "acne",
+    "acne-vulgaris",
+    "actinic-keratosis",
+    "basal-cell-carcinoma",
+    "eczema",
+    "folliculitis",
+    "melanoma",
+    "mycosis-fungoides",
+    "squamous-cell-carcinoma",
+]
+DATA = "../shared/data/fitzpatrick17k_ajl21"
+PER_CLASS = 48
+PER_TYPE = 36
+
+
+def sample(pipeline, prompts: list[str], guidance: float, seed: int) -> list[Image.Image]:
+    generator = torch.Generator().manual_seed(seed)
+    return pipeline(
+        prompts, num_inference_steps=25, height=64, width=64, guidance_scale=guidance,
+        generator=generator,
+    ).images  # fmt: skip
+
+
+def cas(pipeline, settings, scales: list[float]) -> None:
+    backbone = load_backbone("efficientnet-lite0")
+
+    def features(images: list[Image.Image]) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), 64):
+            small = [im.convert("RGB").resize((64, 64), Image.BICUBIC) for im in images[i : i + 64]]
+            batch = [
+                np.asarray(im.resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255
+                for im in small
+            ]
+            pixels = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+            out.append(backbone.features(pixels).numpy())
+        return np.concatenate(out)
+
+    with open(f"{DATA}/metadata.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["label"] in TOP9]
+    test = [r for r in rows if r["split"] == "test"]
+    train = [r for r in rows if r["split"] == "train"]
+    start = time.time()
+    test_f = features([Image.open(f"{DATA}/{r['path']}") for r in test])
+    rng = np.random.default_rng(0)
+    real_pick = [
+        r
+        for c in TOP9
+        for r in rng.permutation([x for x in train if x["label"] == c])[:PER_CLASS].tolist()
+    ]
+    real_f = features([Image.open(f"{DATA}/{r['path']}") for r in real_pick])
+    print("features", time.time() - start, flush=True)
+    for g in scales:
+        start = time.time()
+        images, labels = [], []
+        for c in TOP9:
+            prompts = [prompt(settings, c, 1 + i % 6) for i in range(PER_CLASS)]
+            images += sample(pipeline, prompts, g, seed=0)
+            labels += [c] * PER_CLASS
+        u = utility(
+            synthetic=features(images), synthetic_conditions=labels,
+            real=real_f, real_conditions=[r["label"] for r in real_pick],
+            test=test_f, test_conditions=[r["label"] for r in test],
+            test_groups=["unknown"] * len(test), seed=0, device=torch.device("cpu"),
+        )  # fmt: skip
+        brief = {
+            k: {m: v for m, v in u[k].items() if not isinstance(v, dict)}
+            for k in ("synthetic", "real")
+        }
+        print(f"guidance {g}: {time.time() - start:.0f}s", json.dumps(brief), flush=True)
+
+
+def ita(pipeline, settings, scales: list[float]) -> None:
+    for g in scales:
+        types, itas = [], []
+        for t in range(1, 7):
+            prompts = [prompt(settings, TOP9[i % 9], t) for i in range(PER_TYPE)]
+            for im in sample(pipeline, prompts, g, seed=t):
+                value = image_ita(im)
+                if value is not None:
+                    types.append(t)
+                    itas.append(value)
+        types_a, itas_a = np.array(types), np.array(itas)
+        med = [float(np.median(itas_a[types_a == t])) for t in range(1, 7)]
+        print(
+            f"guidance {g}: medians", [round(m, 1) for m in med],
+            "order", [int(i) + 1 for i in np.argsort(-np.array(med))],
+            "spearman", round(spearman(types_a, itas_a), 3), flush=True,
+        )  # fmt: skip
+
+
+if __name__ == "__main__":
+    mode, scales = sys.argv[1], [float(x) for x in sys.argv[2:]]
+    if mode not in ("cas", "ita") or not scales:
+        sys.exit("usage: python scripts/guidance_probe.py cas|ita SCALE [SCALE ...]")
+    generator_pipeline = StableDiffusionPipeline.from_pretrained(
+        "models/synthderm-fitz64/text-to-image", dtype=torch.float32, local_files_only=True
+    )
+    generator_pipeline.set_progress_bar_config(disable=True)
+    {"cas": cas, "ita": ita}[mode](generator_pipeline, get_settings(), scales)
