@@ -4,7 +4,7 @@ The vocabulary is per key: the seeded conditions are everyone's, a label a key u
 key's (`condition_owners`). Look conditions up here with the caller's key, never globally.
 
 A generator model is a diffusers pipeline directory under `models_dir`; registering reads only
-its model_index.json, so the API never needs torch.
+its model_index.json and synthderm.json (its own sampler defaults), so the API never needs torch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, exists, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -260,6 +260,35 @@ def read_pipeline_class(path: Path) -> str:
     return name
 
 
+# Beside model_index.json, a model's own settings: {"sampling": {"guidance_scale": 12.0}}
+SETTINGS_FILE = "synthderm.json"
+
+
+def read_sampling_defaults(path: Path) -> dict[str, Any] | None:
+    """The sampler defaults of a model directory (its synthderm.json's `sampling`), None when
+    it has none; ValueError naming the file and the field when they are not valid."""
+    from pydantic import ValidationError
+
+    from app.schemas.jobs import ModelSampling
+
+    file = path / SETTINGS_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not JSON: {exc}") from exc
+    if not isinstance(data, dict) or set(data) != {"sampling"}:
+        raise ValueError(f'{file} must be one object with one key, "sampling"')
+    try:
+        sampling = ModelSampling.model_validate(data["sampling"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in ("sampling", *first["loc"]))
+        raise ValueError(f"{file}: {field}: {first['msg']}") from exc
+    return sampling.model_dump(exclude_none=True) or None
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
@@ -292,6 +321,7 @@ def register_model(
 ) -> GeneratorModel:
     """Register (or update) a generator from a local pipeline directory."""
     pipeline_class = read_pipeline_class(path)
+    sampling = read_sampling_defaults(path)
     signature = weights_signature(path)
     row = session.get(GeneratorModel, model_id)
     if row is None:
@@ -303,6 +333,7 @@ def register_model(
         row.weights_signature = signature
     row.path = str(path)
     row.pipeline_class = pipeline_class
+    row.sampling_defaults = sampling
     row.description = description or row.description or ""
     row.updated_at = utcnow()
     session.flush()

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from app.cli.client import TERMINAL, Client
+from app.schemas.jobs import DEFAULT_GUIDANCE_SCALE
 from workers import model_card
 from workers.default_model import DEFAULT_DATA, DEFAULT_OUT, ROOT
 
@@ -46,7 +47,6 @@ BASELINE = "tiny-random"
 COMMONEST = 9  # issue 24's utility target: the 9 commonest conditions (chance 1/9)
 SKIN_TONES = range(1, 7)
 STEPS = 25  # half the jobs' default 50 (app/schemas/jobs.py): 2,016 images on two CPU cores
-GUIDANCE = 3.0  # the jobs' default
 BATCH = 16  # images per UNet call in the card's service: one call per (condition, type) cell
 RESOLUTION = 64
 
@@ -235,7 +235,7 @@ def generate(client: Client, *, model: str, conditions: Sequence[str], per_cell:
             body = {"condition": condition, "skin_tone": skin_tone, "count": per_cell,
                     "model": model, "strategy": "text-to-image",
                     "seed": cell_seed(seed, condition, skin_tone), "num_inference_steps": steps,
-                    "guidance_scale": GUIDANCE, "dataset_id": dataset,
+                    "dataset_id": dataset,
                     "dataset_name": None if dataset else name}  # fmt: skip
             job = client.submit_job(body)
             dataset = job["dataset_id"]
@@ -244,9 +244,12 @@ def generate(client: Client, *, model: str, conditions: Sequence[str], per_cell:
         _wait(client, job, f"generation with {model}")
     seconds = time.perf_counter() - started
     log.info("%s: %d images in %.0f s", model, per_cell * len(jobs), seconds)
+    # each model samples at its own default guidance (its synthderm.json), else the service's
+    own = {m["id"]: m["sampling_defaults"] or {} for m in client.get("/models")["items"]}
+    guidance = own[model].get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
     return {"dataset_id": dataset, "model": model, "conditions": list(conditions),
             "per_cell": per_cell, "images": per_cell * len(jobs), "steps": steps,
-            "guidance_scale": GUIDANCE, "batch_size": BATCH, "seconds": round(seconds, 1),
+            "guidance_scale": guidance, "batch_size": BATCH, "seconds": round(seconds, 1),
             "seeds": {f"{j['condition']}/{j['skin_tone']}": j["seed"] for j in jobs}}  # fmt: skip
 
 

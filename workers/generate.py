@@ -282,6 +282,7 @@ def run_chunk(settings: Settings, claim: engine.ChunkClaim, worker: str) -> Chun
         skin_tone=claim.skin_tone,
         options=job,
         pipeline=loaded.pipeline,
+        model_defaults=model.sampling_defaults,
     )
     k = job.synthetic_per_real
     parents = ParentImages(settings, job_id=claim.job_id, k=k, size=params.width)

@@ -202,7 +202,9 @@ def _fidelity_rows(ev: dict[str, Any], space: str) -> list[list[Any]]:
         compared = o["n_compared"]
         row = [label, f"{compared['synthetic']} vs {compared['real_half']}"]
         for m in ("fd", "kid", "precision", "recall", "density", "coverage"):
-            row.append(f"{_n(o[f'{m}_{space}'])} ({_n(o[f'{m}_{space}_floor'])})")
+            # the 95% bootstrap interval where the evaluation gives one (reports since issue 23)
+            value = f"{_n(o[f'{m}_{space}'])}{_ci(o.get(f'{m}_{space}_ci'))}"
+            row.append(f"{value} ({_n(o[f'{m}_{space}_floor'])})")
         rows.append(row)
     return rows
 
@@ -287,7 +289,8 @@ def card_markdown(facts: dict[str, Any], goals: dict[str, Any], figures: list[st
              f"{_n(goals['copy_fraction']['value'], 4)}{_ci(goals['copy_fraction']['ci'], 4)} of "
              f"{goals['copy_fraction']['audited']} images", met[goals["copy_fraction"]["met"]]],
         ]),
-        f"### Fidelity and diversity (`{space}` features; the real-vs-real floor in brackets)", "",
+        f"### Fidelity and diversity (`{space}` features; the real-vs-real floor in "
+        "parentheses, 95% bootstrap intervals in square brackets)", "",
         "Each value compares the synthetic images (a random subsample of half the reference "
         "when there are more) with one random half of the reference; the floor is that half "
         "against the other: FD is biased by about d / n, so compare a value only with its "

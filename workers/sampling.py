@@ -21,7 +21,7 @@ from app.datasets import repository as datasets
 from app.db.session import session_factory
 from app.db.tables import GeneratorModel
 from app.ids import image_seed
-from app.schemas.jobs import SamplerOptions
+from app.schemas.jobs import ModelSampling, SamplerOptions
 from workers.chunk_task import object_store
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,15 @@ def sample_params(
     skin_tone: int | None,
     options: SamplerOptions,
     pipeline: Any,
+    model_defaults: dict[str, Any] | None = None,
 ) -> Any:
-    """The SampleParams of a job: its options, else the settings', pipeline's and paper's."""
+    """The SampleParams of a job: its options, else the model's own defaults (its registered
+    `sampling_defaults`), else the settings', the pipeline's and the paper's."""
     from models import strategies
 
     width, height = strategies.default_size(pipeline)
-    knobs = options.filled(
+    own = ModelSampling.model_validate(model_defaults) if model_defaults else None
+    knobs = options.over(own).filled(
         guidance_scale=settings.default_guidance_scale,
         num_inference_steps=settings.default_num_inference_steps,
         width=width,

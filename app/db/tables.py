@@ -116,6 +116,8 @@ class GeneratorModel(Base):
     id: Mapped[str] = mapped_column(String(120), primary_key=True)
     path: Mapped[str] = mapped_column(Text)
     pipeline_class: Mapped[str] = mapped_column(String(120))
+    # the sampler knobs a job on this model takes when it leaves them unset (synthderm.json)
+    sampling_defaults: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     weights_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     weights_signature: Mapped[str | None] = mapped_column(String(64), nullable=True)
     description: Mapped[str] = mapped_column(Text, default="")

@@ -232,6 +232,7 @@ def model_out(model: GeneratorModel) -> ModelOut:
         base_model=model.base_model_id,
         condition=model.condition,
         weights_sha256=model.weights_sha256,
+        sampling_defaults=model.sampling_defaults,
         training=training,
     )
 

@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from app.schemas.finetunes import ModelTraining
+from app.schemas.jobs import ModelSampling
 
 # The formats every figure the API serves comes in (experiments, fine-tunes, evaluations).
 FIGURE_FORMATS = {"png": "image/png", "svg": "image/svg+xml"}
@@ -22,6 +23,11 @@ class ModelOut(BaseModel):
         None, description="A per-condition fine-tuned model's condition (null when joint)."
     )
     weights_sha256: str | None = None
+    sampling_defaults: ModelSampling | None = Field(
+        None,
+        description="The sampler settings a job on this model takes when it leaves them unset "
+        "(from the model folder's synthderm.json); null: the deployment's defaults.",
+    )
     training: ModelTraining | None = Field(
         None, description="How a fine-tuned model was trained (null for a base model)."
     )

@@ -125,6 +125,34 @@ class SamplerOptions(BaseModel):
         # not validated again: the settings' and the pipeline's values are taken as they are
         return SamplerOptions.model_construct(**values)
 
+    def over(self, defaults: SamplerOptions | None) -> SamplerOptions:
+        """These options with each unset knob taken from `defaults` (a model's own)."""
+        if defaults is None:
+            return self
+        values = {name: getattr(self, name) for name in SamplerOptions.model_fields}
+        values.update(
+            {k: v for k, v in defaults.model_dump(exclude_none=True).items() if values[k] is None}
+        )
+        return SamplerOptions.model_construct(**values)
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+class ModelSampling(SamplerOptions):
+    """A generator's own sampler defaults, the `sampling` object of its folder's synthderm.json
+    (GET /models shows them): a job on the model takes them for the knobs it leaves unset,
+    before the deployment's defaults (Settings.default_guidance_scale, ...) and the paper's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# GET /models shows only the knobs a model sets (an unset one is the deployment's)
+for _field in ModelSampling.model_fields.values():
+    _field.exclude_if = _is_none
+ModelSampling.model_rebuild(force=True)
+
 
 class GenerationParams(SamplerOptions):
     """`Job.params` of a generation job (JobOut.params shows it): its sampler options, the real

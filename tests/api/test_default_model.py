@@ -35,6 +35,10 @@ def test_the_committed_model_is_small_registered_and_documented(stack: Stack) ->
         assert models[model_id]["weights_sha256"] == weights_sha256(ROOT / relative)
     assert models["synthderm-fitz64"]["pipeline_class"] == "StableDiffusionPipeline"
     assert models["synthderm-fitz64-inpaint"]["pipeline_class"] == "StableDiffusionInpaintPipeline"
+    # its own sampler defaults (synthderm.json beside model_index.json); the tiny ones have none
+    for model_id in BUILTIN_MODELS:
+        assert models[model_id]["sampling_defaults"] == {"guidance_scale": 12.0}
+    assert models["tiny-random"]["sampling_defaults"] is None
 
 
 def test_every_strategy_runs_the_committed_model(stack: Stack) -> None:
@@ -58,7 +62,14 @@ def test_every_strategy_runs_the_committed_model(stack: Stack) -> None:
         pixels = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in images]
         assert all(p.shape == (64, 64, 3) for p in pixels)
         assert all(p.std() > 5 for p in pixels)  # not a flat colour
+        assert guidance_of(stack, job["id"]) == [12.0, 12.0]  # the model's default, not 3
         made[strategy] = (parents_of(stack, job["id"]), images)
+    # a job's own guidance wins over the model's
+    job, _ = generate(stack, client, condition=CONDITION, model="synthderm-fitz64",
+                      guidance_scale=5, num_inference_steps=2)  # fmt: skip
+    assert guidance_of(stack, job["id"]) == [5.0, 5.0]
+    row = client.get(f"/datasets/{job['dataset_id']}/manifest").text.splitlines()[0]
+    assert json.loads(row)["guidance_scale"] == 5.0
     # the inpainted images keep their parents' pixels outside the mask, and change inside it
     for strategy, mask in (
         ("inpaint", central_mask(size=64, latent_size=8)),
@@ -88,3 +99,15 @@ def parents_of(stack: Stack, job_id: str) -> list[bytes]:
             )
         ]
     return [stack.store.get_bytes(key) for key in keys]
+
+
+def guidance_of(stack: Stack, job_id: str) -> list[float]:
+    """The guidance scale each image of a job was made with, in image order."""
+    with stack.session() as session:
+        return [
+            row[0]
+            for row in session.execute(
+                text('SELECT guidance_scale FROM images WHERE job_id = :j ORDER BY "index"'),
+                {"j": job_id},
+            )
+        ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,40 @@ def test_keys_revoke_unknown_key_fails(migrated: Settings) -> None:
     result = synthderm(migrated, "keys", "revoke", "no-such-key")
     assert result.returncode != 0
     assert "no-such-key" in result.stderr
+
+
+def test_models_register_reads_the_models_own_sampler_defaults(
+    migrated: Settings, models_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "guided"
+    shutil.copytree(models_dir / "tiny-random", folder)
+    settings_file = folder / "synthderm.json"
+
+    def registered() -> GeneratorModel | None:
+        with session_scope(migrated.database_url) as session:
+            return session.get(GeneratorModel, "guided")
+
+    for bad, says in (
+        ("{not json", "is not JSON"),
+        ('{"guidance": 12}', '"sampling"'),
+        ('{"sampling": {"guidance_scale": 51}}', "sampling.guidance_scale"),
+        ('{"sampling": {"guidance_scale": 12, "sheduler": "ddim"}}', "sampling.sheduler"),
+    ):
+        settings_file.write_text(bad)
+        refused = synthderm(migrated, "models", "register", "guided", str(folder))
+        assert refused.returncode == 1, bad
+        assert "synthderm.json" in refused.stderr and says in refused.stderr, refused.stderr
+        assert registered() is None  # nothing half-registered
+
+    settings_file.write_text('{"sampling": {"guidance_scale": 7.5, "num_inference_steps": 30}}')
+    ok(synthderm(migrated, "models", "register", "guided", str(folder)))
+    row = registered()
+    assert row is not None
+    assert row.sampling_defaults == {"guidance_scale": 7.5, "num_inference_steps": 30}
+    settings_file.unlink()  # registering again follows the folder
+    ok(synthderm(migrated, "models", "register", "guided", str(folder)))
+    row = registered()
+    assert row is not None and row.sampling_defaults is None
 
 
 def listed_ids(settings: Settings) -> list[str]:
