@@ -19,6 +19,7 @@ OUT=${OUT:-docs/results/synthderm-fitz64-experiment}
 PER_CLASS=${PER_CLASS:-56}
 VALID=${VALID:-16}
 STEPS=${STEPS:-25}
+GUIDANCE=${GUIDANCE:-}  # empty: each model's own default (12 for synthderm-fitz64)
 K=${K:-10}
 SEEDS=${SEEDS:-1,2,3}
 TOP9=${TOP9:-acne,acne-vulgaris,actinic-keratosis,basal-cell-carcinoma,eczema,folliculitis,melanoma,mycosis-fungoides,squamous-cell-carcinoma}
@@ -69,7 +70,8 @@ while read -r C T; do
   for pair in "inpaint:synthderm-fitz64-inpaint" "text-to-image:synthderm-fitz64"; do
     STRATEGY=${pair%%:*}; MODEL=${pair#*:}
     SYN=$($S jobs submit --condition "$C" --skin-tone "$T" --strategy "$STRATEGY" --model "$MODEL" \
-          --source-dataset "$PARENTS" --k "$K" --steps "$STEPS" $(target) --wait 2>/dev/null | dataset_of)
+          --source-dataset "$PARENTS" --k "$K" --steps "$STEPS" ${GUIDANCE:+--guidance "$GUIDANCE"} \
+          $(target) --wait 2>/dev/null | dataset_of)
   done
   echo "$C type $T: done (synthetic dataset $SYN)"
 done < "$WORK/pairs.txt"
