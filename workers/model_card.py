@@ -80,7 +80,8 @@ def loss_curves(losses: dict[str, list[float]]) -> Figure:
 def sheet_figure(sheet: dict[str, Path], conditions: Sequence[str], model: str) -> Figure:
     """Rows: conditions; columns: requested Fitzpatrick type 1..6; one synthetic image each."""
     rows = max(len(conditions), 1)
-    figure = _figure(2.4 + 6 * 0.9, 0.6 + rows * 0.9)
+    height = 0.9 + rows * 0.9  # inches; the top 0.8 hold the title and the column heads
+    figure = _figure(2.4 + 6 * 0.9, height)
     axes = figure.subplots(rows, 6, squeeze=False)
     for r, condition in enumerate(conditions):
         for c, skin_tone in enumerate(SKIN_TONES):
@@ -95,8 +96,8 @@ def sheet_figure(sheet: dict[str, Path], conditions: Sequence[str], model: str) 
             if c == 0:
                 ax.set_ylabel(condition, fontsize=6, rotation=0, ha="right", va="center")
     figure.suptitle(f"{model}: one synthetic image per condition x requested type (no photos)",
-                    fontsize=9)  # fmt: skip
-    figure.subplots_adjust(left=0.26, right=0.98, top=1 - 0.5 / (0.6 + rows * 0.9), bottom=0.01,
+                    fontsize=9, y=1 - 0.15 / height)  # fmt: skip
+    figure.subplots_adjust(left=0.26, right=0.98, top=1 - 0.8 / height, bottom=0.01,
                            wspace=0.05, hspace=0.05)  # fmt: skip
     return figure
 
