@@ -163,6 +163,8 @@ def register_model(
     params = job.params
     joint = bool(params.get("joint"))
     now = utcnow()
+    # a fine-tune samples as its base model does (its sampler defaults); a scratch one has none
+    base = session.get(GeneratorModel, params["base_model"]) if params.get("base_model") else None
     for stored in weights:
         training = {
             "method": params["method"],
@@ -195,6 +197,7 @@ def register_model(
                 condition=None if joint else member.conditions[0],
                 weights_key=stored.weights_key,
                 training=training,
+                sampling_defaults=base.sampling_defaults if base is not None else None,
             )
         )
     member.final_loss = weights[0].final_loss

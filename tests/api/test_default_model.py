@@ -14,7 +14,7 @@ from sqlalchemy import text
 from app.vocabulary import BUILTIN_MODELS, weights_sha256
 from models.masks import central_mask, frame_mask
 from models.parents import load_parent
-from tests.api.test_finetunes import generate
+from tests.api.test_finetunes import FAST, generate, wait_finetune
 from tests.conftest import ROOT, Stack
 from tests.factories import make_split_dataset
 
@@ -83,6 +83,27 @@ def test_every_strategy_runs_the_committed_model(stack: Stack) -> None:
             out = np.asarray(Image.open(io.BytesIO(child)).convert("RGB"))
             assert np.array_equal(out[keep], original[keep]), strategy
             assert not np.array_equal(out[~keep], original[~keep]), strategy
+
+
+def test_a_lora_of_the_committed_model_samples_at_its_guidance(embedded: Stack) -> None:
+    stack = embedded
+    key = stack.new_key("lab")
+    client = stack.client(key)
+    dataset_id, _ = make_split_dataset(stack, key, splits={CONDITION: {"train": 2}})
+    response = client.post(
+        "/finetunes",
+        json={"dataset": dataset_id, "base_model": "synthderm-fitz64", "method": "lora",
+              "lora_rank": 2, **FAST},
+    )  # fmt: skip
+    assert response.status_code == 202, response.text
+    body = wait_finetune(stack, client, response.json()["id"])
+    assert body["status"] == "succeeded", body
+    model_id = f"{body['family_id']}-{CONDITION}"
+    models = {row["id"]: row for row in client.get("/models").json()["items"]}
+    assert models[model_id]["base_model"] == "synthderm-fitz64"
+    assert models[model_id]["sampling_defaults"] == {"guidance_scale": 12.0}  # the base's
+    job, _ = generate(stack, client, condition=CONDITION, model=model_id, num_inference_steps=2)
+    assert job["model"] == model_id and guidance_of(stack, job["id"]) == [12.0, 12.0]
 
 
 def parents_of(stack: Stack, job_id: str) -> list[bytes]:
