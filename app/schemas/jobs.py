@@ -129,11 +129,8 @@ class SamplerOptions(BaseModel):
         """These options with each unset knob taken from `defaults` (a model's own)."""
         if defaults is None:
             return self
-        values = {name: getattr(self, name) for name in SamplerOptions.model_fields}
-        values.update(
-            {k: v for k, v in defaults.model_dump(exclude_none=True).items() if values[k] is None}
-        )
-        return SamplerOptions.model_construct(**values)
+        own = defaults.model_dump(exclude_none=True)
+        return self.model_copy(update={k: v for k, v in own.items() if getattr(self, k) is None})
 
 
 def _is_none(value: object) -> bool:
