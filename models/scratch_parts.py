@@ -36,7 +36,7 @@ class ScratchConfig:
     # the autoencoder: 4x downsampling (64 px -> 16x16x4 latents)
     vae_channels: tuple[int, ...] = (32, 64, 128)
     vae_layers_per_block: int = 1
-    vae_steps: int = 1500
+    vae_steps: int = 2000
     vae_batch_size: int = 16
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6
@@ -50,10 +50,10 @@ class ScratchConfig:
     unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_layers_per_block: int = 2
     unet_heads: int = 4
-    unet_steps: int = 2400
+    unet_steps: int = 4000
     unet_batch_size: int = 64
     unet_learning_rate: float = 4e-4
-    inpaint_steps: int = 400
+    inpaint_steps: int = 800
     caption_dropout: float = 0.1
     latent_views: int = 8
     checkpoint_every_steps: int = 100

@@ -104,7 +104,7 @@ class ScratchSettings(BaseModel):
         description="The autoencoder's widths; each level after the first halves the size.",
     )
     vae_layers_per_block: int = Field(1, ge=1, le=8)
-    vae_steps: int = Field(1500, ge=1, le=10_000_000)
+    vae_steps: int = Field(2000, ge=1, le=10_000_000)
     vae_batch_size: int = Field(16, ge=1, le=1024)
     vae_learning_rate: float = Field(1e-3, gt=0, le=1)
     vae_kl_weight: float = Field(1e-6, ge=0, le=1000)
@@ -118,10 +118,10 @@ class ScratchSettings(BaseModel):
     unet_channels: Widths = Field(default_factory=lambda: [32, 64, 128])
     unet_layers_per_block: int = Field(2, ge=1, le=8)
     unet_heads: int = Field(4, ge=1, le=64)
-    unet_steps: int = Field(2400, ge=1, le=10_000_000)
+    unet_steps: int = Field(4000, ge=1, le=10_000_000)
     unet_batch_size: int = Field(64, ge=1, le=256)
     unet_learning_rate: float = Field(4e-4, gt=0, le=1)
-    inpaint_steps: int = Field(400, ge=1, le=10_000_000)
+    inpaint_steps: int = Field(800, ge=1, le=10_000_000)
     caption_dropout: float = Field(
         0.1, ge=0, lt=1, description="How often a caption is replaced by the empty one."
     )
