@@ -12,10 +12,19 @@ About 2 minutes a scale on the 2-core CPU.
 each scale, 36 images per type (the 9 conditions cycled, seed = the type), ITA by models/ita.py's
 rule (the evaluation's), then the medians, their order and the per-image Spearman correlation.
 About a minute a scale.
+
+`python scripts/guidance_probe.py fd 3 7 12`: fd_lite0 against a random half of the full-size
+train photos (1,430, seed 0), of 864 text-to-image images (the 21 conditions cycled, types 1..6
+cycled, 25 steps, seed 0) per scale, beside tiny-random's 864 (its own pipeline, guidance 7.5),
+and the ratio the card's target reads (<= 0.5). Near the card's fidelity row, not equal to it:
+the card's reference half and images differ. About 3 minutes a scale.
+
+PROBE_MODEL=DIR probes another text-to-image pipeline directory than the committed one.
 """
 
 import csv
 import json
+import os
 import sys
 import time
 
@@ -27,6 +36,9 @@ from PIL import Image
 from app.config import get_settings
 from models.backbones import load_backbone
 from models.ita import image_ita, spearman
+from models.quality import frechet_distance
+from models.tiny_random import build_pipeline as tiny_random_pipeline
+from models.transforms import resize_crop
 from workers.default_model import prompt
 from workers.evaluation_measures import utility
 
@@ -122,12 +134,54 @@ def ita(pipeline, settings, scales: list[float]) -> None:
         )  # fmt: skip
 
 
+def fd(pipeline, settings, scales: list[float]) -> None:
+    backbone = load_backbone("efficientnet-lite0")
+
+    def features(images: list[Image.Image]) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), 64):
+            pixels = torch.stack([resize_crop(im) for im in images[i : i + 64]])
+            out.append(backbone.features(pixels).numpy())
+        return np.concatenate(out)
+
+    with open(f"{DATA}/metadata.csv", newline="") as handle:
+        train = [r for r in csv.DictReader(handle) if r["split"] == "train"]
+    conditions = sorted({r["label"] for r in train})
+    pick = np.random.default_rng(0).permutation(len(train))[: len(train) // 2]
+    reference = features([Image.open(f"{DATA}/{train[i]['path']}") for i in pick])
+
+    def made(pipe, g: float) -> np.ndarray:
+        images = []
+        for start in range(0, 864, 48):
+            prompts = [
+                prompt(settings, conditions[i % len(conditions)], 1 + i % 6)
+                for i in range(start, start + 48)
+            ]
+            images += sample(pipe, prompts, g, seed=start)
+        return features(images)
+
+    tiny = tiny_random_pipeline()
+    tiny.set_progress_bar_config(disable=True)
+    floor = frechet_distance(made(tiny, 7.5), reference)
+    print(f"tiny-random: fd_lite0 {floor:.0f} ({len(reference)} reference photos)", flush=True)
+    for g in scales:
+        start = time.time()
+        value = frechet_distance(made(pipeline, g), reference)
+        print(
+            f"guidance {g}: fd_lite0 {value:.0f}, ratio to tiny-random {value / floor:.3f}"
+            f" ({time.time() - start:.0f}s)",
+            flush=True,
+        )
+
+
 if __name__ == "__main__":
     mode, scales = sys.argv[1], [float(x) for x in sys.argv[2:]]
-    if mode not in ("cas", "ita") or not scales:
-        sys.exit("usage: python scripts/guidance_probe.py cas|ita SCALE [SCALE ...]")
+    if mode not in ("cas", "ita", "fd") or not scales:
+        sys.exit("usage: python scripts/guidance_probe.py cas|ita|fd SCALE [SCALE ...]")
     generator_pipeline = StableDiffusionPipeline.from_pretrained(
-        "models/synthderm-fitz64/text-to-image", dtype=torch.float32, local_files_only=True
+        os.environ.get("PROBE_MODEL", "models/synthderm-fitz64/text-to-image"),
+        dtype=torch.float32,
+        local_files_only=True,
     )
     generator_pipeline.set_progress_bar_config(disable=True)
-    {"cas": cas, "ita": ita}[mode](generator_pipeline, get_settings(), scales)
+    {"cas": cas, "ita": ita, "fd": fd}[mode](generator_pipeline, get_settings(), scales)
