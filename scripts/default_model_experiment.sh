@@ -5,8 +5,9 @@
 # Real-only against real + k children (k 1, 5, 10; text-to-image and inpaint) at n_real 8, 16,
 # 32, three seeds, the 9 commonest conditions. Run in the checkout with `make run` going and
 # SYNTHDERM_API_KEY set; the service's report goes to $OUT (docs/results/...).
-# On the 2-core CPU: about an hour for the 10,080 children (start the service with
-# SYNTHDERM_GENERATION_BATCH_SIZE=32), then 3-4 minutes for the 63 runs (2026-12-07).
+# On the 2-core CPU: 35-95 minutes for the 10,080 children, by the VM (start the service with
+# SYNTHDERM_GENERATION_BATCH_SIZE=32; a second `-Q gpu` worker helps, since every job is
+# submitted before the first is waited for), then 3-7 minutes for the 63 runs (2026-12-07).
 #
 # The training pool is cut to PER_CLASS train photos per class with a known skin type (the
 # first in path order), so that children are made only for photos a run can draw: VALID of
@@ -63,18 +64,27 @@ REAL=$(upload "$WORK/all.csv" fitz-top9-experiment)
 PARENTS=$(upload "$WORK/parents.csv" fitz-top9-parents)
 echo "real dataset $REAL, parents $PARENTS"
 
-# 2. the children: k per parent, for each strategy, in one synthetic dataset
+# 2. the children: k per parent, for each strategy, in one synthetic dataset. Every job is
+# submitted first and then waited for, so that a second `-Q gpu` worker helps all the way.
 SYN=""
 target() { if [ -n "$SYN" ]; then echo "--dataset-id $SYN"; else echo "--dataset-name synthderm-fitz64-children"; fi; }
+job_of() { python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):]); print(j["id"], j["dataset_id"])'; }
+: > "$WORK/jobs.txt"
 while read -r C T; do
   for pair in "inpaint:synthderm-fitz64-inpaint" "text-to-image:synthderm-fitz64"; do
     STRATEGY=${pair%%:*}; MODEL=${pair#*:}
-    SYN=$($S jobs submit --condition "$C" --skin-tone "$T" --strategy "$STRATEGY" --model "$MODEL" \
-          --source-dataset "$PARENTS" --k "$K" --steps "$STEPS" ${GUIDANCE:+--guidance "$GUIDANCE"} \
-          $(target) --wait 2>/dev/null | dataset_of)
+    read -r JOB SYN < <($S jobs submit --condition "$C" --skin-tone "$T" --strategy "$STRATEGY" \
+          --model "$MODEL" --source-dataset "$PARENTS" --k "$K" --steps "$STEPS" \
+          ${GUIDANCE:+--guidance "$GUIDANCE"} $(target) 2>/dev/null | job_of)
+    [ -n "$JOB" ] || { echo "submitting $C type $T $STRATEGY failed"; exit 1; }
+    echo "$JOB $C $T $STRATEGY" >> "$WORK/jobs.txt"
   done
-  echo "$C type $T: done (synthetic dataset $SYN)"
 done < "$WORK/pairs.txt"
+echo "$(wc -l < "$WORK/jobs.txt") jobs submitted into synthetic dataset $SYN"
+while read -r JOB C T STRATEGY; do
+  $S jobs wait "$JOB" > "$WORK/job.json" 2>/dev/null || { echo "job $JOB ($C type $T, $STRATEGY) failed:"; cat "$WORK/job.json"; exit 1; }
+  echo "$C type $T $STRATEGY: done"
+done < "$WORK/jobs.txt"
 
 # 3. the experiment and its report
 EXP=$($S experiments submit --dataset "$REAL" --test-split test --conditions "$TOP9" \

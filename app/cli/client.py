@@ -131,19 +131,23 @@ class Client:
         *,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         interval: float = 0.5,
+        max_interval: float = 2.0,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        """Poll a job until it ends, reporting each state to `on_progress`."""
+        """Poll a job until it ends, reporting each state to `on_progress`: over one connection,
+        every `interval` seconds at first and less often (up to `max_interval`) while it runs."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job: dict[str, Any] = self.get(f"/jobs/{job_id}")
-            if on_progress is not None:
-                on_progress(job)
-            if job["status"] in TERMINAL:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
-            time.sleep(interval)
+        with self._http() as http:
+            while True:
+                job: dict[str, Any] = self._check(http.get(f"/jobs/{job_id}")).json()
+                if on_progress is not None:
+                    on_progress(job)
+                if job["status"] in TERMINAL:
+                    return job
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
+                time.sleep(interval)
+                interval = min(max_interval, interval * 1.25)
 
     # --- datasets --------------------------------------------------------------------------
 
