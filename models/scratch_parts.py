@@ -29,7 +29,8 @@ _WORDS = re.compile(r"[^\W\d_]+|\d|[^\w\s]+|_+")
 @dataclass(frozen=True)
 class ScratchConfig:
     """How the project's own generator is built and trained; the defaults are the committed
-    model's (models/synthderm-fitz64/MODEL_CARD.md), sized for 90 minutes on two CPU cores."""
+    model's (models/synthderm-fitz64/MODEL_CARD.md): 90 minutes on the two cores of an Intel
+    Xeon (Sapphire Rapids) VM, 3-4 hours on an AMD EPYC one (docs/DEVELOPING.md)."""
 
     resolution: int = 64
     seed: int = 0
