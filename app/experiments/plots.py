@@ -70,8 +70,30 @@ def _spread(items: list[Any], limit: int) -> list[Any]:
     """At most `limit` items, evenly spread over the list, the first and the last kept."""
     if len(items) <= limit:
         return items
+    if limit < 2:
+        return items[:limit]
     picks = sorted({round(i * (len(items) - 1) / (limit - 1)) for i in range(limit)})
     return [items[i] for i in picks]
+
+
+def _significant(entry: dict[str, Any], by_tone: dict[str, Any]) -> bool:
+    """Whether a setting's top-1 difference, or one of its groups' or its gap's, is significant
+    after Holm's correction."""
+    overall = (entry.get("versus_real_only") or {}).get("top1") or {}
+    parts = [overall, by_tone.get("gap") or {}, *(by_tone.get("groups") or {}).values()]
+    return any((part or {}).get("p_holm", 1.0) < 0.05 for part in parts)
+
+
+def _significant_then_spread(items: list[tuple[Any, Any]], limit: int) -> list[tuple[Any, Any]]:
+    """At most `limit` (entry, by_tone) pairs in the report's order: every significant setting
+    (up to the limit), the other places evenly spread over the rest."""
+    if len(items) <= limit:
+        return items
+    keep = [i for i, (entry, by_tone) in enumerate(items) if _significant(entry, by_tone)][:limit]
+    rest = [i for i in range(len(items)) if i not in keep]
+    if limit > len(keep):
+        keep += _spread(rest, limit - len(keep))
+    return [items[i] for i in sorted(keep)]
 
 
 def _errorbar_lines(ax: Any, series: dict[str, list[tuple[float, float, float]]]) -> None:
@@ -182,10 +204,10 @@ def skin_tone_bars(report: dict[str, Any], limit: int = 8) -> Figure:
 def skin_tone_difference(report: dict[str, Any], limit: int = 8) -> Figure:
     """Per Fitzpatrick group, top-1 of each real+synthetic setting minus real-only (points,
     paired bootstrap 95% CI), and the change of the skin-tone gap beside them."""
-    compared = [
+    every = [
         (entry, by_tone) for entry in report["settings"] if (by_tone := skin_tone_versus(entry))
     ]
-    compared = _spread(compared, limit)
+    compared = _significant_then_spread(every, limit)
     figure, ax = plt.subplots(figsize=(10.5, 4.5))
     columns = [g for g in FITZPATRICK_GROUPS if any(t["groups"][g] for _, t in compared)]
     columns.append("gap")
@@ -216,6 +238,11 @@ def skin_tone_difference(report: dict[str, Any], limit: int = 8) -> Figure:
     ax.set_xticklabels([tick(c) for c in columns])
     ax.set_ylabel("Δ test top-1 vs real-only (points, 95% CI)")
     title = "Real+synthetic minus real-only, per Fitzpatrick skin type group"
+    if len(compared) < len(every):
+        title += (
+            f"\n({len(compared)} of {len(every)} settings: every one with a difference significant"
+            " after Holm, then an even spread; report.md has all)"
+        )
     if not has_skin_tones(report):
         title += "\n(no test image has a Fitzpatrick type)"
     elif not compared:

@@ -463,6 +463,41 @@ def test_differences_are_starred_only_after_holms_correction() -> None:
     assert any(d["p_value"] < 0.05 <= d["p_holm"] for d in family)
 
 
+def test_the_skin_tone_figure_keeps_every_significant_setting() -> None:
+    """With more settings than the figure shows, a significant one is never the one left out
+    (an even spread alone dropped the one significant setting of a real experiment)."""
+    report = build_report(
+        runs=grid_runs({"inpaint": INPAINT_SET, "text-to-image": TEXT_SET}), classes=CLASSES
+    )
+    compared = [e for e in report["settings"] if e["setting"]["synthetic_per_real"]]
+    assert len(compared) == 8
+    for entry in compared:  # nothing significant: the figure's spread keeps the first and last
+        entry["versus_real_only"]["top1"]["p_holm"] = 0.5
+        by_tone = entry["versus_real_only"]["by_skin_tone"]["top1"]
+        for part in [*by_tone["groups"].values(), by_tone["gap"]]:
+            part["p_holm"] = 0.5
+    figure = plots.skin_tone_difference(report, limit=3)
+    spread = legend(figure)
+    assert spread[0] == compared[0]["label"] and spread[-1] == compared[-1]["label"]
+    assert "3 of 8 settings" in figure.axes[0].get_title()
+    plots.plt.close(figure)
+    left_out = next(e for e in compared if e["label"] not in spread)
+    left_out["versus_real_only"]["top1"]["p_holm"] = 0.015
+    figure = plots.skin_tone_difference(report, limit=3)
+    shown = legend(figure)
+    assert left_out["label"] in shown and len(shown) == 3
+    order = [e["label"] for e in compared]
+    assert shown == sorted(shown, key=order.index)  # the report's order
+    plots.plt.close(figure)
+    # a group's significance counts as much as the overall one
+    left_out["versus_real_only"]["top1"]["p_holm"] = 0.5
+    other = next(e for e in compared if e["label"] not in spread and e is not left_out)
+    other["versus_real_only"]["by_skin_tone"]["top1"]["groups"]["V-VI"]["p_holm"] = 0.01
+    figure = plots.skin_tone_difference(report, limit=3)
+    assert other["label"] in legend(figure) and left_out["label"] not in legend(figure)
+    plots.plt.close(figure)
+
+
 def test_a_difference_a_hair_under_zero_reads_as_zero() -> None:
     from app.experiments.report_text import _difference
 
