@@ -5,7 +5,7 @@
 # Real-only against real + k children (k 1, 5, 10; text-to-image and inpaint) at n_real 8, 16,
 # 32, three seeds, the 9 commonest conditions. Run in the checkout with `make run` going and
 # SYNTHDERM_API_KEY set; the service's report goes to $OUT (docs/results/...).
-# On the 2-core CPU: 35-95 minutes for the 10,080 children, by the VM (start the service with
+# On the 2-core CPU: 49-95 minutes for the 10,080 children, by the VM (start the service with
 # SYNTHDERM_GENERATION_BATCH_SIZE=32; a second `-Q gpu` worker helps, since every job is
 # submitted before the first is waited for), then 3-7 minutes for the 63 runs (2026-12-07).
 #
