@@ -20,6 +20,9 @@ and the ratio the card's target reads (<= 0.5). Near the card's fidelity row, no
 the card's reference half and images differ. About 3 minutes a scale.
 
 PROBE_MODEL=DIR probes another text-to-image pipeline directory than the committed one.
+PROBE_SCHEDULER=NAME[:JSON] samples with another diffusers scheduler, made from the model's
+scheduler config with JSON's overrides, e.g. `DPMSolverMultistepScheduler:{"algorithm_type":
+"sde-dpmsolver++"}` or `EulerAncestralDiscreteScheduler`.
 """
 
 import csv
@@ -28,6 +31,7 @@ import os
 import sys
 import time
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
@@ -184,4 +188,10 @@ if __name__ == "__main__":
         local_files_only=True,
     )
     generator_pipeline.set_progress_bar_config(disable=True)
+    if choice := os.environ.get("PROBE_SCHEDULER"):
+        name, _, overrides = choice.partition(":")
+        generator_pipeline.scheduler = getattr(diffusers, name).from_config(
+            generator_pipeline.scheduler.config, **json.loads(overrides or "{}")
+        )
+        print("scheduler", generator_pipeline.scheduler.__class__.__name__, overrides, flush=True)
     {"cas": cas, "ita": ita, "fd": fd}[mode](generator_pipeline, get_settings(), scales)
