@@ -37,6 +37,14 @@ def _job_params(params: JobCreate) -> dict[str, Any]:
     return params.generation_params().stored()
 
 
+# (model id, inpaint) -> (when this process read it, time.monotonic(); its pipeline class),
+# for base models only: they are everyone's, never deleted, and resolve to themselves whatever
+# the key and condition; a key's own (fine-tuned) models are always read.
+_base_models: dict[tuple[str, bool], tuple[float, str]] = {}
+BASE_MODEL_MEMO_S = 5.0
+BASE_MODEL_MEMO_MAX = 1_000
+
+
 def _check_model(*, session: Session, settings: Settings, params: JobCreate, owner: ApiKey) -> str:
     """The generator the job uses (a fine-tune family names its member of the job's
     condition), checked against its strategy."""
@@ -44,27 +52,36 @@ def _check_model(*, session: Session, settings: Settings, params: JobCreate, own
     model_id = params.model or (
         settings.default_inpaint_model if inpaint else settings.default_model
     )
-    model, problem = resolve_model(
-        session=session,
-        model_id=model_id,
-        owner_id=owner.id,
-        condition=params.condition,
-        inpaint=inpaint,
-    )
-    if model is None:
-        raise InvalidField(f"model: {problem}", field="model")
-    model_id = model.id
-    is_inpaint_model = "Inpaint" in model.pipeline_class
+    hit = _base_models.get((model_id, inpaint))
+    if hit is not None and time.monotonic() - hit[0] < BASE_MODEL_MEMO_S:
+        pipeline_class = hit[1]
+    else:
+        read_at = time.monotonic()
+        model, problem = resolve_model(
+            session=session,
+            model_id=model_id,
+            owner_id=owner.id,
+            condition=params.condition,
+            inpaint=inpaint,
+        )
+        if model is None:
+            raise InvalidField(f"model: {problem}", field="model")
+        if model.owner_id is None and model.family_id is None and model.id == model_id:
+            if len(_base_models) >= BASE_MODEL_MEMO_MAX:
+                _base_models.clear()
+            _base_models[(model_id, inpaint)] = (read_at, model.pipeline_class)
+        model_id, pipeline_class = model.id, model.pipeline_class
+    is_inpaint_model = "Inpaint" in pipeline_class
     if inpaint and not is_inpaint_model:
         raise InvalidField(
             f"model: strategy {params.strategy.value} needs an inpainting pipeline; "
-            f"{model_id} is a {model.pipeline_class}",
+            f"{model_id} is a {pipeline_class}",
             field="model",
         )
     if not inpaint and is_inpaint_model:
         raise InvalidField(
             f"model: strategy {params.strategy.value} needs a text-to-image pipeline; "
-            f"{model_id} is a {model.pipeline_class}",
+            f"{model_id} is a {pipeline_class}",
             field="model",
         )
     return model_id
