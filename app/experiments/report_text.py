@@ -100,7 +100,7 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "setting", "seeds", "real/class", "synthetic", "top-1 %",
         *(["top-3 %"] if top3_shown else []), "balanced %", "AUROC",
         *(f"top-1 {g} %" for g in groups_shown), *(["gap (pts)"] if groups_shown else []),
-        "Δ top-1 vs real-only (pts, 95% CI)",
+        "Δ top-1 vs real-only (pts, 95% CI)", "seeds gaining",
     ]  # fmt: skip
     rows = []
     for entry in report["settings"]:
@@ -128,9 +128,18 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _mean_sd(entry["macro_auroc"], percent=False),
                 *groups,
                 difference,
+                _seeds_gaining(versus),
             ]
         )
     return header, rows
+
+
+def _seeds_gaining(versus: dict[str, Any] | None) -> str:
+    """'2 of 3': the seeds whose real+synthetic run beat its real-only run of the same seed."""
+    by_seed = (versus or {}).get("by_seed")
+    if not by_seed:
+        return "-"
+    return f"{sum(d > 0 for d in by_seed.values())} of {len(by_seed)}"
 
 
 SIGNIFICANT = 0.05  # Holm-adjusted p-values under this are starred in the tables
@@ -317,7 +326,10 @@ def experiment_markdown(
         )
         + "*Δ*: top-1 of "
         "real+synthetic minus real-only at the same n_real and augmentation, with a paired "
-        "bootstrap 95% CI over the test images" + _starred(report, "top1") + ".",
+        "bootstrap 95% CI over the test images (the seeds' predictions pooled)"
+        + _starred(report, "top1")
+        + "; *seeds gaining*: the seeds whose real+synthetic run beat the real-only run of "
+        "the same seed (the CI does not hold the spread between training seeds).",
         "",
     ]
     body = report_markdown(report) if report.get("settings") else "No finished runs.\n"

@@ -193,12 +193,26 @@ def _paired_differences(treated: list[Run], control: list[Run]) -> dict[str, Any
             out[name] = None
             continue
         out[name] = metrics.paired_bootstrap_difference(treated=first[0], control=second[0])
+        if name == "top1":
+            out[name]["by_seed"] = _by_seed(treated, control)
         if name == "top1" and first[2] is not None:
             out["by_skin_tone"] = {
                 "top1": metrics.group_differences(
                     treated=first[0], control=second[0], groups=first[2]
                 )
             }
+    return out
+
+
+def _by_seed(treated: list[Run], control: list[Run]) -> dict[str, float]:
+    """Top-1 of each seed's run minus the control's run of the same seed: the spread between
+    training seeds, which the bootstrap over test images (seeds pooled) does not hold."""
+    theirs = {r.config["seed"]: _value(r.metrics or {}, "top1") for r in control}
+    out = {}
+    for run in sorted(treated, key=lambda r: r.config["seed"]):
+        mine, other = _value(run.metrics or {}, "top1"), theirs.get(run.config["seed"])
+        if mine is not None and other is not None:
+            out[str(run.config["seed"])] = mine - other
     return out
 
 

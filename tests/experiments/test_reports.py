@@ -292,7 +292,7 @@ def test_a_test_set_without_skin_tones_leaves_out_the_group_columns() -> None:
     header, rows = report_rows(report)
     # and three classes: top-3 is every run's 100%, no column either
     assert header == ["setting", "seeds", "real/class", "synthetic", "top-1 %", "balanced %",
-                      "AUROC", "Δ top-1 vs real-only (pts, 95% CI)"]  # fmt: skip
+                      "AUROC", "Δ top-1 vs real-only (pts, 95% CI)", "seeds gaining"]  # fmt: skip
     assert all(len(row) == len(header) for row in rows) and len(rows) == 2
     text = experiment_markdown(experiment_of(report))
     assert "30 images, none with a Fitzpatrick type." in text
@@ -496,6 +496,39 @@ def test_the_skin_tone_figure_keeps_every_significant_setting() -> None:
     figure = plots.skin_tone_difference(report, limit=3)
     assert other["label"] in legend(figure) and left_out["label"] not in legend(figure)
     plots.plt.close(figure)
+
+
+def test_the_table_says_how_many_seeds_gain() -> None:
+    """The paired CI pools the seeds' predictions; the table also says, seed by seed, whether
+    the real+synthetic run beat the real-only run of the same seed."""
+    base = {"n_real_per_class": 4, "augmentation": False}
+    control = {**base, "synthetic_per_real": 0, "strategy": None, "synthetic_dataset": None}
+    treated = {**base, "synthetic_per_real": 2, "strategy": "inpaint",
+               "synthetic_dataset": INPAINT_SET}  # fmt: skip
+    runs = [finished_run(control, accuracy=0.5, seed=s) for s in (1, 2, 3)]
+    runs += [finished_run(treated, accuracy=a, seed=s) for s, a in ((1, 0.9), (2, 0.1), (3, 0.9))]
+    report = build_report(runs=runs, classes=CLASSES)
+    real_only, mixed = report["settings"]
+    by_seed = mixed["versus_real_only"]["top1"]["by_seed"]
+    assert by_seed == pytest.approx(
+        {
+            str(s): t - c
+            for s, t, c in zip(
+                mixed["seeds"], mixed["top1"]["values"], real_only["top1"]["values"], strict=True
+            )
+        }
+    )
+    assert [d > 0 for d in by_seed.values()] == [True, False, True]
+    header, rows = report_rows(report)
+    column = header.index("seeds gaining")
+    assert [row[column] for row in rows] == ["-", "2 of 3"]
+    assert "*seeds gaining*: the seeds whose real+synthetic run beat" in experiment_markdown(
+        experiment_of(report)
+    )
+    # seeds that do not pair (another seed's control) are not compared
+    runs[0].config["seed"] = 9
+    report = build_report(runs=runs, classes=CLASSES)
+    assert sorted(report["settings"][1]["versus_real_only"]["top1"]["by_seed"]) == ["2", "3"]
 
 
 def test_a_difference_a_hair_under_zero_reads_as_zero() -> None:
