@@ -30,7 +30,8 @@ _WORDS = re.compile(r"[^\W\d_]+|\d|[^\w\s]+|_+")
 class ScratchConfig:
     """How the project's own generator is built and trained; the defaults are the committed
     model's (models/synthderm-fitz64/MODEL_CARD.md): 90 minutes on the two cores of an Intel
-    Xeon (Sapphire Rapids) VM, 3-4 hours on an AMD EPYC one (docs/DEVELOPING.md)."""
+    Xeon (Sapphire Rapids) VM, about 110 on an AMD EPYC Zen 4 one, 3-4 hours on an older EPYC
+    (docs/DEVELOPING.md)."""
 
     resolution: int = 64
     seed: int = 0

@@ -23,6 +23,7 @@ from app.db.tables import Run
 from app.errors import InvalidField, NotFound
 from app.experiments.grid import Setting
 from app.experiments.report_text import (
+    SIGNIFICANT,
     has_skin_tones,
     setting_label,
     shown_datasets,
@@ -81,7 +82,7 @@ def _significant(entry: dict[str, Any], by_tone: dict[str, Any]) -> bool:
     after Holm's correction."""
     overall = (entry.get("versus_real_only") or {}).get("top1") or {}
     parts = [overall, by_tone.get("gap") or {}, *(by_tone.get("groups") or {}).values()]
-    return any((part or {}).get("p_holm", 1.0) < 0.05 for part in parts)
+    return any((part or {}).get("p_holm", 1.0) < SIGNIFICANT for part in parts)
 
 
 def _significant_then_spread(items: list[tuple[Any, Any]], limit: int) -> list[tuple[Any, Any]]:

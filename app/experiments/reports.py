@@ -195,12 +195,12 @@ def _paired_differences(treated: list[Run], control: list[Run]) -> dict[str, Any
         out[name] = metrics.paired_bootstrap_difference(treated=first[0], control=second[0])
         if name == "top1":
             out[name]["by_seed"] = _by_seed(treated, control)
-        if name == "top1" and first[2] is not None:
-            out["by_skin_tone"] = {
-                "top1": metrics.group_differences(
-                    treated=first[0], control=second[0], groups=first[2]
-                )
-            }
+            if first[2] is not None:
+                out["by_skin_tone"] = {
+                    "top1": metrics.group_differences(
+                        treated=first[0], control=second[0], groups=first[2]
+                    )
+                }
     return out
 
 
