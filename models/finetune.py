@@ -28,6 +28,7 @@ from models.finetune_config import (
     TrainingImage,
     TrainResult,
     ValidationImage,
+    ema_decay_at,
     learning_rate_at,
 )
 from models.finetune_data import (
@@ -160,6 +161,12 @@ def train(
         fused=device.type == "cuda",
     )
     scaler = torch.amp.GradScaler("cuda", enabled=context.amp_dtype == torch.float16)
+    # the moving average of the trained weights (fp32, on the training device), when asked
+    average = (
+        {name: param.detach().clone() for name, param in trainable.items()}
+        if config.ema_decay > 0
+        else None
+    )
     # 4. every random stream seeded from config.seed (data order: epoch_order(seed, epoch))
     generators = {
         name: torch.Generator().manual_seed(config.seed + offset)
@@ -180,6 +187,8 @@ def train(
             generator.set_state(state["generators"][name])
         step, losses = state["step"], list(state["losses"])
         images_seen, elapsed_before = state["images_seen"], state["elapsed_s"]
+        if average is not None:
+            average = {name: value.to(device) for name, value in state["average"].items()}
     prompts = list(validation_prompts) or context.captions
     session_images, session_train_s, stopped = 0, 0.0, False
     order: list[int] = []
@@ -220,8 +229,10 @@ def train(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())  # synchronises: the step's time is real
         step += 1
+        if average is not None:
+            _update_average(average, trainable, ema_decay_at(config.ema_decay, step))
+        loss_value = float(loss.detach())  # synchronises: the step's time is real
         losses.append(loss_value)
         images_seen += len(indices)
         session_images += len(indices)
@@ -256,6 +267,7 @@ def train(
                     optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict(),
                     generators={name: g.get_state() for name, g in generators.items()},
+                    average=average,
                     losses=losses,
                     images_seen=images_seen,
                     elapsed_s=elapsed_before + session_train_s,
@@ -267,6 +279,10 @@ def train(
             and step % config.validation_every_steps == 0
         ):
             on_validation(step, _validate(context, prompts))
+    if average is not None and not stopped:  # the product is the average
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(average[name])
     pipeline.unet.eval()
     pipeline.text_encoder.requires_grad_(False).eval()
     return TrainResult(
@@ -277,6 +293,14 @@ def train(
         images_seen=images_seen,
         elapsed_s=elapsed_before + session_train_s,
     )
+
+
+@torch.no_grad()
+def _update_average(
+    average: dict[str, torch.Tensor], trainable: dict[str, torch.nn.Parameter], decay: float
+) -> None:
+    for name, param in trainable.items():
+        average[name].lerp_(param.detach(), 1 - decay)
 
 
 @torch.no_grad()

@@ -38,6 +38,9 @@ class FinetuneConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    # > 0: the product is an exponential moving average of the trained weights with this decay
+    # (warmed up as min(decay, (1 + step) / (10 + step)), as diffusers' EMAModel); 0: the last
+    ema_decay: float = 0.0
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -99,6 +102,7 @@ def _errors(config: FinetuneConfig) -> list[str]:
     check(0 <= config.adam_weight_decay <= 1, "adam_weight_decay", "must be in [0, 1]")
     check(0 < config.adam_epsilon <= 1, "adam_epsilon", "must be in (0, 1]")
     check(config.max_grad_norm > 0, "max_grad_norm", "must be positive")
+    check(0 <= config.ema_decay < 1, "ema_decay", "must be in [0, 1)")
     check(1 <= config.lora_rank <= 256, "lora_rank", "must be 1..256")
     check(0 < config.lora_alpha <= 1024, "lora_alpha", "must be in (0, 1024]")
     check(
@@ -129,6 +133,12 @@ def _errors(config: FinetuneConfig) -> list[str]:
     check(0 <= config.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
     check(0 <= config.seed < 2**63, "seed", "must be in [0, 2**63)")
     return errors
+
+
+def ema_decay_at(decay: float, step: int) -> float:
+    """The moving average's decay after optimizer step `step` (1-based): warmed up, so the
+    average forgets the random initial weights early."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 def config_dict(config: FinetuneConfig) -> dict[str, object]:

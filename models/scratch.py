@@ -220,6 +220,7 @@ def _unet_config(config: ScratchConfig, stage: str) -> FinetuneConfig:
         resolution=config.resolution,
         train_batch_size=config.unet_batch_size,
         learning_rate=config.unet_learning_rate,
+        ema_decay=config.unet_ema_decay,
         lr_scheduler="cosine",
         lr_warmup_steps=min(100, config.inpaint_steps if inpaint else config.unet_steps),
         max_train_steps=config.inpaint_steps if inpaint else config.unet_steps,

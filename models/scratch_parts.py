@@ -55,6 +55,9 @@ class ScratchConfig:
     unet_steps: int = 4000
     unet_batch_size: int = 64
     unet_learning_rate: float = 4e-4
+    # both UNet stages keep a moving average of their weights (the text encoder's too) and
+    # save it (FinetuneConfig.ema_decay); 0 saves the last weights
+    unet_ema_decay: float = 0.0
     inpaint_steps: int = 800
     caption_dropout: float = 0.1
     latent_views: int = 8
@@ -94,6 +97,8 @@ class ScratchConfig:
             )
         if not 0 <= self.caption_dropout < 1:
             problems.append(f"caption_dropout: must be in [0, 1), got {self.caption_dropout}")
+        if not 0 <= self.unet_ema_decay < 1:
+            problems.append(f"unet_ema_decay: must be in [0, 1), got {self.unet_ema_decay}")
         for name in ("vae_learning_rate", "unet_learning_rate"):
             if not 0 < getattr(self, name) <= 1:
                 problems.append(f"{name}: must be in (0, 1]")

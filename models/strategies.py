@@ -2,7 +2,9 @@
 SDEdit-style image-to-image: one sampler call per batch, one torch.Generator per image.
 
 Importable without a database or web server. Progress, heartbeats and cancellation come in
-through a per-step callback; a cancel interrupts the pipeline at its next step.
+through a per-step callback; a cancel interrupts the pipeline at its next step. The same
+callback limits classifier-free guidance to a part of the schedule when a job asks
+(`guidance_interval`, Kynkäänniemi et al. 2024, "Applying guidance in a limited interval").
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ DEFAULT_OUTPAINT_STRENGTH = 0.95
 DEFAULT_MASK_FRACTION = 0.25
 DEFAULT_FRAME_PX = 16
 
+# Outside a guidance interval: above 1, so the pipeline keeps computing both predictions (its
+# prompt embeddings stay doubled), and the guided prediction is then the conditional one.
+GUIDANCE_OFF = 1.0 + 1e-6
+
 # on_step(step, total_steps) -> True to interrupt the sampler.
 StepCallback = Callable[[int, int], bool]
 
@@ -63,6 +69,7 @@ class SampleParams:
     guidance_scale: float
     width: int
     height: int
+    guidance_interval: tuple[float, float] | None = None  # None: guidance on every step
     strength: float | None = None
     outpaint_strength: float = DEFAULT_OUTPAINT_STRENGTH
     mask_fraction: float = DEFAULT_MASK_FRACTION
@@ -74,6 +81,15 @@ class SampleParams:
         if self.strategy not in EDITS_PARENT:
             return None
         return self.strength if self.strength is not None else DEFAULT_STRENGTH[self.strategy]
+
+    def guidance_at(self, step: int) -> float:
+        """The guidance scale of step `step` (0-based) of the num_inference_steps schedule: the
+        job's inside its guidance interval, GUIDANCE_OFF outside."""
+        if self.guidance_interval is None or self.guidance_scale <= 1:
+            return self.guidance_scale
+        start, end = self.guidance_interval
+        inside = start <= step / self.num_inference_steps < end
+        return self.guidance_scale if inside else GUIDANCE_OFF
 
     def provenance(self) -> dict[str, Any]:
         """The parameters to record with every image."""
@@ -131,6 +147,10 @@ def _check_request(params: SampleParams, seeds: Sequence[int]) -> None:
         )
     if params.num_inference_steps < 1:
         raise ValueError("num_inference_steps must be at least 1")
+    if params.guidance_interval is not None:
+        start, end = params.guidance_interval
+        if not 0 <= start < end <= 1:
+            raise ValueError(f"guidance_interval must be 0 <= start < end <= 1, got {[start, end]}")
     if params.strategy in NEEDS_INPAINT_PIPELINE and params.width != params.height:
         raise ValueError(
             f"the paper's masks are square: width {params.width} != height {params.height}"
@@ -183,13 +203,30 @@ def _check_strengths(params: SampleParams) -> None:
 
 
 class _StepHook:
-    """callback_on_step_end adaptor: reports steps, interrupts the pipeline when asked."""
+    """callback_on_step_end adaptor for one sampler call of `steps_run` steps, the last ones of
+    the num_inference_steps schedule: reports steps, interrupts the pipeline when asked and
+    sets the next step's guidance scale (params.guidance_at)."""
 
-    def __init__(self, on_step: StepCallback | None, *, offset: int, total: int) -> None:
+    def __init__(
+        self,
+        on_step: StepCallback | None,
+        *,
+        params: SampleParams,
+        steps_run: int,
+        offset: int,
+        total: int,
+    ) -> None:
         self.on_step = on_step
+        self.params = params
+        # diffusers' editing pipelines skip the schedule's first steps (get_timesteps)
+        self.first = params.num_inference_steps - steps_run
         self.offset = offset
         self.total = total
         self.interrupted = False
+
+    @property
+    def initial_guidance(self) -> float:
+        return self.params.guidance_at(self.first)
 
     def __call__(
         self, pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]
@@ -197,6 +234,9 @@ class _StepHook:
         if self.on_step is not None and self.on_step(self.offset + step + 1, self.total):
             self.interrupted = True
             pipe._interrupt = True  # diffusers skips the remaining steps
+        if self.params.guidance_interval is not None:
+            # read by the pipeline's next step (the route diffusers' callback docs show)
+            pipe._guidance_scale = self.params.guidance_at(self.first + step + 1)
         return kwargs
 
 
@@ -245,20 +285,21 @@ def generate(
         "prompt": [params.prompt] * n,
         "negative_prompt": [params.negative_prompt] * n if params.negative_prompt else None,
         "num_inference_steps": params.num_inference_steps,
-        "guidance_scale": params.guidance_scale,
         "output_type": "pil",
     }
 
     def run(pipe: Any, hook: _StepHook, **kwargs: Any) -> list[Image.Image]:
         with torch.inference_mode():
-            result = pipe(**common, **kwargs, callback_on_step_end=hook)
+            result = pipe(
+                **common, **kwargs, guidance_scale=hook.initial_guidance, callback_on_step_end=hook
+            )
         if hook.interrupted:
             raise Interrupted()
         images: list[Image.Image] = result.images
         return images
 
     # 3. sample
-    hook = _StepHook(on_step, offset=0, total=total)
+    hook = _StepHook(on_step, params=params, steps_run=first_steps, offset=0, total=total)
     size = {"width": params.width, "height": params.height}
     if params.strategy == TEXT_TO_IMAGE:
         return run(pipeline, hook, generator=generators(), **size)
@@ -284,7 +325,9 @@ def generate(
         return inpainted
     # inpaint-outpaint: everything but a 16-px frame regenerated at 0.95 (PAPER.md 2b, step 2)
     frame = frame_mask(size=params.width, frame_px=params.frame_px)
-    hook = _StepHook(on_step, offset=first_steps, total=total)
+    hook = _StepHook(
+        on_step, params=params, steps_run=second_steps, offset=first_steps, total=total
+    )
     outpainted = run(
         pipeline,
         hook,

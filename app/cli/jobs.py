@@ -39,6 +39,10 @@ def jobs_submit(
     seed: Annotated[int | None, typer.Option()] = None,
     steps: Annotated[int | None, typer.Option(help="num_inference_steps")] = None,
     guidance: Annotated[float | None, typer.Option(help="guidance_scale")] = None,
+    guidance_interval: Annotated[
+        str | None,
+        typer.Option(help="START,END: guide only this part of the schedule, e.g. 0.4,1."),
+    ] = None,
     strength: Annotated[float | None, typer.Option()] = None,
     negative_prompt: Annotated[str | None, typer.Option()] = None,
     dataset_id: Annotated[str | None, typer.Option(help="Append to this dataset.")] = None,
@@ -62,6 +66,7 @@ def jobs_submit(
         "seed": seed,
         "num_inference_steps": steps,
         "guidance_scale": guidance,
+        "guidance_interval": _interval(guidance_interval),
         "strength": strength,
         "negative_prompt": negative_prompt,
         "dataset_id": dataset_id,
@@ -72,6 +77,19 @@ def jobs_submit(
     if wait:
         job = wait_with_bar(client, job, f"job {job['id'][:8]}")
     finish(job) if wait else typer.echo(json.dumps(job, indent=2))
+
+
+def _interval(text: str | None) -> list[float] | None:
+    """'0.4,1' -> [0.4, 1.0]; the API checks the values."""
+    if text is None:
+        return None
+    try:
+        start, end = (float(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not START,END (e.g. 0.4,1)", param_hint="--guidance-interval"
+        ) from None
+    return [start, end]
 
 
 @jobs_cli.command("show")

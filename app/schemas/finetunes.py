@@ -56,6 +56,13 @@ class FinetuneHyperparameters(BaseModel):
     adam_weight_decay: float = Field(1e-2, ge=0, le=1)
     adam_epsilon: float = Field(1e-8, gt=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient clipping.")
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Above 0: the model is the moving average of the trained weights with this "
+        "decay (warmed up: min(decay, (1 + step) / (10 + step))); 0: the last step's weights.",
+    )
     lora_rank: int = Field(4, ge=1, le=256, description="LoRA only.")
     lora_alpha: float | None = Field(
         None, gt=0, le=1024, description="LoRA only; null: the rank (a scale of 1)."
@@ -121,6 +128,13 @@ class ScratchSettings(BaseModel):
     unet_steps: int = Field(4000, ge=1, le=10_000_000)
     unet_batch_size: int = Field(64, ge=1, le=256)
     unet_learning_rate: float = Field(4e-4, gt=0, le=1)
+    unet_ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Above 0: both UNet stages save their weights' moving "
+        "average with this decay (ema_decay).",
+    )
     inpaint_steps: int = Field(800, ge=1, le=10_000_000)
     caption_dropout: float = Field(
         0.1, ge=0, lt=1, description="How often a caption is replaced by the empty one."

@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.schemas.text import FreeText, Name
 from app.schemas.webhooks import WebhookSubscription
@@ -90,6 +90,25 @@ FramePx = Annotated[
     ),
 ]
 ImageSide = Annotated[int | None, Field(ge=8, le=2048, multiple_of=8)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+def _start_below_end(interval: tuple[float, float] | None) -> tuple[float, float] | None:
+    if interval is not None and not interval[0] < interval[1]:
+        raise ValueError(f"the start {interval[0]} must be below the end {interval[1]}")
+    return interval
+
+
+GuidanceInterval = Annotated[
+    tuple[Fraction, Fraction] | None,
+    AfterValidator(_start_below_end),
+    Field(
+        description="[start, end): guidance applies only to the steps in this part of the "
+        "num_inference_steps schedule (0: pure noise, 1: the image), the others take the "
+        "conditional prediction (guidance 1). Unset: every step (the paper's).",
+        examples=[[0.4, 1.0]],
+    ),
+]
 NegativePrompt = Annotated[FreeText | None, Field(max_length=2000)]
 
 
@@ -97,6 +116,7 @@ class SamplerOptions(BaseModel):
     """The sampler's knobs a job may set; None is the default (`filled` says which)."""
 
     guidance_scale: GuidanceScale = None
+    guidance_interval: GuidanceInterval = None
     num_inference_steps: InferenceSteps = None
     strength: Strength = None
     width: ImageSide = None
@@ -188,6 +208,7 @@ class JobCreate(WebhookSubscription):
     dataset_name: Name | None = Field(None, max_length=200)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     guidance_scale: GuidanceScale = None
+    guidance_interval: GuidanceInterval = None
     num_inference_steps: InferenceSteps = None
     synthetic_per_real: int = Field(
         1, ge=1, le=1000, description="k: images per parent image (PAPER.md section 4)."

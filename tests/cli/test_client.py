@@ -58,7 +58,7 @@ def test_upload_submit_download_verify(deployed: Stack, tmp_path: Path) -> None:
         deployed, key, tmp_path, "jobs", "submit", "--condition", "psoriasis",
         "--strategy", "image-to-image", "--source-dataset", real, "--k", "2",
         "--strength", "0.5", "--steps", "4", "--negative-prompt", "blurry",
-        "--dataset-name", "psoriasis-variations", "--wait",
+        "--guidance-interval", "0.5,1", "--dataset-name", "psoriasis-variations", "--wait",
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job = last_json(submitted.stdout)
@@ -75,6 +75,7 @@ def test_upload_submit_download_verify(deployed: Stack, tmp_path: Path) -> None:
     assert "psoriasis-variations" in datasets.stdout
     assert "status" in datasets.stdout and "ready" in datasets.stdout  # nothing writes them now
     assert job["params"]["negative_prompt"] == "blurry", job
+    assert job["params"]["guidance_interval"] == [0.5, 1.0], job
     assert "…" not in jobs.stdout + datasets.stdout
 
     folder = tmp_path / "out"
@@ -148,6 +149,11 @@ def test_client_reports_api_errors(deployed: Stack, tmp_path: Path) -> None:
     bad = run_cli(deployed, key, tmp_path, "jobs", "submit", "--condition", "nope", "--count", "1")
     assert bad.returncode == 1
     assert "condition" in bad.stderr
+    for interval, code in (("0.5", 2), ("0.6,0.2", 1)):  # not a pair; a pair the API refuses
+        bad = run_cli(deployed, key, tmp_path, "jobs", "submit", "--condition", "psoriasis",
+                      "--count", "1", "--guidance-interval", interval)  # fmt: skip
+        assert bad.returncode == code, bad.stdout + bad.stderr
+        assert "guidance-interval" in bad.stderr or "guidance_interval" in bad.stderr
     unauthorized = run_cli(deployed, "wrong-key", tmp_path, "datasets", "list")
     assert unauthorized.returncode != 0
 

@@ -111,18 +111,22 @@ def test_loss_falls_and_only_the_right_weights_move(photos, method, variant) -> 
 
 
 @pytest.mark.parametrize(
-    ("method", "variant", "cache_latents"),
+    ("method", "variant", "cache_latents", "ema_decay"),
     [
-        ("dreambooth", "text-to-image", False),
-        ("lora", "inpaint", False),
-        ("dreambooth", "inpaint", True),
+        ("dreambooth", "text-to-image", False, 0.0),
+        ("lora", "inpaint", False, 0.0),
+        ("dreambooth", "inpaint", True, 0.0),
+        ("dreambooth", "text-to-image", True, 0.9),  # the moving average resumes too
     ],
 )
-def test_a_stopped_run_resumes_bit_identically(photos, method, variant, cache_latents) -> None:
+def test_a_stopped_run_resumes_bit_identically(
+    photos, method, variant, cache_latents, ema_decay
+) -> None:
     config = FinetuneConfig(
         method=method,
         variant=variant,
         cache_latents=cache_latents,
+        ema_decay=ema_decay,
         latent_views=2,
         learning_rate=1e-3,
         max_train_steps=5,  # 2 steps per epoch: the resumed part crosses epochs
@@ -177,6 +181,31 @@ def test_a_stopped_run_resumes_bit_identically(photos, method, variant, cache_la
     assert expected.keys() == got.keys() and expected
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
+
+
+def test_the_product_is_the_moving_average_of_the_weights(photos) -> None:
+    """With ema_decay the trained pipeline holds the warmed-up moving average of the weights
+    after each step (diffusers' EMAModel rule), not the last step's weights."""
+    decay, steps = 0.6, 6
+    pipeline = build_pipeline(0)
+    average = trainable(pipeline)
+    after_step: list[dict[str, torch.Tensor]] = []
+    config = FinetuneConfig(learning_rate=1e-3, max_train_steps=steps, ema_decay=decay, **FAST)
+    train(
+        pipeline,
+        photos,
+        config,
+        device=CPU,
+        on_step=lambda _: after_step.append(trainable(pipeline)),
+    )
+    for step, live in enumerate(after_step, start=1):
+        rate = min(decay, (1 + step) / (10 + step))  # 0.18, 0.25, ..., 0.6 from step 8 on
+        average = {name: rate * average[name] + (1 - rate) * live[name] for name in average}
+    got = trainable(pipeline)
+    assert len(after_step) == steps and got.keys() == average.keys()
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, average[name], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(got[name], after_step[-1][name]) for name in got)
 
 
 def test_should_stop_before_the_first_step_changes_nothing(photos) -> None:
@@ -322,6 +351,8 @@ def test_bad_input_names_the_field(photos) -> None:
         ({"resolution": 100}, "resolution"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
         ({"max_train_steps": 0}, "max_train_steps"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"ema_decay": -0.1}, "ema_decay"),
     ]:
         with pytest.raises(ValueError, match=rf"^{name}: "):
             FinetuneConfig(**fields)
