@@ -249,7 +249,8 @@ def generate(client: Client, *, model: str, conditions: Sequence[str], per_cell:
     guidance = own[model].get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
     return {"dataset_id": dataset, "model": model, "conditions": list(conditions),
             "per_cell": per_cell, "images": per_cell * len(jobs), "steps": steps,
-            "guidance_scale": guidance, "batch_size": BATCH, "seconds": round(seconds, 1),
+            "guidance_scale": guidance, "guidance_interval": own[model].get("guidance_interval"),
+            "batch_size": BATCH, "seconds": round(seconds, 1),
             "seeds": {f"{j['condition']}/{j['skin_tone']}": j["seed"] for j in jobs}}  # fmt: skip
 
 

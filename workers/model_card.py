@@ -188,6 +188,14 @@ def targets(facts: dict[str, Any]) -> dict[str, Any]:
 # --- the card ----------------------------------------------------------------------------
 
 
+def _interval(made: dict[str, Any]) -> str:
+    """' on the steps 0.4-1 of the schedule' for a model sampled with a guidance interval."""
+    interval = made.get("guidance_interval")
+    if not interval:
+        return ""
+    return f" on the part {interval[0]}-{interval[1]} of the schedule (guidance_interval)"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]  # fmt: skip
@@ -259,8 +267,8 @@ def card_markdown(facts: dict[str, Any], goals: dict[str, Any], figures: list[st
         "## Evaluation", "",
         f"{made['images']} images from `synthderm-fitz64` ({made['per_cell']} per condition x "
         f"requested Fitzpatrick type 1..6, {len(made['conditions'])} conditions, text-to-image, "
-        f"{made['steps']} steps, guidance {made['guidance_scale']}, fixed seeds in "
-        f"card/results.json), and {facts['generation']['tiny-random']['images']} from "
+        f"{made['steps']} steps, guidance {made['guidance_scale']}{_interval(made)}, fixed seeds "
+        f"in card/results.json), and {facts['generation']['tiny-random']['images']} from "
         f"`tiny-random` on the {len(facts['commonest'])} commonest conditions "
         f"({', '.join(facts['commonest'])}). Real photos uploaded: {facts['real']['photos']} "
         f"({facts['real']['by_split']}), and the same at 64 px (short side 64, bicubic, centre "
