@@ -44,6 +44,7 @@ from app.config import get_settings
 from models.backbones import load_backbone
 from models.ita import image_ita, spearman
 from models.quality import frechet_distance
+from models.strategies import SampleParams
 from models.tiny_random import build_pipeline as tiny_random_pipeline
 from models.transforms import resize_crop
 from workers.default_model import prompt
@@ -67,25 +68,27 @@ PER_TYPE = 36
 
 STEPS = int(os.environ.get("PROBE_STEPS", "25"))
 INTERVAL = [float(x) for x in os.environ.get("PROBE_GUIDANCE_INTERVAL", "0,1").split(",")]
-_OFF = 1.0 + 1e-6  # > 1 keeps both branches; the guided prediction is then the conditional one
 
 
 def sample(
     pipeline, prompts: list[str], guidance: float, seed: int, interval: list[float] = INTERVAL
 ) -> list[Image.Image]:
     generator = torch.Generator().manual_seed(seed)
-    low, high = interval
-
-    def scale_at(step: int) -> float:
-        return guidance if low <= step / STEPS < high else _OFF
+    # the service's rule for a step's scale (models/strategies.py), on a plain pipeline call
+    params = SampleParams(
+        strategy="text-to-image", prompt="", negative_prompt=None, num_inference_steps=STEPS,
+        guidance_scale=guidance, width=64, height=64,
+        guidance_interval=None if interval == [0, 1] else (interval[0], interval[1]),
+    )  # fmt: skip
 
     def switch(pipe, step, _timestep, kwargs):
-        pipe._guidance_scale = scale_at(step + 1)
+        pipe._guidance_scale = params.guidance_at(step + 1)
         return kwargs
 
     return pipeline(
-        prompts, num_inference_steps=STEPS, height=64, width=64, guidance_scale=scale_at(0),
-        generator=generator, callback_on_step_end=None if interval == [0, 1] else switch,
+        prompts, num_inference_steps=STEPS, height=64, width=64,
+        guidance_scale=params.guidance_at(0), generator=generator,
+        callback_on_step_end=None if params.guidance_interval is None else switch,
     ).images  # fmt: skip
 
 

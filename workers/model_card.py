@@ -189,7 +189,8 @@ def targets(facts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _interval(made: dict[str, Any]) -> str:
-    """' on the steps 0.4-1 of the schedule' for a model sampled with a guidance interval."""
+    """' on the part 0.4-1 of the schedule (guidance_interval)' for a model sampled with a
+    guidance interval, else nothing."""
     interval = made.get("guidance_interval")
     if not interval:
         return ""
